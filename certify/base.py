@@ -1,0 +1,103 @@
+"""The Certifier contract (see shared ARCHITECTURE.md).
+
+``certifier(model, x, y, threat) -> CertResult``. ``margin_lower[i, j]`` is a lower bound of
+``logit_y - logit_j`` over the whole threat set (ball intersected with the box) for every class j;
+the column j = y is 0 by convention, so ``-margin_lower`` can be fed to a cross-entropy as the
+worst-case logits of certified training (Gowal et al. 2018). An example is certified when every
+other column is > 0 and its status is ``certified``.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustbench_lite.threat import ThreatModel
+
+CERTIFIED = "certified"
+NOT_CERTIFIED = "not_certified"
+TIMEOUT = "timeout"
+SKIPPED = "skipped"  # always written as "skipped: <reason>"
+
+
+@dataclass
+class CertResult:
+    """What a certifier returns for N examples.
+
+    ``certified`` (N,) bool; ``margin_lower`` (N, K) with column y set to 0 (``nan`` rows where the
+    example was skipped); ``status``: one string per example, ``certified``, ``not_certified``,
+    ``timeout`` or ``skipped: <reason>``; ``forward_equivalents``: cost in forward passes of the
+    model, if the certifier counts it; ``info``: per-certifier diagnostics (e.g. solver statuses).
+    """
+
+    certified: Tensor
+    margin_lower: Tensor
+    status: list[str]
+    forward_equivalents: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def spec_matrix(y: Tensor, num_classes: int) -> Tensor:
+    """C (N, K, K) with ``C[i, j] = e_y - e_j``, so ``C @ logits`` are the margins (row y is 0)."""
+    eye = torch.eye(num_classes, device=y.device)
+    return eye[y][:, None, :] - eye[None, :, :]
+
+
+def margins_certified(margin_lower: Tensor, y: Tensor) -> Tensor:
+    """True where every margin but the label's own is > 0 (nan counts as not certified)."""
+    m = margin_lower.clone()
+    m.scatter_(1, y[:, None], float("inf"))
+    return (m > 0).all(dim=1)
+
+
+class Certifier(abc.ABC):
+    """Base class: subclasses set ``name`` and implement :meth:`bound_margins`.
+
+    ``__call__`` is final: it validates inputs, evaluates in eval mode (restoring the caller's
+    mode), and turns the margin bounds into flags and statuses. A subclass that can skip or time out
+    on some examples overrides :meth:`run` instead and fills in statuses itself.
+    """
+
+    name: str = "certifier"
+    #: True when margin_lower is differentiable w.r.t. the parameters (certified training)
+    differentiable: bool = False
+
+    def config(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items()
+                if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))}
+
+    def check_supported(self, model: nn.Module) -> None:
+        """Raise :class:`robustbench_lite.errors.UserInputError` listing every unsupported layer."""
+
+    def bound_margins(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
+        """Lower bounds (N, K) of logit_y - logit_j over the threat set; column y is 0."""
+        raise NotImplementedError
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
+        margin_lower = self.bound_margins(model, x, y, threat)
+        certified = margins_certified(margin_lower.detach(), y)
+        status = [CERTIFIED if c else NOT_CERTIFIED for c in certified.tolist()]
+        return CertResult(certified=certified, margin_lower=margin_lower, status=status)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
+        threat.check_inputs(x, y)
+        self.check_supported(model)
+        y = y.to(torch.int64)
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            if self.differentiable and torch.is_grad_enabled():
+                result = self.run(model, x, y, threat)
+            else:
+                with torch.no_grad():
+                    result = self.run(model, x, y, threat)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        # a certifier can only certify what its status says, and never a skipped or failed example
+        ok = torch.tensor([s == CERTIFIED for s in result.status], dtype=torch.bool, device=result.certified.device)
+        result.certified = result.certified & ok
+        return result

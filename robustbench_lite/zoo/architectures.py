@@ -1,0 +1,82 @@
+"""Architectures of the model zoo, by name. Every one is a plain ``nn.Sequential`` of layers the
+certifiers support, with input normalization as its first layer (normalization belongs to the model,
+never to the data, and is recorded in the model card).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from robustbench_lite.errors import UserInputError
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+DIGITS_MEAN, DIGITS_STD = (0.3,), (0.38,)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; a per-channel affine map that certifiers propagate exactly."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise UserInputError("Normalize needs one mean and one positive std per channel")
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def mnist_cnn(num_classes: int = 10) -> nn.Sequential:
+    """The small CNN of Wong & Kolter 2018 / Gowal et al. 2018: two strided convs, two linears."""
+    return nn.Sequential(
+        Normalize(MNIST_MEAN, MNIST_STD),
+        nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 100), nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+
+
+def mnist_lenet(num_classes: int = 10) -> nn.Sequential:
+    """Classic LeNet: two conv + max-pool blocks, two linear layers."""
+    return nn.Sequential(
+        Normalize(MNIST_MEAN, MNIST_STD),
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 100), nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+
+
+def digits_mlp(num_classes: int = 10) -> nn.Sequential:
+    """A small MLP for the 1x8x8 scikit-learn digits."""
+    return nn.Sequential(
+        Normalize(DIGITS_MEAN, DIGITS_STD),
+        nn.Flatten(),
+        nn.Linear(64, 64), nn.ReLU(),
+        nn.Linear(64, 32), nn.ReLU(),
+        nn.Linear(32, num_classes),
+    )
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "mnist-cnn": mnist_cnn,
+    "mnist-lenet": mnist_lenet,
+    "digits-mlp": digits_mlp,
+}
+
+
+def build(arch: str, **kwargs) -> nn.Module:
+    try:
+        factory = ARCHITECTURES[arch]
+    except KeyError:
+        raise UserInputError(f"unknown architecture {arch!r}: choose one of {', '.join(sorted(ARCHITECTURES))}") from None
+    return factory(**kwargs)
