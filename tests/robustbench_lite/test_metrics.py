@@ -1,0 +1,111 @@
+"""Metric definitions on hand-made cases (docs/metrics.md), and the WRM certificate's soundness."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from robustbench_lite.errors import UserInputError
+from robustbench_lite.metrics import (
+    group_accuracies,
+    mean_corruption_accuracy,
+    measured_adversarial_loss,
+    worst_group_accuracy,
+    wrm_certificate,
+    wrm_report,
+)
+
+
+def test_worst_group_accuracy_by_hand():
+    # group 0: 3/4 right, group 1: 1/2 right, group 3: 2/2 right, group 2 absent
+    correct = torch.tensor([1, 1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 3, 3])
+    out = worst_group_accuracy(correct, groups)
+    assert out["group_acc"] == {0: 0.75, 1: 0.5, 3: 1.0}
+    assert out["worst_group_acc"] == 0.5 and out["worst_group"] == 1
+    assert out["avg_acc"] == 6 / 8
+    assert out["metric"] == "worst_group_acc"
+
+
+def test_worst_group_is_not_the_average():
+    # a majority group hides a minority group the model always gets wrong
+    correct = torch.tensor([True] * 9 + [False])
+    groups = torch.tensor([0] * 9 + [1])
+    out = worst_group_accuracy(correct, groups)
+    assert out["avg_acc"] == 0.9 and out["worst_group_acc"] == 0.0
+
+
+def test_group_metrics_check_their_inputs():
+    with pytest.raises(UserInputError, match="same length"):
+        group_accuracies(torch.ones(3, dtype=torch.bool), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(UserInputError, match="at least one"):
+        worst_group_accuracy(torch.ones(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long))
+
+
+def test_mean_corruption_accuracy_weighs_corruptions_equally():
+    acc = {"a": [1.0, 1.0, 1.0, 1.0, 1.0], "b": [0.5, 0.5, 0.0, 0.0, 0.0], "c": [0.3]}
+    assert mean_corruption_accuracy(acc) == pytest.approx((1.0 + 0.2 + 0.3) / 3)
+    with pytest.raises(UserInputError):
+        mean_corruption_accuracy({})
+    with pytest.raises(UserInputError):
+        mean_corruption_accuracy({"a": []})
+
+
+def _linear_model(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(weight.shape[1], weight.shape[0]))
+    with torch.no_grad():
+        model[1].weight.copy_(weight)
+        model[1].bias.copy_(bias)
+    return model
+
+
+def test_wrm_phi_for_a_constant_model_is_the_loss():
+    # a model whose logits ignore x: phi = loss(x) exactly, x* = x
+    model = _linear_model(torch.zeros(3, 4), torch.tensor([1.0, 0.0, -1.0]))
+    x, y = torch.rand(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    out = wrm_certificate(model, x, y, gamma=1.0, rho=[0.0, 0.5])
+    loss = nn.functional.cross_entropy(model(x), y).item()
+    assert out["mean_phi"] == pytest.approx(float(loss), abs=1e-6)
+    assert out["certificate"] == pytest.approx([float(loss), float(loss) + 0.5], abs=1e-6)
+
+
+def _elu_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ELU(), nn.Linear(8, 3))
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10_000), gamma_adv_factor=st.sampled_from([1.0, 0.5, 0.25]))
+def test_wrm_certificate_bounds_the_measured_worst_case_loss(seed, gamma_adv_factor):
+    # soundness: for gamma above the loss's smoothness the ascent finds phi, and then
+    # gamma * rho_test + E[phi] >= E[loss(x')] for any attack whose mean cost is rho_test
+    model = _elu_net(seed)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    gamma = 5.0
+    attack = measured_adversarial_loss(model, x, y, gamma_adv=gamma * gamma_adv_factor)
+    cert = wrm_certificate(model, x, y, gamma=gamma, rho=attack["rho_test"])
+    assert cert["ascent_grad_norm"] < 1e-3
+    assert cert["certificate"][0] >= attack["loss"] - 1e-6
+    assert attack["loss"] >= attack["clean_loss"] - 1e-6  # the attack only raises the loss
+
+
+def test_wrm_report_rows_and_model_state():
+    model = _elu_net(0).train()
+    flags = [p.requires_grad for p in model.parameters()]
+    x, y = torch.rand(8, 6), torch.randint(0, 3, (8,))
+    report = wrm_report(model, x, y, gamma=5.0)
+    assert [r["gamma_adv"] for r in report["rows"]] == [10.0, 5.0, 2.5, 1.25]
+    rhos = [r["rho_test"] for r in report["rows"]]
+    assert rhos == sorted(rhos)  # smaller penalty, larger ball
+    assert report["bound_holds"] is True
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_wrm_metric_parameter_checks():
+    model, x, y = _elu_net(0), torch.rand(2, 6), torch.tensor([0, 1])
+    with pytest.raises(UserInputError, match="rho"):
+        wrm_certificate(model, x, y, gamma=1.0, rho=-1.0)
+    with pytest.raises(UserInputError, match="gamma"):
+        measured_adversarial_loss(model, x, y, gamma_adv=0.0)
