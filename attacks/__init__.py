@@ -7,8 +7,21 @@ from robustbench_lite.registry import Registry
 
 from .base import Attack, AttackResult, PassCounter, QueryOracle, frozen, margin_loss
 from .pgd import PGD
+from .apgd import APGD, APGDT
+from .ensemble import AutoAttack, AutoAttackRef
+from .fgsm import FGSM
+from .fmn import FMN, FMNT
 
 ATTACKS: Registry[Attack] = Registry("attack", "robustbench_lite.attacks")
 ATTACKS.register("pgd", PGD)
+ATTACKS.register("fgsm", FGSM)
+ATTACKS.register("apgd", APGD)
+ATTACKS.register("apgd-ce", APGD)
+ATTACKS.register("apgd-t", APGDT)
+ATTACKS.register("fmn", FMN)
+ATTACKS.register("fmn-t", FMNT)
+ATTACKS.register("autoattack", AutoAttack)
+ATTACKS.register("autoattack-ref", AutoAttackRef)
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "PGD", "PassCounter", "QueryOracle", "frozen", "margin_loss"]
+__all__ = ["ATTACKS", "APGD", "APGDT", "Attack", "AttackResult", "AutoAttack", "AutoAttackRef", "FGSM", "FMN",
+           "FMNT", "PGD", "PassCounter", "QueryOracle", "frozen", "margin_loss"]

@@ -1,0 +1,197 @@
+"""The AutoAttack cascade (Croce & Hein 2020, arXiv 2003.01690) and a wrapper of the reference code.
+
+``autoattack`` runs APGD-CE, APGD-T (targeted DLR, 9 targets), FMN-T (the minimum-norm targeted
+stage, in the slot FAB-T holds in the reference) and Square, each only on the points every earlier
+stage left standing, and reuses the clean logits for the correctness mask and the target choice.
+``suite`` in its config is ``"autoattack-standard"`` only when every hyper-parameter equals the
+reference's ``version="standard"`` budget (100 iterations, 1 restart, rho 0.75, 9 targets, 5000
+Square queries with p_init 0.8); any change makes it ``"custom"``.
+
+``autoattack-ref`` runs ``pyautoattack.AutoAttack(version="standard")`` itself on the same model and
+examples, silenced and with the caller's global RNG state restored, so both can be put side by side.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustbench_lite.errors import UserInputError
+from robustbench_lite.seeding import ExampleRNG, mix
+from robustbench_lite.threat import ThreatModel
+
+from .apgd import APGD, APGDT
+from .base import Attack, AttackResult, QueryOracle
+from .fmn import FMNT
+
+log = logging.getLogger(__name__)
+
+STAGES = ("apgd-ce", "apgd-t", "fmn-t", "square")
+#: the reference's version="standard" budget (pyautoattack/autoattack.py, _set_version), Linf and L2
+STANDARD = {"steps": 100, "restarts": 1, "rho": 0.75, "n_target_classes": 9, "square_queries": 5000,
+            "square_p_init": 0.8, "eot_iter": 1, "stages": list(STAGES)}
+
+
+def _square(queries: int, p_init: float, seed: int) -> Attack:
+    from .square import Square  # the black-box module is owned separately; imported when needed
+
+    return Square(n_queries=queries, p_init=p_init, seed=seed)
+
+
+class AutoAttack(Attack):
+    """Cascade of APGD-CE, APGD-T, FMN-T and Square on the surviving points (untargeted).
+
+    Args:
+        stages: which stages to run, in order (all four).
+        steps: iterations of APGD-CE, APGD-T and FMN-T (100).
+        restarts: APGD restarts (1).
+        rho: APGD checkpoint parameter (0.75).
+        n_target_classes: targets of APGD-T and FMN-T (9; fewer when the model has fewer classes).
+        square_queries, square_p_init: Square's query budget and initial patch fraction (5000, 0.8).
+        eot_iter: EOT gradients per APGD step, for randomized models (1).
+        seed: used only when the caller passes no per-example seeds.
+
+    Shapes: x (N, C, H, W), y (N,). ``flags["robust_after"]`` maps each stage to the robust count
+    after it; ``flags["square_only"]`` counts points only the black-box stage broke (a masking sign).
+
+    >>> attack = AutoAttack()
+    >>> attack.config()["suite"]
+    'autoattack-standard'
+    """
+
+    name = "autoattack"
+
+    def __init__(self, *, stages: tuple[str, ...] | list[str] = STAGES, steps: int = 100, restarts: int = 1,
+                 rho: float = 0.75, n_target_classes: int = 9, square_queries: int = 5000,
+                 square_p_init: float = 0.8, eot_iter: int = 1, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown or not stages:
+            raise UserInputError(f"unknown or empty autoattack stages {list(stages)}: choose from {', '.join(STAGES)}")
+        if int(square_queries) < 1 or not 0 < float(square_p_init) <= 1:
+            raise UserInputError("square_queries must be >= 1 and square_p_init in (0, 1]")
+        self.stages = list(stages)
+        self.steps, self.restarts, self.rho = int(steps), int(restarts), float(rho)
+        self.n_target_classes, self.eot_iter = int(n_target_classes), int(eot_iter)
+        self.square_queries, self.square_p_init = int(square_queries), float(square_p_init)
+        self._attacks = {  # constructed now so bad hyper-parameters fail at construction
+            "apgd-ce": APGD(steps=steps, restarts=restarts, loss="ce", rho=rho, eot_iter=eot_iter),
+            "apgd-t": APGDT(steps=steps, restarts=restarts, n_target_classes=n_target_classes, rho=rho,
+                            eot_iter=eot_iter),
+            "fmn-t": FMNT(steps=steps, n_target_classes=n_target_classes, bounded=True),
+        }
+
+    @property
+    def suite(self) -> str:
+        mine = {k: getattr(self, k) for k in STANDARD}
+        return "autoattack-standard" if mine == STANDARD else "custom"
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        cfg["suite"] = self.suite
+        cfg["min_norm_stage"] = "fmn-t (in the reference's FAB-T slot: same 100 iterations, 9 targets)"
+        return cfg
+
+    def _stage(self, stage: str, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, rng: ExampleRNG,
+               clean_logits: Tensor) -> AttackResult:
+        if stage == "square":
+            square = _square(self.square_queries, self.square_p_init, self.seed)
+            oracle = QueryOracle(model)
+            result = square.run(oracle, x, y, threat, rng, None)
+            result.queries = oracle.queries
+            return result
+        attack = self._attacks[stage]
+        if stage == "apgd-ce":
+            return attack.run(model, x, y, threat, rng, None)
+        return attack.run(model, x, y, threat, rng, None, clean_logits=clean_logits)
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, rng: ExampleRNG,
+            target: Tensor | None) -> AttackResult:
+        with torch.no_grad():
+            clean_logits = model(x)
+        robust = clean_logits.argmax(dim=1) == y
+        x_adv = x.clone()
+        robust_after: dict[str, int] = {"clean": int(robust.sum())}
+        flags: dict[str, Any] = {}
+        queries = 0
+        white_box_survivors = None
+        for number, stage in enumerate(self.stages):
+            idx = robust.nonzero().flatten()
+            if idx.numel() == 0:
+                robust_after[stage] = 0
+                continue
+            if stage == "square":
+                white_box_survivors = idx.numel()
+            seeds = torch.tensor([mix(s, 0x5EED, number) for s in rng.subset(idx).seeds], dtype=torch.int64)
+            result = self._stage(stage, model, x[idx], y[idx], threat, ExampleRNG(seeds, x.device),
+                                 clean_logits[idx])
+            queries += result.queries
+            candidate = threat.project(result.x_adv.detach(), x[idx])
+            with torch.no_grad():  # authoritative re-score of this stage's candidates
+                broken = model(candidate).argmax(dim=1) != y[idx]
+            x_adv[idx[broken]] = candidate[broken]
+            robust[idx[broken]] = False
+            robust_after[stage] = int(robust.sum())
+            for key, value in result.flags.items():
+                if isinstance(value, int):
+                    flags[key] = flags.get(key, 0) + value
+        flags["robust_after"] = robust_after
+        if white_box_survivors is not None:
+            flags["square_only"] = white_box_survivors - robust_after["square"]
+        return AttackResult(x_adv=x_adv, success=~robust, queries=queries, flags=flags)
+
+
+class AutoAttackRef(Attack):
+    """``pyautoattack.AutoAttack(version=...)`` on the same model and examples, as an AttackResult.
+
+    The reference prints and logs; here it runs with ``verbose`` off and stdout captured, and its
+    ``torch.manual_seed`` calls cannot leak: the global RNG state is restored afterwards. Inputs must be
+    in [0, 1] (the reference assumes it). For models with fewer than 10 classes the number of targets
+    is lowered to classes - 1 (the reference would index out of range) and recorded in ``flags``.
+
+    Args:
+        version: "standard" (default), "plus" or "rand".
+        batch_size: the reference's batch size (250).
+        seed: the reference's seed.
+    """
+
+    name = "autoattack-ref"
+
+    def __init__(self, *, version: str = "standard", batch_size: int = 250, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        if version not in ("standard", "plus", "rand"):
+            raise UserInputError(f"unknown AutoAttack version {version!r}: choose standard, plus or rand")
+        if int(batch_size) < 1:
+            raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
+        self.version = version
+        self.batch_size = int(batch_size)
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, rng: ExampleRNG,
+            target: Tensor | None) -> AttackResult:
+        from pyautoattack import AutoAttack as ReferenceAutoAttack
+
+        if threat.box != (0.0, 1.0):
+            raise UserInputError(f"autoattack-ref needs inputs in [0, 1], the threat model's box is {threat.box}")
+        flags: dict[str, Any] = {}
+        with torch.no_grad():
+            n_classes = model(x[:1]).shape[1]
+        if n_classes < 4:
+            raise UserInputError(f"autoattack-ref needs >= 4 classes (its targeted DLR loss), the model has {n_classes}")
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            reference = ReferenceAutoAttack(model, norm=threat.norm, eps=threat.eps, version=self.version,
+                                            seed=self.seed, device=x.device)
+            reference.verbose = False
+            if n_classes - 1 < 9:
+                reference.apgd_targeted.n_target_classes = n_classes - 1
+                reference.fab.n_target_classes = n_classes - 1
+                flags["n_target_classes"] = n_classes - 1
+            x_adv, y_adv = reference.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        return AttackResult(x_adv=x_adv.detach(), success=y_adv != y, flags=flags)
