@@ -36,6 +36,9 @@ class PGD(Attack):
         loss: "ce" (cross-entropy), "margin" (Carlini-Wagner margin) or "dlr" (Croce & Hein 2020).
         eot_iter: gradients averaged per step (expectation over transformation, Athalye et al. 2018);
             1 for deterministic models.
+        early_stop: stop an example at its first successful iterate and return that iterate (True);
+            False runs every step and returns the last iterate, the max-loss point Madry et al.'s
+            adversarial training trains on.
         seed: used only when the caller passes no per-example seeds.
 
     Shapes: x (N, C, H, W) in the box, y (N,) int64, target (N,) or None. Returns
@@ -51,7 +54,7 @@ class PGD(Attack):
 
     def __init__(self, *, steps: int = 40, rel_stepsize: float = 0.01 / 0.3, abs_stepsize: float | None = None,
                  random_start: bool = True, restarts: int = 1, loss: str = "ce", eot_iter: int = 1,
-                 seed: int = 0) -> None:
+                 early_stop: bool = True, seed: int = 0) -> None:
         super().__init__(seed=seed)
         if int(steps) < 1:
             raise UserInputError(f"steps must be >= 1, got {steps}")
@@ -69,6 +72,7 @@ class PGD(Attack):
         self.restarts = int(restarts)
         self.loss = loss
         self.eot_iter = int(eot_iter)
+        self.early_stop = bool(early_stop)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, rng: ExampleRNG,
             target: Tensor | None) -> AttackResult:
@@ -123,7 +127,7 @@ class PGD(Attack):
                 zero[idx] = z & ~now
             if b.any():
                 grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-            if now.any():
+            if self.early_stop and now.any():
                 found[idx[now]] = xa[now]
                 hit[idx[now]] = True
                 keep = ~now
