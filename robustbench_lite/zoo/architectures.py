@@ -80,3 +80,21 @@ def build(arch: str, **kwargs) -> nn.Module:
     except KeyError:
         raise UserInputError(f"unknown architecture {arch!r}: choose one of {', '.join(sorted(ARCHITECTURES))}") from None
     return factory(**kwargs)
+
+
+# --- architectures for the defenses of issue 5 ---------------------------------------------------
+def mnist_cnn_elu(num_classes: int = 10) -> nn.Sequential:
+    """``mnist-cnn`` with ELU activations: the smooth network WRM's certificate needs (Sinha et al. 2018)."""
+    return nn.Sequential(*[nn.ELU() if isinstance(layer, nn.ReLU) else layer for layer in mnist_cnn(num_classes)])
+
+
+def colored_cnn(num_classes: int = 2) -> nn.Sequential:
+    """``mnist-cnn`` on 3-channel 28x28 images (colored-mnist5k); MNIST's statistics on every channel."""
+    layers = list(mnist_cnn(num_classes))
+    layers[0] = Normalize(MNIST_MEAN * 3, MNIST_STD * 3)
+    layers[1] = nn.Conv2d(3, 16, 4, stride=2, padding=1)
+    return nn.Sequential(*layers)
+
+
+ARCHITECTURES["mnist-cnn-elu"] = mnist_cnn_elu
+ARCHITECTURES["colored-cnn"] = colored_cnn
