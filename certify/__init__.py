@@ -1,0 +1,19 @@
+"""Certifiers: every certifier implements the contract of :mod:`certify.base` and is registered by name.
+
+Find one with ``certify.CERTIFIERS.create("crown")``; third-party packages add theirs through the
+``robustbench_lite.certifiers`` entry-point group. The bound propagators (IBP, CROWN, alpha-CROWN)
+share one graph walk, :mod:`certify.graph`.
+"""
+from robustbench_lite.registry import Registry
+
+from .base import CertResult, Certifier, margins_certified, spec_matrix
+from .crown import CROWN, AlphaCROWN, intermediate_bounds
+from .ibp import IBP
+
+CERTIFIERS: Registry[Certifier] = Registry("certifier", "robustbench_lite.certifiers")
+CERTIFIERS.register("ibp", IBP)
+CERTIFIERS.register("crown", CROWN)
+CERTIFIERS.register("alpha-crown", AlphaCROWN)
+
+__all__ = ["CERTIFIERS", "AlphaCROWN", "CROWN", "CertResult", "Certifier", "IBP", "intermediate_bounds",
+           "margins_certified", "spec_matrix"]

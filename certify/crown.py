@@ -1,0 +1,291 @@
+"""CROWN (Zhang et al. 2018, arXiv 1811.00866) and alpha-CROWN (Xu et al. 2021, arXiv 2011.13824).
+
+Linear bounds are propagated backward from a node to the input through the shared graph
+(:mod:`certify.graph`): affine layers by their transpose, ReLU and max-pool by the linear
+relaxations of :mod:`certify.layers`, residual sums by adding the two branches' coefficients. The
+input set (Linf or L2 ball intersected with the box) is concretised at the end: for Linf the ball ∩
+box is a box; for L2 the better of the dual-norm bound ``A x0 - eps ||A||_2`` and the bound over the
+bounding box of ball ∩ box (both sound, so their maximum is).
+
+Pre-activation bounds are computed layer by layer: every node that feeds a ReLU or max-pool gets
+the intersection of its interval bound (from the tightest bounds of its inputs) and its CROWN bound.
+Only neurons whose interval bound leaves them unstable are bounded by CROWN when nothing else
+needs their values; the first layer keeps its exact interval bound under Linf. Work is batched over
+examples and chunked over bounded neurons so memory stays within ``memory_mb``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from robustbench_lite.errors import UserInputError
+from robustbench_lite.threat import ThreatModel
+
+from .base import Certifier, spec_matrix
+from .graph import Graph, build_graph, check_supported
+from .ibp import Interval, box_lower, input_box
+from .layers import ConvOp, LinearOp, Relaxation, maxpool_relaxation, relu_relaxation
+
+
+def _dot(a: Tensor, v: Tensor) -> Tensor:
+    """``A v`` for A (B, S, *shape) with B in {1, N} and v (N, *shape) -> (N, S)."""
+    a2, v2 = a.flatten(2), v.flatten(1)
+    if a2.shape[0] == 1 and v2.shape[0] != 1:
+        return v2 @ a2[0].T
+    return torch.einsum("nsd,nd->ns", a2, v2)
+
+
+class Propagator:
+    """CROWN bounds for one batch of examples: the graph, the input set, every node's bounds."""
+
+    def __init__(self, graph: Graph, x: Tensor, threat: ThreatModel, memory_mb: float = 1024.0) -> None:
+        self.graph, self.x, self.threat = graph, x, threat
+        self.input_lower, self.input_upper = input_box(x, threat)
+        self.budget = max(1, int(memory_mb * 2 ** 20 / 4 / 4))  # float32 elements, 4 live copies
+        self.boxes: dict[int, Interval] = {}
+        self.relax: dict[int, Relaxation] = {}
+        nonlinear = [n for n in graph.nodes if n.kind in ("relu", "maxpool")]
+        self.needed = {n.inputs[0] for n in nonlinear}
+
+    # --- the backward walk ---------------------------------------------------------------------
+    def backward(self, start: int, a: Tensor, alphas: dict[int, Tensor] | None = None) -> Tensor:
+        """Lower bound (N, S) of ``A node_start`` over the input set, A (B, S, *shape), B in {1, N}."""
+        acc: dict[int, Tensor] = {start: a}
+        bias: Tensor | float = 0.0
+        for i in self.graph.ancestors(start):
+            a = acc.pop(i)
+            node = self.graph.nodes[i]
+            if node.kind == "input":
+                return bias + self._concretize(a)
+            if node.kind == "add":
+                targets = [(node.inputs[0], a), (node.inputs[1], a)]
+            elif node.kind == "affine":
+                b = node.op.bias_term(a)
+                if b is not None:
+                    bias = bias + b
+                targets = [(node.inputs[0], node.op.backward(a))]
+            else:
+                a_in, b = self.relax[i].backward(a, None if alphas is None else alphas.get(i))
+                bias = bias + b
+                targets = [(node.inputs[0], a_in)]
+            for j, t in targets:
+                acc[j] = acc[j] + t if j in acc else t
+        raise AssertionError("the walk never reached the input")
+
+    def _concretize(self, a: Tensor) -> Tensor:
+        lo, hi = self.input_lower, self.input_upper
+        bound = box_lower(a, (hi + lo) / 2, (hi - lo) / 2)
+        if self.threat.norm == "L2":
+            ball = _dot(a, self.x) - self.threat.eps * a.flatten(2).norm(dim=-1)
+            bound = torch.maximum(bound, ball)
+        return bound
+
+    def _row_cost(self, start: int) -> int:
+        """Elements of A per (example, row) at the widest node of the walk from ``start``."""
+        cost = 1
+        for i in self.graph.ancestors(start):
+            node = self.graph.nodes[i]
+            k = math.prod(node.op.kernel) if node.kind == "maxpool" else 1
+            cost = max(cost, math.prod(node.shape) * k)
+        return cost
+
+    # --- pre-activation bounds ------------------------------------------------------------------
+    def compute_bounds(self) -> None:
+        """Bounds of every node up to the output; CROWN-refined where a nonlinearity needs them."""
+        g = self.graph
+        for node in g.nodes[:g.output]:
+            i = node.index
+            if node.kind == "input":
+                self.boxes[i] = (self.input_lower, self.input_upper)
+                continue
+            lo, hi = self.boxes[node.inputs[0]]
+            if node.kind == "relu":
+                self.relax[i] = relu_relaxation(lo, hi)
+                self.boxes[i] = (lo.clamp(min=0), hi.clamp(min=0))
+            elif node.kind == "maxpool":
+                self.relax[i] = maxpool_relaxation(node.op, lo, hi)
+                self.boxes[i] = (node.op.forward(lo), node.op.forward(hi))
+            elif node.kind == "add":
+                lo2, hi2 = self.boxes[node.inputs[1]]
+                self.boxes[i] = (lo + lo2, hi + hi2)
+            else:
+                c, r = node.op.forward((hi + lo) / 2), node.op.forward_abs((hi - lo) / 2)
+                self.boxes[i] = (c - r, c + r)
+            if i in self.needed and node.kind in ("affine", "add") and not self._interval_exact(i):
+                self.boxes[i] = self._refine(i)
+
+    def _interval_exact(self, index: int) -> bool:
+        """Under Linf, interval bounds are exact through at most one non-diagonal affine map."""
+        if self.threat.norm != "Linf":
+            return False
+        nodes = [self.graph.nodes[i] for i in self.graph.ancestors(index)]
+        if any(n.kind not in ("affine", "input") for n in nodes):
+            return False
+        return sum(isinstance(n.op, (LinearOp, ConvOp)) for n in nodes) <= 1
+
+    def _refine(self, index: int) -> Interval:
+        """Intersection of the node's interval bound and its CROWN bound (chunked over neurons)."""
+        node = self.graph.nodes[index]
+        lo, hi = self.boxes[index]
+        n, width = lo.shape[0], math.prod(node.shape)
+        lo_f, hi_f = lo.flatten(1), hi.flatten(1)
+        relu_only = all(self.graph.nodes[c].kind == "relu" and c not in self.needed for c in node.consumers)
+        select = ((lo_f < 0) & (hi_f > 0)) if relu_only else torch.ones_like(lo_f, dtype=torch.bool)
+        counts = select.sum(1)
+        rows = int(counts.max()) if n else 0
+        if rows == 0:
+            return lo, hi
+        shared = bool((counts == width).all())
+        per_row = self._row_cost(index) * n  # a shared A becomes per-example at the first nonlinearity
+        chunk = max(1, self.budget // max(1, per_row) // 2)
+        new_lo, new_hi = lo_f.clone(), hi_f.clone()
+        if shared:
+            eye = torch.eye(width, dtype=lo.dtype, device=lo.device)
+            for s in range(0, width, chunk):
+                e = eye[s:s + chunk]
+                a = torch.cat([e, -e]).reshape(1, -1, *node.shape)
+                bound = self.backward(index, a)
+                m = e.shape[0]
+                new_lo[:, s:s + m] = torch.maximum(lo_f[:, s:s + m], bound[:, :m])
+                new_hi[:, s:s + m] = torch.minimum(hi_f[:, s:s + m], -bound[:, m:])
+        else:
+            # per example, the selected neurons first (stable sort keeps their order), padded rows ignored
+            order = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :rows]
+            valid = torch.arange(rows, device=lo.device)[None, :] < counts[:, None]
+            for s in range(0, rows, chunk):
+                idx, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
+                m = idx.shape[1]
+                e = torch.zeros(n, m, width, dtype=lo.dtype, device=lo.device)
+                e.scatter_(2, idx[:, :, None], 1.0)
+                bound = self.backward(index, torch.cat([e, -e], 1).reshape(n, 2 * m, *node.shape))
+                cur_lo, cur_hi = new_lo.gather(1, idx), new_hi.gather(1, idx)
+                got_lo = torch.where(ok, torch.maximum(cur_lo, bound[:, :m]), cur_lo)
+                got_hi = torch.where(ok, torch.minimum(cur_hi, -bound[:, m:]), cur_hi)
+                new_lo = new_lo.scatter(1, idx, got_lo)
+                new_hi = new_hi.scatter(1, idx, got_hi)
+        return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
+
+    # --- margins --------------------------------------------------------------------------------
+    def spec_start(self, y: Tensor) -> Tensor:
+        out = self.graph.nodes[self.graph.output]
+        if len(out.shape) != 1:
+            raise UserInputError(f"the model must return logits (N, K); its output has shape (N, {out.shape})")
+        return spec_matrix(y, out.shape[0]).to(self.x.dtype)
+
+    def margins(self, y: Tensor, alphas: dict[int, Tensor] | None = None) -> Tensor:
+        """Lower bounds (N, K) of logit_y - logit_j (column y is exactly 0)."""
+        bound = self.backward(self.graph.output, self.spec_start(y), alphas)
+        return bound.scatter(1, y[:, None], 0.0)
+
+
+def _chunks(graph: Graph, n: int, memory_mb: float) -> int:
+    """Examples per batch: enough that a useful number of rows (64) fits in the budget."""
+    widest = max(math.prod(node.shape) * (math.prod(node.op.kernel) if node.kind == "maxpool" else 1)
+                 for node in graph.nodes)
+    budget = memory_mb * 2 ** 20 / 4 / 4
+    return max(1, min(n, int(budget // (widest * 64))))
+
+
+def intermediate_bounds(model: nn.Module, x: Tensor, threat: ThreatModel,
+                        memory_mb: float = 1024.0) -> list[Interval]:
+    """CROWN pre-activation bounds ``(lower, upper)`` (N, *shape) of every ReLU's input, in graph order.
+
+    The order matches the ReLUs of :func:`certify.graph.to_affine_relu`. Sound for the Linf or L2
+    ball of ``threat`` intersected with its box.
+    """
+    graph = build_graph(model, tuple(x.shape[1:]))
+    relus = [node.inputs[0] for node in graph.nodes if node.kind == "relu"]
+    out: list[list[Interval]] = []
+    step = _chunks(graph, x.shape[0], memory_mb)
+    for s in range(0, x.shape[0], step):
+        prop = Propagator(graph, x[s:s + step], threat, memory_mb)
+        prop.compute_bounds()
+        out.append([prop.boxes[i] for i in relus])
+    if not out:
+        return [(x.new_zeros(0, *graph.nodes[i].shape),) * 2 for i in relus]
+    return [(torch.cat([o[k][0] for o in out]), torch.cat([o[k][1] for o in out])) for k in range(len(relus))]
+
+
+class CROWN(Certifier):
+    """CROWN margins with adaptive ReLU slopes; ``alpha_steps > 0`` optimises the lower slopes.
+
+    Args:
+        alpha_steps: projected-gradient (Adam) steps on the lower ReLU slopes of the final margin
+            bound, one slope per (example, margin, neuron) as in alpha-CROWN; 0 is plain CROWN.
+            The best bound seen is kept, so alpha-CROWN is never looser than CROWN.
+        alpha_lr: Adam step size of the slopes.
+        memory_mb: budget for the coefficient tensors; examples and neurons are chunked to fit.
+
+    Shapes: x (N, ...) in the box, y (N,) int64; margins (N, K). Differentiable in the parameters
+    (plain CROWN) for certified training.
+    """
+
+    name = "crown"
+    differentiable = True
+
+    def __init__(self, *, alpha_steps: int = 0, alpha_lr: float = 0.5, memory_mb: float = 1024.0) -> None:
+        if not isinstance(alpha_steps, int) or alpha_steps < 0:
+            raise UserInputError(f"alpha_steps must be an integer >= 0, got {alpha_steps!r}")
+        if not (isinstance(alpha_lr, (int, float)) and alpha_lr > 0):
+            raise UserInputError(f"alpha_lr must be > 0, got {alpha_lr!r}")
+        if not (isinstance(memory_mb, (int, float)) and memory_mb > 0):
+            raise UserInputError(f"memory_mb must be > 0, got {memory_mb!r}")
+        self.alpha_steps, self.alpha_lr, self.memory_mb = alpha_steps, float(alpha_lr), float(memory_mb)
+        if alpha_steps:
+            self.differentiable = False
+
+    def check_supported(self, model: nn.Module) -> None:
+        check_supported(model)
+
+    def bound_margins(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
+        graph = build_graph(model, tuple(x.shape[1:]))
+        y = y.to(torch.int64)
+        step = _chunks(graph, x.shape[0], self.memory_mb)
+        parts = []
+        for s in range(0, x.shape[0], step):
+            prop = Propagator(graph, x[s:s + step], threat, self.memory_mb)
+            prop.compute_bounds()
+            if self.alpha_steps:
+                parts.append(self._optimise(prop, y[s:s + step]))
+            else:
+                parts.append(prop.margins(y[s:s + step]))
+        if not parts:
+            return x.new_zeros(0, graph.nodes[graph.output].shape[0])
+        return torch.cat(parts)
+
+    def _optimise(self, prop: Propagator, y: Tensor) -> Tensor:
+        """alpha-CROWN on the final bound: Adam on slopes in [0, 1], keeping the best bound per margin."""
+        k = prop.graph.nodes[prop.graph.output].shape[0]
+        with torch.no_grad():
+            best = prop.margins(y)
+        relus = [i for i, r in prop.relax.items() if r.kind == "relu" and bool(r.unstable.any())]
+        if not relus:
+            return best
+        with torch.enable_grad():
+            alphas = {i: prop.relax[i].lower_slope.detach().unsqueeze(1).expand(-1, k, *prop.relax[i].lower_slope.shape[1:])
+                      .clone().requires_grad_(True) for i in relus}
+            opt = torch.optim.Adam(list(alphas.values()), lr=self.alpha_lr)
+            for _ in range(self.alpha_steps):
+                bound = prop.margins(y, alphas)
+                best = torch.maximum(best, bound.detach())
+                grads = torch.autograd.grad(-bound.sum(), list(alphas.values()))
+                for a, g in zip(alphas.values(), grads):
+                    a.grad = g
+                opt.step()
+                with torch.no_grad():
+                    for a in alphas.values():
+                        a.clamp_(0.0, 1.0)
+        with torch.no_grad():
+            best = torch.maximum(best, prop.margins(y, alphas))
+        return best
+
+
+class AlphaCROWN(CROWN):
+    """alpha-CROWN: CROWN with optimised lower ReLU slopes (Xu et al. 2021); 20 Adam steps by default."""
+
+    name = "alpha-crown"
+
+    def __init__(self, *, alpha_steps: int = 20, alpha_lr: float = 0.5, memory_mb: float = 1024.0) -> None:
+        super().__init__(alpha_steps=alpha_steps, alpha_lr=alpha_lr, memory_mb=memory_mb)

@@ -1,0 +1,272 @@
+"""The one graph walk shared by every bound propagator (IBP, CROWN, alpha-CROWN, LP/SDP lowering).
+
+:func:`build_graph` traces a model with ``torch.fx`` (supported layers are leaves, containers and
+small custom modules such as a residual block ``x + f(x)`` are traced through) and lowers it to a
+topologically ordered list of :class:`Node`: ``input``, ``affine`` (an :class:`AffineOp`: Linear,
+Conv2d, AvgPool2d, the zoo's ``Normalize``, eval BatchNorm1d/2d folded, Flatten), ``relu``,
+``maxpool`` and ``add`` (residual sums). Dropout and Identity vanish. The whole graph is checked up
+front and every unsupported piece is listed in ONE :class:`UserInputError`.
+
+:func:`to_affine_relu` lowers a plain ReLU network to dense ``(W, b)`` maps with a ReLU between
+consecutive maps, for the LP and SDP certifiers.
+
+The graph holds references to the module's parameters, never copies, and is rebuilt on every call,
+so bounds always reflect the current weights (no stale caches).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustbench_lite.errors import UserInputError
+from robustbench_lite.zoo.architectures import Normalize
+
+from .layers import AffineOp, ChannelAffineOp, ConvOp, LinearOp, MaxPoolOp, ReshapeOp
+
+_LEAVES = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
+           nn.MaxPool2d, Normalize, nn.Dropout, nn.Identity)
+_ADD = {operator.add, torch.add, operator.iadd}
+_RELU = {F.relu, torch.relu}
+_FLATTEN = {torch.flatten}
+
+
+@dataclass
+class Node:
+    """One value of the network. ``shape`` is per example; ``inputs`` index earlier nodes."""
+
+    index: int
+    kind: str  # "input" | "affine" | "relu" | "maxpool" | "add"
+    inputs: tuple[int, ...]
+    shape: tuple[int, ...]
+    name: str
+    op: AffineOp | MaxPoolOp | None = None
+    consumers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Graph:
+    """Nodes in topological order (node 0 is the input); ``output`` is the logits node."""
+
+    nodes: list[Node]
+    output: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.nodes[0].shape
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Every node's value for x (N, *input_shape)."""
+        values: list[Tensor] = []
+        for node in self.nodes:
+            if node.kind == "input":
+                values.append(x)
+            elif node.kind == "add":
+                values.append(values[node.inputs[0]] + values[node.inputs[1]])
+            elif node.kind == "relu":
+                values.append(values[node.inputs[0]].clamp(min=0))
+            else:
+                values.append(node.op.forward(values[node.inputs[0]]))
+        return values
+
+    def ancestors(self, index: int) -> list[int]:
+        """Indices of ``index`` and every node it depends on, descending (reverse topological)."""
+        seen, todo = {index}, [index]
+        while todo:
+            for i in self.nodes[todo.pop()].inputs:
+                if i not in seen:
+                    seen.add(i)
+                    todo.append(i)
+        return sorted(seen, reverse=True)
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _problem(name: str, m: nn.Module) -> str | None:
+    """Why a supported layer type is used in an unsupported way (None when fine)."""
+    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+        return f"{name} (Conv2d with padding_mode={m.padding_mode!r})"
+    if isinstance(m, nn.Conv2d) and isinstance(m.padding, str):
+        return f"{name} (Conv2d with padding={m.padding!r})"
+    if isinstance(m, nn.MaxPool2d) and (m.ceil_mode or m.return_indices):
+        return f"{name} (MaxPool2d with ceil_mode or return_indices)"
+    if isinstance(m, nn.AvgPool2d) and (m.ceil_mode or m.divisor_override or not m.count_include_pad):
+        return f"{name} (AvgPool2d with ceil_mode, divisor_override or count_include_pad=False)"
+    if isinstance(m, nn.Flatten) and (m.start_dim != 1 or m.end_dim != -1):
+        return f"{name} (Flatten with start_dim={m.start_dim}, end_dim={m.end_dim})"
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not m.track_running_stats:
+        return f"{name} ({type(m).__name__} without running statistics)"
+    return None
+
+
+def _trace(model: nn.Module) -> tuple[torch.fx.Graph, dict[str, nn.Module]]:
+    if not isinstance(model, nn.Module):
+        raise UserInputError(f"expected an nn.Module, got {type(model).__name__}")
+    try:
+        return _Tracer().trace(model), dict(model.named_modules())
+    except Exception as exc:
+        raise UserInputError(f"cannot trace {type(model).__name__} into a graph of supported layers "
+                             f"(data-dependent control flow?): {type(exc).__name__}: {exc}") from None
+
+
+def _kind(fx_node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str | None]:
+    """(kind, problem) of one fx node; kind is one of the Node kinds or "skip"/"output"."""
+    op, target = fx_node.op, fx_node.target
+    nodes = [a for a in fx_node.args if isinstance(a, torch.fx.Node)]
+    if op == "placeholder":
+        return "input", None
+    if op == "output":
+        return "output", None if isinstance(fx_node.args[0], torch.fx.Node) else "output (several outputs)"
+    if op == "call_module":
+        m = modules[target]
+        if not isinstance(m, _LEAVES):
+            return "", f"{target} ({type(m).__name__})"
+        if isinstance(m, (nn.Dropout, nn.Identity)):
+            return "skip", None
+        kinds = {nn.ReLU: "relu", nn.MaxPool2d: "maxpool"}
+        return kinds.get(type(m), "affine"), _problem(target, m)
+    if op == "call_function" and target in _ADD and len(nodes) == 2 and not fx_node.kwargs:
+        return "add", None
+    if op == "call_function" and target in _RELU and len(fx_node.args) == 1:
+        return "relu", None
+    if op == "call_method" and target == "relu" and len(fx_node.args) == 1:
+        return "relu", None
+    if (op == "call_function" and target in _FLATTEN) or (op == "call_method" and target == "flatten"):
+        start = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get("start_dim", 0)
+        if start == 1 and len(fx_node.args) <= 2 and not set(fx_node.kwargs) - {"start_dim"}:
+            return "flatten", None
+        return "", f"{fx_node.name} (flatten with start_dim={start})"
+    what = getattr(target, "__name__", str(target))
+    return "", f"{fx_node.name} ({op} {what})"
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise one :class:`UserInputError` that lists every unsupported layer of ``model``."""
+    graph, modules = _trace(model)
+    bad = [p for n in graph.nodes for _, p in [_kind(n, modules)] if p]
+    if bad:
+        raise UserInputError(f"unsupported by the bound propagators: {', '.join(bad)}; supported: Linear, "
+                             "Conv2d, ReLU, Flatten, BatchNorm1d/2d, AvgPool2d, MaxPool2d, Normalize, "
+                             "residual additions")
+
+
+def _affine(m: nn.Module, in_shape: tuple[int, ...]) -> AffineOp:
+    if isinstance(m, nn.Linear):
+        return LinearOp(m.weight, m.bias, in_shape)
+    if isinstance(m, nn.Conv2d):
+        return ConvOp(m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, in_shape)
+    if isinstance(m, nn.AvgPool2d):
+        k = _pair(m.kernel_size)
+        c = in_shape[0]
+        weight = torch.full((c, 1, *k), 1.0 / (k[0] * k[1]))
+        return ConvOp(weight, None, _pair(m.stride or m.kernel_size), _pair(m.padding), (1, 1), c, in_shape)
+    if isinstance(m, Normalize):
+        return ChannelAffineOp(1.0 / m.std.flatten(), -m.mean.flatten() / m.std.flatten(), in_shape)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        scale = torch.rsqrt(m.running_var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight
+        shift = -m.running_mean * scale + (m.bias if m.bias is not None else 0.0)
+        return ChannelAffineOp(scale, shift, in_shape)
+    if isinstance(m, nn.Flatten):
+        return ReshapeOp(in_shape, (math.prod(in_shape),))
+    raise AssertionError(f"not an affine layer: {m}")
+
+
+def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
+    """Trace and lower ``model`` for per-example inputs of ``input_shape`` (e.g. (1, 28, 28)).
+
+    BatchNorm is folded with its running statistics (eval semantics) whatever the model's mode.
+    Raises :class:`UserInputError` listing every unsupported layer.
+    """
+    check_supported(model)
+    fx_graph, modules = _trace(model)
+    nodes: list[Node] = []
+    where: dict[torch.fx.Node, int] = {}
+    output = -1
+    for fx_node in fx_graph.nodes:
+        kind, _ = _kind(fx_node, modules)
+        args = [where[a] for a in fx_node.args if isinstance(a, torch.fx.Node)]
+        if kind == "output":
+            output = args[0]
+            continue
+        if kind == "skip":
+            where[fx_node] = args[0]
+            continue
+        if kind == "input":
+            if nodes:
+                raise UserInputError("the model must take exactly one input tensor")
+            shape = tuple(int(s) for s in input_shape)
+            node = Node(0, "input", (), shape, fx_node.name)
+        else:
+            in_shape = nodes[args[0]].shape
+            op, shape = None, in_shape
+            if kind == "add":
+                if nodes[args[1]].shape != in_shape:
+                    raise UserInputError(f"{fx_node.name}: residual addition of shapes {in_shape} and "
+                                         f"{nodes[args[1]].shape}")
+            elif kind == "flatten":
+                kind, op = "affine", ReshapeOp(in_shape, (math.prod(in_shape),))
+            elif kind == "maxpool":
+                m = modules[fx_node.target]
+                op = MaxPoolOp(_pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding),
+                               _pair(m.dilation), in_shape)
+            elif kind == "affine":
+                op = _affine(modules[fx_node.target], in_shape)
+            if op is not None:
+                shape = op.out_shape
+            node = Node(len(nodes), kind, tuple(args), tuple(shape), fx_node.name, op)
+        for i in node.inputs:
+            nodes[i].consumers.append(node.index)
+        where[fx_node] = node.index
+        nodes.append(node)
+    if output < 0 or not nodes:
+        raise UserInputError("the model has no output")
+    return Graph(nodes, output)
+
+
+def to_affine_relu(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[Tensor, Tensor]]:
+    """Dense ``[(W_0, b_0), ..., (W_L, b_L)]`` with ``logits = W_L relu(... relu(W_0 x + b_0))``.
+
+    x is the flattened input; W_i (n_{i+1}, n_i), b_i (n_{i+1},). Normalize, Conv2d, AvgPool2d,
+    BatchNorm and Flatten are folded into the maps. Only chains of affine layers and ReLUs are
+    accepted: MaxPool2d and residual additions raise :class:`UserInputError`.
+    """
+    graph = build_graph(model, input_shape)
+    bad = [f"{n.name} ({n.kind})" for n in graph.nodes if n.kind in ("maxpool", "add")]
+    if bad:
+        raise UserInputError(f"only chains of affine layers and ReLUs lower to dense maps; got {', '.join(bad)}")
+    segments: list[list[AffineOp]] = [[]]
+    shapes = [graph.input_shape]
+    for node in graph.nodes[1:graph.output + 1]:
+        if node.kind == "relu":
+            segments.append([])
+            shapes.append(node.shape)
+        else:
+            segments[-1].append(node.op)
+    maps = []
+    for ops, in_shape in zip(segments, shapes):
+        ref = next((p for op in ops for p in vars(op).values() if torch.is_tensor(p)), None)
+        dtype = ref.dtype if ref is not None else torch.float32
+        out_shape = ops[-1].out_shape if ops else in_shape
+        n_out = math.prod(out_shape)
+        a = torch.eye(n_out, dtype=dtype).reshape(1, n_out, *out_shape)
+        b = torch.zeros(1, *in_shape, dtype=dtype)
+        for op in reversed(ops):
+            a = op.backward(a)
+        for op in ops:
+            b = op.forward(b)
+        maps.append((a.reshape(n_out, -1), b.reshape(-1)))
+    return maps

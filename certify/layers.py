@@ -1,0 +1,237 @@
+"""Per-layer transforms of the bound propagators, kept apart from the graph walk (after jax_verify).
+
+Every affine layer (Linear, Conv2d, AvgPool2d, the zoo's ``Normalize``, eval-mode BatchNorm,
+Flatten) becomes an :class:`AffineOp` with four operations:
+
+- ``forward(x)``: the layer itself, x (B, *in) -> (B, *out);
+- ``forward_abs(r)``: ``|W| r`` without bias (interval radius, Gowal et al. 2018);
+- ``backward(A)``: ``A W``, A (B, S, *out) -> (B, S, *in) (the transpose, for CROWN);
+- ``bias_term(A)``: ``A b``, (B, S).
+
+The two nonlinear layers, ReLU and MaxPool2d, get linear relaxations from their input bounds
+(CROWN, Zhang et al. 2018, arXiv 1811.00866) and a :func:`relaxed_backward` step. Everything is
+plain differentiable torch, so bounds carry gradients to the parameters (certified training).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class AffineOp:
+    """Base of the affine layers; ``in_shape``/``out_shape`` are per-example shapes."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward_abs(self, r: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def backward(self, a: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def bias_term(self, a: Tensor) -> Tensor | None:
+        return None
+
+
+def _rows(a: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """(B, S, *shape) viewed as (B * S, *shape)."""
+    return a.reshape(-1, *shape)
+
+
+class LinearOp(AffineOp):
+    def __init__(self, weight: Tensor, bias: Tensor | None, in_shape: tuple[int, ...]) -> None:
+        self.weight, self.bias = weight, bias
+        self.in_shape, self.out_shape = in_shape, (weight.shape[0],)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def forward_abs(self, r: Tensor) -> Tensor:
+        return F.linear(r, self.weight.abs())
+
+    def backward(self, a: Tensor) -> Tensor:
+        return a @ self.weight
+
+    def bias_term(self, a: Tensor) -> Tensor | None:
+        return None if self.bias is None else a @ self.bias
+
+
+class ConvOp(AffineOp):
+    """Conv2d (zero padding); AvgPool2d is the depthwise conv with weights 1 / k^2."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int,
+                 in_shape: tuple[int, ...]) -> None:
+        self.weight, self.bias = weight, bias
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+        self.in_shape = in_shape
+        self.out_shape = tuple(self.forward(torch.zeros(1, *in_shape, dtype=weight.dtype,
+                                                        device=weight.device)).shape[1:])
+        # output_padding that makes the transposed conv return exactly the input's size
+        self._out_pad = tuple(
+            i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
+            for i, o, s, p, d, k in zip(in_shape[1:], self.out_shape[1:], self.stride, self.padding,
+                                         self.dilation, weight.shape[2:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight.to(x), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward_abs(self, r: Tensor) -> Tensor:
+        return F.conv2d(r, self.weight.to(r).abs(), None, self.stride, self.padding, self.dilation, self.groups)
+
+    def backward(self, a: Tensor) -> Tensor:
+        lead = a.shape[:2]
+        out = F.conv_transpose2d(_rows(a, self.out_shape), self.weight.to(a), None, self.stride, self.padding,
+                                 self._out_pad, self.groups, self.dilation)
+        return out.reshape(*lead, *self.in_shape)
+
+    def bias_term(self, a: Tensor) -> Tensor | None:
+        return None if self.bias is None else a.sum(dim=(-1, -2)) @ self.bias
+
+
+class ChannelAffineOp(AffineOp):
+    """``x * scale + shift`` per channel (dim 1 of the batch): Normalize and eval BatchNorm."""
+
+    def __init__(self, scale: Tensor, shift: Tensor, in_shape: tuple[int, ...]) -> None:
+        view = (-1,) + (1,) * (len(in_shape) - 1)
+        self.scale, self.shift = scale.reshape(view), shift.reshape(view)
+        self.in_shape = self.out_shape = in_shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale + self.shift
+
+    def forward_abs(self, r: Tensor) -> Tensor:
+        return r * self.scale.abs()
+
+    def backward(self, a: Tensor) -> Tensor:
+        return a * self.scale
+
+    def bias_term(self, a: Tensor) -> Tensor | None:
+        return (a * self.shift).flatten(2).sum(-1)
+
+
+class ReshapeOp(AffineOp):
+    """Flatten (and any other pure reshape of the per-example tensor)."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
+        self.in_shape, self.out_shape = in_shape, out_shape
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], *self.out_shape)
+
+    forward_abs = forward
+
+    def backward(self, a: Tensor) -> Tensor:
+        return a.reshape(*a.shape[:2], *self.in_shape)
+
+
+# --- nonlinear layers ------------------------------------------------------------------------
+class MaxPoolOp:
+    """MaxPool2d (floor mode) as windows over a -inf padded input."""
+
+    def __init__(self, kernel, stride, padding, dilation, in_shape: tuple[int, ...]) -> None:
+        self.kernel, self.stride, self.padding, self.dilation = kernel, stride, padding, dilation
+        self.in_shape = in_shape
+        self.out_shape = tuple(self.forward(torch.zeros(1, *in_shape)).shape[1:])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation)
+
+    def windows(self, t: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, C, Ho, Wo, k) window entries; padding reads as -inf."""
+        ph, pw = self.padding
+        if ph or pw:
+            t = F.pad(t, (pw, pw, ph, ph), value=-math.inf)
+        n, c = t.shape[:2]
+        cols = F.unfold(t.reshape(n * c, 1, *t.shape[2:]), self.kernel, self.dilation, 0, self.stride)
+        return cols.reshape(n, c, cols.shape[1], *self.out_shape[1:]).permute(0, 1, 3, 4, 2)
+
+    def scatter(self, w: Tensor) -> Tensor:
+        """Adjoint of :meth:`windows`: (R, C, Ho, Wo, k) -> (R, C, H, W), overlaps summed."""
+        r, c = w.shape[:2]
+        k = w.shape[-1]
+        cols = w.permute(0, 1, 4, 2, 3).reshape(r * c, k, -1)
+        ph, pw = self.padding
+        size = (self.in_shape[1] + 2 * ph, self.in_shape[2] + 2 * pw)
+        out = F.fold(cols, size, self.kernel, self.dilation, 0, self.stride).reshape(r, c, *size)
+        return out[:, :, ph:ph + self.in_shape[1], pw:pw + self.in_shape[2]]
+
+
+class Relaxation:
+    """Linear bounds of a nonlinear layer's output from its input bounds (per example).
+
+    ReLU (elementwise): ``lower_slope * x <= relu(x) <= upper_slope * x + upper_intercept``.
+    MaxPool: ``sum_k lower_w[k] x_k <= max_k x_k <= sum_k upper_w[k] x_k + upper_intercept`` per window.
+    """
+
+    def __init__(self, kind: str, lower_slope: Tensor, upper_slope: Tensor, upper_intercept: Tensor,
+                 pool: MaxPoolOp | None = None, unstable: Tensor | None = None) -> None:
+        self.kind, self.pool, self.unstable = kind, pool, unstable
+        self.lower_slope, self.upper_slope, self.upper_intercept = lower_slope, upper_slope, upper_intercept
+
+    def backward(self, a: Tensor, lower_slope: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Lower bound of ``A y`` as ``A' x + bias``: A (B, S, *out) -> (A' (B', S, *in), bias (B', S)).
+
+        ``lower_slope`` (N, S, *out) overrides the ReLU's lower slopes on its unstable neurons
+        (alpha-CROWN); it must lie in [0, 1].
+        """
+        pos, neg = a.clamp(min=0), a.clamp(max=0)
+        bias = (neg * self.upper_intercept.unsqueeze(1)).flatten(2).sum(-1)
+        if self.kind == "relu":
+            low = self.lower_slope.unsqueeze(1)
+            if lower_slope is not None:
+                low = torch.where(self.unstable.unsqueeze(1), lower_slope, low)
+            return pos * low + neg * self.upper_slope.unsqueeze(1), bias
+        weights = pos.unsqueeze(-1) * self.lower_slope.unsqueeze(1) + neg.unsqueeze(-1) * self.upper_slope.unsqueeze(1)
+        lead = weights.shape[:2]
+        out = self.pool.scatter(weights.reshape(-1, *weights.shape[2:]))
+        return out.reshape(*lead, *out.shape[1:]), bias
+
+
+def relu_relaxation(lower: Tensor, upper: Tensor) -> Relaxation:
+    """CROWN's ReLU relaxation: the chord above, an adaptive slope (1 if u >= -l else 0) below."""
+    unstable = (lower < 0) & (upper > 0)
+    active = lower >= 0
+    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    up_slope = torch.where(unstable, upper / width, active.to(upper.dtype))
+    up_intercept = torch.where(unstable, -up_slope * lower, torch.zeros_like(upper))
+    low_slope = torch.where(unstable, (upper >= -lower).to(upper.dtype), active.to(upper.dtype))
+    return Relaxation("relu", low_slope, up_slope, up_intercept, unstable=unstable)
+
+
+def maxpool_relaxation(pool: MaxPoolOp, lower: Tensor, upper: Tensor) -> Relaxation:
+    """A sound linear relaxation of the max over each window from its input bounds.
+
+    Below: the entry with the largest centre (``max >= x_i`` for any i). Above, the candidate with
+    the smallest mean over the window's box: the constant ``max_k u_k``; ``x_i + max(0, max_{j!=i}
+    u_j - l_i)`` with i the largest upper bound (exact when i dominates); or
+    ``sum_k (x_k - l_k) + max_k l_k`` (exact at the lower corner).
+    """
+    lo, hi = pool.windows(lower), pool.windows(upper)  # (N, C, Ho, Wo, k)
+    valid = torch.isfinite(lo)
+    zero = torch.zeros_like(lo)
+    lo_v, hi_v = torch.where(valid, lo, zero), torch.where(valid, hi, zero)
+    centre = torch.where(valid, (lo_v + hi_v) / 2, torch.full_like(lo, -math.inf))
+    k = lo.shape[-1]
+    low_w = F.one_hot(centre.argmax(-1), k).to(lo.dtype)
+
+    u_max, i_up = hi.max(-1)
+    onehot_up = F.one_hot(i_up, k).to(lo.dtype)
+    others = torch.where(onehot_up.bool(), torch.full_like(hi, -math.inf), hi).amax(-1)
+    l_i = (lo_v * onehot_up).sum(-1)
+    c_b = (others - l_i).clamp(min=0)
+    mean_b = ((lo_v + hi_v) / 2 * onehot_up).sum(-1) + c_b
+    l_max = lo.amax(-1)
+    c_c = l_max - lo_v.sum(-1)
+    mean_c = ((hi_v - lo_v) / 2).sum(-1) + l_max
+    best = torch.stack([u_max, mean_b, mean_c], -1).argmin(-1)  # 0: constant, 1: one entry, 2: sum
+    up_w = torch.where((best == 1).unsqueeze(-1), onehot_up,
+                       torch.where((best == 2).unsqueeze(-1), valid.to(lo.dtype), zero))
+    up_c = torch.where(best == 0, u_max, torch.where(best == 1, c_b, c_c))
+    return Relaxation("maxpool", low_w, up_w, up_c, pool=pool)
