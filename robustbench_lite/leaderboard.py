@@ -1,0 +1,355 @@
+"""Leaderboard records: one JSON file per model at ``<dir>/<dataset>/<norm>-<eps:g>/<model>.json``.
+
+RobustBench's layout and field names (``clean_acc``, ``robust_acc``, ``autoattack_acc``,
+``number_forward_passes``, ``additional_data``; Croce et al. 2021, arXiv 2010.09670), but fractions
+in [0, 1], not percent strings, and the per-example flags every aggregate comes from. Every write is
+checked against ``schema/record.schema.json`` and is atomic (temporary file in the same folder,
+fsync, ``os.replace``); an existing file that is corrupt or off-schema is reported with
+:class:`CorruptFileError` and never overwritten. Rendering lives in :func:`render_table`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import CorruptFileError, SoundnessError, UserInputError
+from .evaluate import EvaluationResult
+from .zoo.cards import normalization_of, parameter_count
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ENV_DIR = "RBL_LEADERBOARD_DIR"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+# --- where records live ---------------------------------------------------------------------------
+def default_leaderboard_dir() -> Path:
+    """``$RBL_LEADERBOARD_DIR``; else the checkout's ``leaderboards/`` (editable install); else ./leaderboards."""
+    if os.environ.get(ENV_DIR):
+        return Path(os.environ[ENV_DIR]).expanduser()
+    checkout = Path(__file__).resolve().parent.parent / "leaderboards"
+    if checkout.is_dir():
+        return checkout
+    return Path.cwd() / "leaderboards"
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe model name (``/`` and spaces become ``-``)."""
+    out = _SAFE_NAME.sub("-", str(name)).strip("-.")
+    if not out:
+        raise UserInputError(f"cannot make a file name from model name {name!r}")
+    return out
+
+
+def record_path(root: str | Path, record: dict[str, Any]) -> Path:
+    """``root/<dataset>/<norm>-<eps:g>/<model>.json`` for a record."""
+    threat = record["threat_model"]
+    return (Path(root) / safe_name(record["dataset"]["name"]) / f"{threat['norm']}-{threat['eps']:g}"
+            / f"{safe_name(record['model']['name'])}.json")
+
+
+# --- schema ---------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    text = resources.files("robustbench_lite").joinpath("schema/record.schema.json").read_text("utf-8")
+    schema = json.loads(text)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+def schema_errors(record: Any) -> list[str]:
+    """Every way ``record`` breaks the schema, as ``path: message`` lines (empty when valid)."""
+    errors = sorted(_validator().iter_errors(record), key=lambda e: list(e.absolute_path))
+    return [f"{'/'.join(str(p) for p in e.absolute_path) or '(record)'}: {e.message}" for e in errors]
+
+
+def validate_record(record: dict[str, Any]) -> None:
+    """Raise UserInputError naming the first schema violation of a record about to be written."""
+    errors = schema_errors(record)
+    if errors:
+        raise UserInputError(f"leaderboard record does not match the schema: {errors[0]}")
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """Load and check one record; a broken file raises CorruptFileError (the file is left alone)."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"{path}: not a readable JSON record ({exc}); fix or move it, it will not be overwritten") from None
+    errors = schema_errors(record)
+    if errors:
+        raise CorruptFileError(f"{path}: not a valid leaderboard record ({errors[0]}); fix or move it, it will not be overwritten")
+    return record
+
+
+# --- building a record ----------------------------------------------------------------------------
+def _info_dict(info: Any) -> dict[str, Any]:
+    if info is None:
+        return {}
+    if isinstance(info, dict):
+        return dict(info)
+    if dataclasses.is_dataclass(info):
+        return {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
+    return dict(vars(info))
+
+
+def state_dict_sha256(model: nn.Module) -> str:
+    """sha256 of the parameters and buffers (name, dtype, shape, bytes in key order)."""
+    h = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_section(info: Any = None, model: nn.Module | None = None, name: str | None = None) -> dict[str, Any]:
+    """The record's ``model`` section from a zoo ``ModelInfo`` (or dict), filled in from the module."""
+    d = _info_dict(info)
+    card = d.get("card") if isinstance(d.get("card"), dict) else {}
+    norm = d.get("normalization")
+    if norm is not None and not isinstance(norm, dict):
+        norm = _info_dict(norm)
+    out = {
+        "name": safe_name(name or d.get("name") or "custom"),
+        "architecture": d.get("architecture") or (type(model).__name__ if model is not None else None),
+        "defense": d.get("defense") or card.get("defense"),
+        "parameter_count": int(d.get("parameter_count") or (parameter_count(model) if model is not None else 0)),
+        "weights_sha256": d.get("weights_sha256") or (state_dict_sha256(model) if model is not None else None),
+        "normalization": norm if norm is not None else (normalization_of(model) if model is not None else None),
+        "source": None if d.get("source") is None else str(d.get("source")),
+        "training_dataset": d.get("dataset") or card.get("dataset"),
+    }
+    return out
+
+
+@lru_cache(maxsize=1)
+def _git_state() -> tuple[str | None, bool | None]:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None, None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return (commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None), dirty
+
+
+def environment(result: EvaluationResult) -> dict[str, Any]:
+    """Package versions, the checkout's git commit, device, seed and threads of an evaluation."""
+    try:
+        import torchvision
+        tv = torchvision.__version__
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        tv = None
+    commit, dirty = _git_state()
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "torchvision": tv,
+        "robustbench_lite": __version__, "git_commit": commit, "git_dirty": dirty,
+        "device": result.device, "seed": int(result.seed), "threads": int(torch.get_num_threads()),
+        "batch_size": int(result.batch_size), "platform": platform.platform(),
+    }
+
+
+def _bits(flags: torch.Tensor) -> list[int]:
+    return [int(v) for v in flags.tolist()]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def build_record(result: EvaluationResult, model_info: Any = None, model: nn.Module | None = None,
+                 name: str | None = None, additional_data: bool | None = None) -> dict[str, Any]:
+    """A schema-valid record of ``result`` for the model described by ``model_info`` / ``model``."""
+    idx = result.indices.tolist()
+    info = _info_dict(model_info)
+    card = info.get("card") if isinstance(info.get("card"), dict) else {}
+    if additional_data is None:
+        additional_data = bool(card.get("additional_data", False))
+    attacks = [{
+        "name": r.name, "config": r.config, "robust_acc": r.accuracy, "n_attacked": r.examples,
+        "n_broken": int(result.attack_success[r.name].sum()), "seconds": round(r.seconds, 4),
+        "forward_passes": r.forward, "backward_passes": r.backward, "queries": r.queries, "flags": r.flags,
+    } for r in result.attacks]
+    certifiers = [{
+        "name": r.name, "config": r.config, "certified_acc": r.accuracy,
+        "n_certified": int(result.certified_by[r.name].sum()), "seconds": round(r.seconds, 4),
+        "forward_equivalents": r.forward_equivalents, "status_counts": r.status_counts,
+    } for r in result.certifiers]
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "model": model_section(model_info, model, name),
+        "dataset": {"name": result.dataset, "split": result.split, "n_examples": result.n_examples,
+                    "indices": {"start": min(idx), "stop": max(idx) + 1, "sha256": result.indices_sha256}},
+        "threat_model": result.threat.to_dict(),
+        "clean_acc": result.clean_acc, "robust_acc": result.robust_acc, "certified_acc": result.certified_acc,
+        "number_forward_passes": result.number_forward_passes,
+        "number_backward_passes": sum(r.backward for r in result.attacks),
+        "additional_data": additional_data, "mode": result.mode,
+        "attacks": attacks, "certifiers": certifiers, "flags": copy.deepcopy(result.flags),
+        "environment": environment(result), "created": _now(),
+        "per_example": {
+            "correct": _bits(result.correct), "robust": _bits(result.robust), "certified": _bits(result.certified),
+            "attack_success": {k: _bits(v) for k, v in result.attack_success.items()},
+            "certified_by": {k: _bits(v) for k, v in result.certified_by.items()},
+        },
+    }
+    _set_autoattack_acc(record)
+    validate_record(record)
+    return record
+
+
+def _set_autoattack_acc(record: dict[str, Any]) -> None:
+    """``autoattack_acc``: accuracy under an attack named ``autoattack*`` that saw every correct point."""
+    per = record["per_example"]
+    n_correct = sum(per["correct"])
+    for i, attack in enumerate(record["attacks"]):
+        if attack["name"].split("#")[0].startswith("autoattack") and (
+                record["mode"] == "individual" or i == 0) and attack["n_attacked"] == n_correct:
+            broken = per["attack_success"][attack["name"]]
+            record["autoattack_acc"] = sum(c and not b for c, b in zip(per["correct"], broken)) / len(broken)
+            return
+
+
+# --- merging and writing --------------------------------------------------------------------------
+def _same_evaluation(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    return (old["model"].get("weights_sha256") == new["model"].get("weights_sha256")
+            and old["dataset"] == new["dataset"] and old["threat_model"] == new["threat_model"])
+
+
+def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``new`` into ``old`` (same model, data and threat): plug-ins of the same name are
+    replaced, others kept, and the aggregates are recomputed from the merged per-example flags
+    (robust = correct and broken by no attack of either run). Different weights or examples:
+    the new record replaces the old one."""
+    if not _same_evaluation(old, new):
+        log.info("replacing %s: the weights or the evaluated examples changed", new["model"]["name"])
+        return new
+    merged = copy.deepcopy(new)
+    per, old_per = merged["per_example"], old["per_example"]
+    new_attacks = {a["name"] for a in new["attacks"]}
+    new_certs = {c["name"] for c in new["certifiers"]}
+    kept_attacks = [a for a in old["attacks"] if a["name"] not in new_attacks]
+    kept_certs = [c for c in old["certifiers"] if c["name"] not in new_certs]
+    merged["attacks"] = kept_attacks + new["attacks"]
+    merged["certifiers"] = kept_certs + new["certifiers"]
+    for a in kept_attacks:
+        per["attack_success"][a["name"]] = old_per["attack_success"][a["name"]]
+    for c in kept_certs:
+        per["certified_by"][c["name"]] = old_per["certified_by"][c["name"]]
+    n = len(per["correct"])
+    per["robust"] = [int(per["correct"][i] and not any(s[i] for s in per["attack_success"].values()))
+                     for i in range(n)]
+    per["certified"] = [int(any(c[i] for c in per["certified_by"].values())) for i in range(n)]
+    merged["robust_acc"] = sum(per["robust"]) / n
+    merged["certified_acc"] = sum(per["certified"]) / n
+    merged["number_forward_passes"] = n + sum(a["forward_passes"] for a in merged["attacks"])
+    merged["number_backward_passes"] = sum(a["backward_passes"] for a in merged["attacks"])
+    new_flags = {f["name"] for f in new["flags"]}
+    merged["flags"] = [f for f in old["flags"] if f["name"] not in new_flags] + new["flags"]
+    merged["created"], merged["updated"] = old["created"], new["created"]
+    merged.pop("autoattack_acc", None)
+    if "autoattack_acc" in new:
+        merged["autoattack_acc"] = new["autoattack_acc"]
+    elif "autoattack_acc" in old and kept_attacks and any(a["name"].startswith("autoattack") for a in kept_attacks):
+        merged["autoattack_acc"] = old["autoattack_acc"]
+    bad = [i for i in range(n) if per["certified"][i] and not per["robust"][i]]
+    if bad:
+        raise SoundnessError(f"merging into the existing record breaks certified <= robust on {len(bad)} "
+                             "example(s): a certifier of one run certified points an attack of the other broke")
+    return merged
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and os.replace.
+
+    Any failure (including KeyboardInterrupt) removes the temporary file and leaves ``path`` as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_record(record: dict[str, Any], root: str | Path | None = None) -> Path:
+    """Validate, merge into an existing record of the same model, and write atomically; returns the path."""
+    validate_record(record)
+    path = record_path(default_leaderboard_dir() if root is None else root, record)
+    if path.exists():
+        record = merge_records(read_record(path), record)
+        validate_record(record)
+    atomic_write_json(path, record)
+    log.info("wrote %s", path)
+    return path
+
+
+# --- reading and rendering ------------------------------------------------------------------------
+def load_records(root: str | Path | None = None, dataset: str | None = None) -> list[dict[str, Any]]:
+    """Every record under ``root`` (optionally one dataset), sorted by path; corrupt files raise."""
+    root = Path(default_leaderboard_dir() if root is None else root)
+    if not root.exists():
+        return []
+    base = root / safe_name(dataset) if dataset else root
+    pattern = "*/*.json" if dataset else "*/*/*.json"
+    return [read_record(p) for p in sorted(base.glob(pattern))]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def render_table(records: Iterable[dict[str, Any]]) -> str:
+    """Plain-text table, one row per record, grouped by dataset and threat, sorted by robust accuracy."""
+    rows = sorted(records, key=lambda r: (r["dataset"]["name"], r["threat_model"]["norm"], r["threat_model"]["eps"],
+                                          -r["robust_acc"], -r["clean_acc"], r["model"]["name"]))
+    header = ["dataset", "threat", "model", "defense", "clean %", "robust %", "certified %", "AA %", "n", "attacks"]
+    table = [header] + [[
+        r["dataset"]["name"], f"{r['threat_model']['norm']}-{r['threat_model']['eps']:g}", r["model"]["name"],
+        r["model"].get("defense") or "-", _pct(r["clean_acc"]), _pct(r["robust_acc"]), _pct(r["certified_acc"]),
+        _pct(r.get("autoattack_acc")), str(r["dataset"]["n_examples"]),
+        ",".join(a["name"] for a in r["attacks"]) or "-",
+    ] for r in rows]
+    if len(table) == 1:
+        return "(no leaderboard records)"
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    numeric = {4, 5, 6, 7, 8}
+    lines = ["  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+             for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""Leaderboard records: schema, layout, merging, atomic writes, corrupt files, the table."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from certify.base import Certifier
+from test_evaluate import LinearExact, toy_dataset, toy_model
+
+from robustbench_lite import leaderboard
+from robustbench_lite.errors import CorruptFileError, SoundnessError, UserInputError
+from robustbench_lite.evaluate import evaluate
+from robustbench_lite.leaderboard import (build_record, default_leaderboard_dir, load_records, read_record, record_path,
+                                          render_table, schema_errors, write_record)
+from robustbench_lite.threat import ThreatModel
+
+INFO = {"name": "toy-linear", "architecture": "linear", "defense": "none", "dataset": "toy",
+        "weights_sha256": "ab" * 32, "parameter_count": 51, "normalization": None, "source": "test", "card": None}
+
+
+def run(attacks=("pgd",), certifiers=(), eps=0.15, n=24, model=None, **kwargs):
+    model = toy_model() if model is None else model
+    return evaluate(model, toy_dataset(n), ThreatModel("Linf", eps), attacks=list(attacks),
+                    certifiers=list(certifiers), **kwargs), model
+
+
+def record(attacks=("pgd",), certifiers=(), info=INFO, **kwargs):
+    result, model = run(attacks, certifiers, **kwargs)
+    return build_record(result, info, model)
+
+
+def test_record_is_schema_valid_numbers_in_unit_interval():
+    result, model = run(("pgd",), (LinearExact(),))
+    rec = build_record(result, INFO, model)
+    assert schema_errors(rec) == []
+    for key in ("clean_acc", "robust_acc", "certified_acc"):
+        assert isinstance(rec[key], float) and 0 <= rec[key] <= 1
+    assert rec["robust_acc"] == result.robust_acc and rec["certified_acc"] == result.certified_acc
+    assert rec["threat_model"] == {"norm": "Linf", "eps": 0.15, "box": [0.0, 1.0]}
+    assert rec["dataset"] == {"name": "toy", "split": "test", "n_examples": 24,
+                              "indices": {"start": 0, "stop": 24, "sha256": result.indices_sha256}}
+    assert rec["model"]["weights_sha256"] == "ab" * 32 and rec["model"]["defense"] == "none"
+    assert rec["attacks"][0]["name"] == "pgd" and rec["attacks"][0]["config"]["steps"] == 40
+    assert rec["attacks"][0]["forward_passes"] > 0 and rec["certifiers"][0]["n_certified"] == int(result.certified.sum())
+    assert rec["number_forward_passes"] == 24 + rec["attacks"][0]["forward_passes"]
+    env = rec["environment"]
+    assert env["torch"] == torch.__version__ and env["seed"] == 0 and env["threads"] >= 1 and env["device"] == "cpu"
+    per = rec["per_example"]
+    assert sum(per["correct"]) / 24 == rec["clean_acc"] and sum(per["robust"]) / 24 == rec["robust_acc"]
+    assert sum(per["certified"]) / 24 == rec["certified_acc"] and set(per["attack_success"]) == {"pgd"}
+    json.dumps(rec)  # plain JSON
+
+
+def test_model_section_from_the_module_alone():
+    result, model = run(())
+    rec = build_record(result, None, model, name="my model/v2")
+    assert rec["model"]["name"] == "my-model-v2" and rec["model"]["parameter_count"] == 51
+    assert len(rec["model"]["weights_sha256"]) == 64
+
+
+def test_percent_strings_and_out_of_range_numbers_are_rejected():
+    rec = record()
+    for bad in ("89.0%", 89.0, -0.1):
+        broken = dict(rec, robust_acc=bad)
+        assert schema_errors(broken)
+        with pytest.raises(UserInputError, match="schema"):
+            leaderboard.validate_record(broken)
+
+
+def test_one_file_per_model_layout(tmp_path):
+    rec = record()
+    path = write_record(rec, tmp_path)
+    assert path == tmp_path / "toy" / "Linf-0.15" / "toy-linear.json" == record_path(tmp_path, rec)
+    assert read_record(path)["robust_acc"] == rec["robust_acc"]
+    assert not list(path.parent.glob("*.partial"))
+
+
+def test_update_merges_attacks_and_recomputes_the_worst_case(tmp_path):
+    first = record(("fgsm",))
+    path = write_record(first, tmp_path)
+    second = record(("pgd",))
+    write_record(second, tmp_path)
+    merged = read_record(path)
+    assert [a["name"] for a in merged["attacks"]] == ["fgsm", "pgd"]
+    per = merged["per_example"]
+    worst = [int(c and not (a or b)) for c, a, b in
+             zip(per["correct"], per["attack_success"]["fgsm"], per["attack_success"]["pgd"])]
+    assert per["robust"] == worst and merged["robust_acc"] == sum(worst) / 24
+    assert merged["robust_acc"] <= min(first["robust_acc"], second["robust_acc"])
+    assert merged["created"] == first["created"] and "updated" in merged
+    # running the same attack again replaces its entry instead of duplicating it
+    write_record(record(("pgd",)), tmp_path)
+    assert [a["name"] for a in read_record(path)["attacks"]] == ["fgsm", "pgd"]
+
+
+def test_new_weights_replace_the_old_record(tmp_path):
+    path = write_record(record(("fgsm",)), tmp_path)
+    write_record(record(("pgd",), info=dict(INFO, weights_sha256="cd" * 32)), tmp_path)
+    rec = read_record(path)
+    assert [a["name"] for a in rec["attacks"]] == ["pgd"] and rec["model"]["weights_sha256"] == "cd" * 32
+
+
+class CertifyCorrect(Certifier):
+    """Unsound: certifies every correctly classified point."""
+
+    name = "optimist"
+
+    def bound_margins(self, model, x, y, threat):
+        logits = model(x)
+        return logits.gather(1, y[:, None]) - logits
+
+
+def test_merge_that_breaks_the_invariant_is_refused(tmp_path):
+    path = write_record(record((), (CertifyCorrect(),), eps=0.3), tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(SoundnessError, match="merging"):
+        write_record(record(("pgd",), (), eps=0.3), tmp_path)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"clean_acc": "98%"}', ""])
+def test_corrupt_existing_file_is_reported_and_kept(tmp_path, content):
+    rec = record()
+    path = record_path(tmp_path, rec)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.raises(CorruptFileError, match="toy-linear.json"):
+        write_record(rec, tmp_path)
+    assert path.read_text() == content
+    with pytest.raises(CorruptFileError):
+        load_records(tmp_path)
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_interrupted_write_leaves_the_old_file_intact(tmp_path, monkeypatch, error):
+    path = write_record(record(("fgsm",)), tmp_path)
+    before = path.read_bytes()
+    real_dump = json.dump
+
+    def half_then_fail(obj, fh, **kwargs):
+        text = json.dumps(obj, **kwargs)
+        fh.write(text[: len(text) // 2])
+        fh.flush()
+        raise error
+
+    monkeypatch.setattr(leaderboard.json, "dump", half_then_fail)
+    with pytest.raises(type(error)):
+        write_record(record(("pgd",)), tmp_path)
+    monkeypatch.setattr(leaderboard.json, "dump", real_dump)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["toy-linear.json"]
+
+
+def test_default_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("RBL_LEADERBOARD_DIR", str(tmp_path / "board"))
+    assert default_leaderboard_dir() == tmp_path / "board"
+    monkeypatch.delenv("RBL_LEADERBOARD_DIR")
+    checkout = Path(leaderboard.__file__).resolve().parent.parent / "leaderboards"
+    monkeypatch.chdir(tmp_path)
+    expected = checkout if checkout.is_dir() else tmp_path / "leaderboards"
+    assert default_leaderboard_dir() == expected
+
+
+def test_load_and_render_sorted_by_robust_accuracy(tmp_path):
+    strong = record(("pgd",), info=dict(INFO, name="strong"), eps=0.05)
+    weak = record(("pgd",), info=dict(INFO, name="weak"), eps=0.05, model=torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval())
+    for rec in (weak, strong):
+        write_record(rec, tmp_path)
+    other = dict(record(("pgd",), info=dict(INFO, name="elsewhere"), eps=0.05))
+    other["dataset"] = dict(other["dataset"], name="other")
+    write_record(other, tmp_path)
+    assert len(load_records(tmp_path)) == 3
+    records = load_records(tmp_path, dataset="toy")
+    assert sorted(r["model"]["name"] for r in records) == ["strong", "weak"]
+    table = render_table(records)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["dataset", "threat", "model"]
+    assert strong["robust_acc"] > weak["robust_acc"]
+    assert lines[2].split()[2] == "strong" and lines[3].split()[2] == "weak"
+    assert f"{100 * strong['robust_acc']:.1f}" in lines[2]
+    assert render_table([]) == "(no leaderboard records)"
+    assert load_records(tmp_path / "missing") == []
+
+
+def test_autoattack_acc_only_when_autoattack_saw_every_correct_point(tmp_path):
+    from attacks import FGSM
+
+    class AutoLike(FGSM):
+        name = "autoattack"
+
+    rec = record((AutoLike(),))
+    assert rec["autoattack_acc"] == rec["robust_acc"]
+    assert "autoattack_acc" not in record(("pgd", AutoLike()))
+
+
+def test_record_files_are_never_written_into_the_repo(tmp_path):
+    # the tests above all pass tmp_path; the repo's leaderboards/ is the lead's to generate
+    repo_board = Path(leaderboard.__file__).resolve().parent.parent / "leaderboards"
+    before = sorted(repo_board.rglob("*.json")) if repo_board.exists() else []
+    write_record(record(), tmp_path)
+    after = sorted(repo_board.rglob("*.json")) if repo_board.exists() else []
+    assert before == after
+    assert os.listdir(tmp_path) == ["toy"]
