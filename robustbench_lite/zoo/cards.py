@@ -1,0 +1,118 @@
+"""Model cards: what a zoo model is, how it was trained and how to check that its weights are right.
+
+A card is a plain JSON dict (one per model, all of them in ``cards.json`` next to this module)::
+
+    name, architecture, dataset, num_classes, defense, defense_config,
+    training {command, seed, epochs, optimizer, lr, lr_schedule, batch_size, weight_decay, log[...]},
+    clean_acc (test split), verification {split, n_examples, correct},
+    weights (file name), weights_sha256, normalization {mean, std}, parameter_count, versions
+
+``verification`` is the trap check of :func:`robustbench_lite.zoo.load_model`: the number of the first
+``n_examples`` test images the model classifies correctly; weights that load but compute something
+else are caught by it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from robustbench_lite.errors import CorruptFileError
+
+ZOO_DIR = Path(__file__).resolve().parent
+CARDS_FILE = "cards.json"
+WEIGHTS_DIR = "weights"
+CARDS_FORMAT = 1
+#: size of the accuracy sample checked after loading (first N test examples of the card's dataset)
+VERIFY_EXAMPLES = 200
+#: how many examples of that sample may differ (float noise across machines) before it is an error
+VERIFY_TOLERANCE = 1
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def normalization_of(model: nn.Module) -> dict[str, list[float]] | None:
+    """``{"mean": [...], "std": [...]}`` of the model's first ``Normalize`` layer (TorchScript too), or None."""
+    for m in model.modules():
+        kind = getattr(m, "original_name", None) or type(m).__name__
+        if kind == "Normalize" and hasattr(m, "mean") and hasattr(m, "std"):
+            return {"mean": [round(float(v), 6) for v in m.mean.flatten().tolist()],
+                    "std": [round(float(v), 6) for v in m.std.flatten().tolist()]}
+    return None
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write through a temporary file in the same folder and rename: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CorruptFileError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_cards(zoo_dir: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
+    """All cards of a zoo folder, by model name (empty when it has no ``cards.json``)."""
+    path = Path(zoo_dir or ZOO_DIR) / CARDS_FILE
+    if not path.exists():
+        return {}
+    data = read_json(path)
+    models = data.get("models")
+    if not isinstance(models, dict):
+        raise CorruptFileError(f"{path} has no 'models' object")
+    return models
+
+
+def write_cards(cards: dict[str, dict[str, Any]], zoo_dir: str | os.PathLike | None = None) -> None:
+    path = Path(zoo_dir or ZOO_DIR) / CARDS_FILE
+    data = {"format": CARDS_FORMAT, "models": dict(sorted(cards.items()))}
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def list_models(zoo_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """One summary row per zoo model: name, dataset, architecture, defense, clean_acc, parameters, sha256."""
+    rows = []
+    for name, card in read_cards(zoo_dir).items():
+        training = card.get("training", {})
+        rows.append({
+            "name": name,
+            "dataset": card.get("dataset"),
+            "architecture": card.get("architecture"),
+            "defense": card.get("defense"),
+            "clean_acc": card.get("clean_acc"),
+            "parameter_count": card.get("parameter_count"),
+            "epochs": training.get("epochs"),
+            "weights_sha256": card.get("weights_sha256"),
+            "command": training.get("command"),
+        })
+    return rows
