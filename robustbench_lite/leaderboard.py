@@ -285,17 +285,26 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+_NUMBER_LIST = re.compile(r"\[(?:\s*-?[0-9][0-9.eE+-]*\s*,)*\s*-?[0-9][0-9.eE+-]*\s*\]")
+
+
+def to_json_text(data: Any) -> str:
+    """Indented JSON with lists of numbers (the per-example flags) kept on one line."""
+    text = json.dumps(data, indent=1, allow_nan=False)
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.findall(r"-?[0-9][0-9.eE+-]*", m.group(0))) + "]", text) + "\n"
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and os.replace.
 
     Any failure (including KeyboardInterrupt) removes the temporary file and leaves ``path`` as it was.
     """
+    text = to_json_text(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=False)
-            fh.write("\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

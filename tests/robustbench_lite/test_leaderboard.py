@@ -138,20 +138,25 @@ def test_corrupt_existing_file_is_reported_and_kept(tmp_path, content):
 def test_interrupted_write_leaves_the_old_file_intact(tmp_path, monkeypatch, error):
     path = write_record(record(("fgsm",)), tmp_path)
     before = path.read_bytes()
-    real_dump = json.dump
 
-    def half_then_fail(obj, fh, **kwargs):
-        text = json.dumps(obj, **kwargs)
-        fh.write(text[: len(text) // 2])
-        fh.flush()
+    def fail(fd):  # the new text is in the temporary file, not yet synced or renamed
+        partial = [p for p in path.parent.iterdir() if p.name.endswith(".partial")]
+        assert len(partial) == 1 and partial[0].stat().st_size > 0
         raise error
 
-    monkeypatch.setattr(leaderboard.json, "dump", half_then_fail)
+    monkeypatch.setattr(leaderboard.os, "fsync", fail)
     with pytest.raises(type(error)):
         write_record(record(("pgd",)), tmp_path)
-    monkeypatch.setattr(leaderboard.json, "dump", real_dump)
+    monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["toy-linear.json"]
+
+
+def test_per_example_flags_stay_compact(tmp_path):
+    path = write_record(record(n=60), tmp_path)
+    lines = path.read_text().splitlines()
+    assert len(lines) < 150 and any(line.strip().startswith('"correct": [') for line in lines)
+    assert read_record(path)["per_example"]["correct"] == record(n=60)["per_example"]["correct"]
 
 
 def test_default_directory(monkeypatch, tmp_path):
