@@ -176,7 +176,8 @@ def _config(plugin: Any) -> dict[str, Any]:
     return dict(config()) if callable(config) else {}
 
 
-def _model_device(model: nn.Module, device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine, else UserInputError."""
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError):
@@ -215,7 +216,7 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     if len(dataset) == 0:
         raise UserInputError("the dataset has no examples to evaluate")
     threat.check_inputs(dataset.x, dataset.y)
-    batch_size, dev = int(batch_size), _model_device(model, device)
+    batch_size, dev = int(batch_size), resolve_device(device)
     attack_list, cert_list = _resolve(attacks, "attack"), _resolve(certifiers, "certifier")
     if set(n for n, _ in attack_list) & set(n for n, _ in cert_list):
         raise UserInputError("an attack and a certifier share a name; give them distinct names")

@@ -1,0 +1,240 @@
+"""The ``robustbench-lite`` command: a thin door to the library (see shared ARCHITECTURE.md).
+
+``robustbench-lite evaluate`` evaluates a model and writes its leaderboard record,
+``robustbench-lite zoo list`` lists the model zoo, ``robustbench-lite leaderboard show`` prints
+the table, ``robustbench-lite train`` trains a defense (:mod:`robustbench_lite.train`). Every
+user error is one line on stderr (``robustbench-lite: error: ...``) and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import RobustBenchLiteError, SoundnessError, UserInputError
+
+PROG = "robustbench-lite"
+DEFAULTS = {"model": "mnist5k-cnn-pgd-at", "dataset": "mnist5k", "norm": "Linf", "eps": 0.3,
+            "attacks": "pgd", "certifiers": "ibp", "n_examples": 1000, "batch_size": 250, "seed": 0}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a one-line UserInputError instead of usage + exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserInputError(f"{message} (see '{self.prog} --help')")
+
+
+def _names(text: str) -> list[str]:
+    """``"pgd,apgd"`` -> ["pgd", "apgd"]; ``""`` or ``"none"`` -> []."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Attack, certify, train and rank image classifiers.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ev = sub.add_parser("evaluate", help="evaluate a model and write its leaderboard record")
+    ev.add_argument("--model", default=DEFAULTS["model"], help="zoo name, weights file or package.module:factory")
+    ev.add_argument("--arch", default=None, help="architecture of a state-dict file")
+    ev.add_argument("--dataset", default=DEFAULTS["dataset"])
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--norm", default=DEFAULTS["norm"], help="Linf or L2")
+    ev.add_argument("--eps", type=float, default=DEFAULTS["eps"], help="radius in pixel units of [0, 1] images")
+    ev.add_argument("--attacks", default=DEFAULTS["attacks"], help="comma-separated attack names, or none")
+    ev.add_argument("--certifiers", default=DEFAULTS["certifiers"], help="comma-separated certifier names, or none")
+    ev.add_argument("--n-examples", type=int, default=DEFAULTS["n_examples"], help="the first N of the split")
+    ev.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    ev.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    ev.add_argument("--individual", action="store_true", help="run every attack on every correct point")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--leaderboard-dir", type=Path, default=None, help="default: $RBL_LEADERBOARD_DIR or leaderboards/")
+    ev.add_argument("--no-write", action="store_true", help="do not write the leaderboard record")
+    ev.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
+    ev.add_argument("--download", action="store_true", help="download torchvision datasets when missing")
+    ev.add_argument("--data-dir", type=Path, default=None)
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(handler=cmd_evaluate)
+
+    zoo = sub.add_parser("zoo", help="the model zoo").add_subparsers(dest="zoo_command", metavar="ACTION")
+    zoo.required = True
+    zoo.add_parser("list", help="list the shipped models").set_defaults(handler=cmd_zoo_list)
+
+    board = sub.add_parser("leaderboard", help="leaderboard records").add_subparsers(dest="board_command", metavar="ACTION")
+    board.required = True
+    show = board.add_parser("show", help="print the leaderboard table")
+    show.add_argument("--dataset", default=None)
+    show.add_argument("--leaderboard-dir", type=Path, default=None)
+    show.set_defaults(handler=cmd_leaderboard_show)
+
+    train = sub.add_parser("train", help="train a model with a defense")
+    try:
+        from . import train as train_module
+    except ImportError as exc:  # pragma: no cover - the training module ships with the package
+        train.set_defaults(handler=lambda args: _unavailable("train", exc))
+    else:
+        train_module.add_arguments(train)
+        train.set_defaults(handler=train_module.run)
+    return parser
+
+
+def _unavailable(what: str, exc: Exception) -> int:
+    raise UserInputError(f"'{what}' is not available: {exc}")
+
+
+# --- commands -------------------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .evaluate import evaluate, resolve_device
+    from .leaderboard import build_record, read_record, write_record
+    from .threat import ThreatModel
+    from .zoo import load_model_with_info
+
+    started = time.perf_counter()
+    threat = ThreatModel(args.norm, args.eps)
+    attacks, certifiers = _names(args.attacks), _names(args.certifiers)
+    _check_plugins(attacks, certifiers)
+    resolve_device(args.device)
+    dataset = load_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download)
+    model, info = load_model_with_info(args.model, arch=args.arch, device=args.device)
+    bar = _progress_bar(args)
+    try:
+        result = evaluate(model, dataset, threat, attacks=attacks, certifiers=certifiers, n_examples=args.n_examples,
+                          batch_size=args.batch_size, seed=args.seed, device=args.device,
+                          individual=args.individual, progress=bar)
+    except SoundnessError as err:
+        if getattr(err, "result", None) is not None:
+            print(format_result(err.result, info.name, None, time.perf_counter() - started))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    record = build_record(result, info, model)
+    path = None if args.no_write else write_record(record, args.leaderboard_dir)
+    if args.json:
+        print(json.dumps(read_record(path) if path else record, indent=1))
+    else:
+        print(format_result(result, record["model"]["name"], path, time.perf_counter() - started))
+    return 0
+
+
+def _check_plugins(attacks: list[str], certifiers: list[str]) -> None:
+    """Unknown names fail before the model and data are loaded."""
+    from attacks import ATTACKS
+
+    for name in attacks:
+        ATTACKS.get(name)
+    if certifiers:
+        import certify
+
+        registry = getattr(certify, "CERTIFIERS", None)
+        if registry is None:
+            raise UserInputError("no certifier is registered (certify.CERTIFIERS is missing); pass --certifiers none")
+        for name in certifiers:
+            registry.get(name)
+
+
+class _Bar:
+    """A tqdm bar on stderr (only on a terminal) driven by the evaluator's progress callback."""
+
+    def __init__(self) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=0, unit="ex", desc="evaluate", leave=False, disable=None, file=sys.stderr)
+
+    def __call__(self, done: int, total: int) -> None:
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress_bar(args: argparse.Namespace) -> _Bar | None:
+    return None if args.no_progress or args.json else _Bar()
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:6.1f}"
+
+
+def format_result(result: Any, model_name: str, path: Path | None, wall: float) -> str:
+    """The terminal table of one evaluation: accuracies, per plug-in accuracy and cost, flags."""
+    t = result.threat
+    lines = [f"model {model_name} on {result.dataset}/{result.split} ({result.n_examples} examples), "
+             f"{t.norm} eps={t.eps:g}, seed {result.seed}, {result.mode} attacks",
+             f"  {'':<22}{'acc %':>7}{'seconds':>10}{'fwd':>10}{'bwd':>10}{'queries':>9}",
+             f"  {'clean':<22}{_pct(result.clean_acc):>7}"]
+    for r in result.attacks:
+        lines.append(f"  {'attack ' + r.name:<22}{_pct(r.accuracy):>7}{r.seconds:>10.2f}{r.forward:>10}"
+                     f"{r.backward:>10}{r.queries:>9}")
+    lines.append(f"  {'robust (worst case)':<22}{_pct(result.robust_acc):>7}")
+    for r in result.certifiers:
+        lines.append(f"  {'certifier ' + r.name:<22}{_pct(r.accuracy):>7}{r.seconds:>10.2f}")
+    lines.append(f"  {'certified (any)':<22}{_pct(result.certified_acc):>7}")
+    if result.flags:
+        lines.append("flags:")
+        lines += [f"  [{f['severity']}] {f['name']}: {f['explanation']}" for f in result.flags]
+    else:
+        lines.append("flags: none")
+    lines.append(f"wrote {path}" if path else "leaderboard: not written")
+    lines.append(f"wall time {wall:.1f} s")
+    return "\n".join(lines)
+
+
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from .zoo import list_models
+
+    rows = list_models()
+    if not rows:
+        print("(the zoo is empty)")
+        return 0
+    cols = ["name", "dataset", "architecture", "defense", "clean_acc", "parameter_count"]
+    cells = [cols] + [["-" if r.get(c) is None else (f"{100 * r[c]:.1f}" if c == "clean_acc" else str(r[c]))
+                       for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_leaderboard_show(args: argparse.Namespace) -> int:
+    from .leaderboard import load_records, render_table
+
+    print(render_table(load_records(args.leaderboard_dir, args.dataset)))
+    return 0
+
+
+# --- entry point ----------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 user error, 3 soundness, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
+                            format=f"{PROG}: %(levelname)s: %(message)s")
+        handler = getattr(args, "handler", None)
+        if handler is None:
+            raise UserInputError(f"choose a command: evaluate, zoo list, leaderboard show, train (see '{PROG} --help')")
+        return int(handler(args) or 0)
+    except RobustBenchLiteError as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # --help / --version
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The command line: the happy paths, and every user error as one line on stderr with no traceback."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from certify import CERTIFIERS
+from certify.base import Certifier
+from safetensors.torch import save_file
+
+import robustbench_lite.evaluate as evaluate_module
+from robustbench_lite import cli, leaderboard
+from robustbench_lite.zoo.architectures import digits_mlp
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "digits-mlp-standard"
+FAST = ["--model", MODEL, "--dataset", "digits", "--eps", "0.05", "--n-examples", "30", "--no-progress"]
+
+
+def evaluate_args(tmp_path: Path, *extra: str) -> list[str]:
+    return ["evaluate", *FAST, "--leaderboard-dir", str(tmp_path), *extra]
+
+
+def record_file(tmp_path: Path) -> Path:
+    return tmp_path / "digits" / "Linf-0.05" / f"{MODEL}.json"
+
+
+def one_error_line(capsys, code: int, expected: int = 2) -> str:
+    out = capsys.readouterr()
+    assert code == expected, out
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("robustbench-lite: error: "), out.err
+    assert "Traceback" not in out.err
+    return lines[0]
+
+
+def test_evaluate_prints_a_table_and_writes_the_record(tmp_path, capsys):
+    assert cli.main(evaluate_args(tmp_path)) == 0
+    out = capsys.readouterr().out
+    for word in ("clean", "attack pgd", "robust (worst case)", "certifier ibp", "certified (any)", "flags:"):
+        assert word in out
+    path = record_file(tmp_path)
+    assert f"wrote {path}" in out
+    rec = leaderboard.read_record(path)
+    assert rec["model"]["name"] == MODEL and rec["dataset"]["n_examples"] == 30
+    assert rec["threat_model"]["eps"] == 0.05 and [a["name"] for a in rec["attacks"]] == ["pgd"]
+    assert rec["clean_acc"] >= rec["robust_acc"] >= rec["certified_acc"]
+
+
+def test_json_and_no_write(tmp_path, capsys):
+    assert cli.main(evaluate_args(tmp_path, "--json", "--no-write", "--attacks", "fgsm,pgd", "--certifiers", "none",
+                                  "--individual")) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert [a["name"] for a in rec["attacks"]] == ["fgsm", "pgd"] and rec["certifiers"] == []
+    assert rec["mode"] == "individual"
+    assert not any(tmp_path.iterdir())
+
+
+def test_zoo_list_and_leaderboard_show(tmp_path, capsys):
+    assert cli.main(["zoo", "list"]) == 0
+    assert MODEL in capsys.readouterr().out
+    assert cli.main(evaluate_args(tmp_path)) == 0
+    capsys.readouterr()
+    assert cli.main(["leaderboard", "show", "--leaderboard-dir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert MODEL in table and "robust %" in table
+    assert cli.main(["leaderboard", "show", "--leaderboard-dir", str(tmp_path), "--dataset", "mnist5k"]) == 0
+    assert "no leaderboard records" in capsys.readouterr().out
+
+
+def test_train_delegates_to_the_training_module(monkeypatch, capsys):
+    import robustbench_lite.train as train_module
+
+    seen = {}
+    monkeypatch.setattr(train_module, "run", lambda args: seen.setdefault("args", args) and 0)
+    assert cli.main(["train", "--out", "somewhere", "--epochs", "1"]) == 0
+    assert seen["args"].out == "somewhere" and seen["args"].epochs == 1
+
+
+@pytest.fixture
+def mismatched_checkpoint(tmp_path):
+    path = tmp_path / "mlp.safetensors"
+    save_file(digits_mlp().state_dict(), str(path))
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--model", "no-such-model"], "unknown model"),
+    (["evaluate", "--model", "/no/such/file.safetensors"], "does not exist"),
+    (["evaluate", "--dataset", "no-such-data", "--model", MODEL], "unknown dataset"),
+    (["evaluate", *FAST, "--attacks", "pgd,nope"], "unknown attack 'nope'"),
+    (["evaluate", *FAST, "--certifiers", "nope"], "unknown certifier 'nope'"),
+    (["evaluate", *FAST, "--eps", "-0.1"], "eps must be finite and >= 0"),
+    (["evaluate", *FAST, "--eps", "inf"], "eps must be finite"),
+    (["evaluate", *FAST, "--eps", "abc"], "invalid float value"),
+    (["evaluate", *FAST, "--norm", "L7"], "unknown norm"),
+    (["evaluate", *FAST, "--n-examples", "0"], "n_examples must be >= 1"),
+    (["evaluate", *FAST, "--batch-size", "0"], "batch_size must be >= 1"),
+    (["evaluate", *FAST, "--device", "banana"], "device"),
+    (["evaluate", *FAST, "--split", "validation"], "split"),
+    (["evaluate", "--model", MODEL, "--dataset", "mnist5k", "--n-examples", "5", "--no-write"], "cannot take inputs"),
+    (["evaluate", "--bogus"], "unrecognized arguments"),
+    (["frobnicate"], "invalid choice"),
+    ([], "choose a command"),
+    (["zoo"], "required"),
+])
+def test_user_errors_are_one_line(argv, message, capsys, tmp_path):
+    line = one_error_line(capsys, cli.main([*argv, "--leaderboard-dir", str(tmp_path)] if argv[:1] == ["evaluate"]
+                                           else argv))
+    assert message in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_mismatched_checkpoint(mismatched_checkpoint, capsys, tmp_path):
+    line = one_error_line(capsys, cli.main(["evaluate", "--model", str(mismatched_checkpoint), "--arch", "mnist-cnn",
+                                            "--dataset", "mnist5k", "--leaderboard-dir", str(tmp_path)]))
+    assert "mlp.safetensors" in line
+
+
+def test_corrupt_record_is_an_error_and_kept(tmp_path, capsys):
+    path = record_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("{broken")
+    assert "not a readable JSON record" in one_error_line(capsys, cli.main(evaluate_args(tmp_path)))
+    assert path.read_text() == "{broken"
+    assert "not a readable JSON record" in one_error_line(
+        capsys, cli.main(["leaderboard", "show", "--leaderboard-dir", str(tmp_path)]))
+
+
+class CertifyEverything(Certifier):
+    name = "liar"
+
+    def bound_margins(self, model, x, y, threat):
+        m = torch.ones(x.shape[0], 10)
+        return m.scatter(1, y[:, None], 0.0)
+
+
+def test_soundness_violation_writes_nothing_and_exits_3(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(CERTIFIERS._factories, "liar", CertifyEverything)
+    code = cli.main(["evaluate", *FAST, "--eps", "0.3", "--certifiers", "liar", "--leaderboard-dir", str(tmp_path)])
+    line = one_error_line(capsys, code, expected=3)
+    assert "soundness_violation" in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_keyboard_interrupt_exits_130_without_a_file(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_module, "evaluate", interrupted)
+    assert cli.main(evaluate_args(tmp_path)) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "robustbench-lite: interrupted" and not any(tmp_path.iterdir())
+
+
+def test_keyboard_interrupt_during_the_write_keeps_the_old_record(tmp_path, capsys, monkeypatch):
+    assert cli.main(evaluate_args(tmp_path)) == 0
+    path = record_file(tmp_path)
+    before = path.read_bytes()
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(leaderboard.os, "fsync", interrupted)
+    assert cli.main(evaluate_args(tmp_path, "--attacks", "fgsm")) == 130
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_module_entry_point_in_a_subprocess(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "robustbench_lite", "evaluate", "--model", "no-such-model",
+                           "--leaderboard-dir", str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("robustbench-lite: error: unknown model 'no-such-model'")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not any(p.name != "__pycache__" for p in tmp_path.iterdir())
