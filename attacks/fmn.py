@@ -50,13 +50,13 @@ def fmn_rows(model: nn.Module, x0: Tensor, y: Tensor, target: Tensor | None, gro
     ops = threat.ops
     dual = 1.0 if math.isinf(ops.p) else ops.p / (ops.p - 1)
     best_x = x0.clone()
-    best_norm = torch.full((n_rows,), math.inf, device=x0.device)
+    best_norm = torch.full((n_rows,), math.inf, device=x0.device, dtype=x0.dtype)
     zero = torch.zeros(n_rows, dtype=torch.bool, device=x0.device)
     bad = torch.zeros_like(zero)
     worst = ops.norm(torch.maximum(x0 - lo, hi - x0))
     idx = torch.arange(n_rows, device=x0.device)
     delta = torch.zeros_like(x0)
-    radius = torch.full((n_rows,), math.inf, device=x0.device)
+    radius = torch.full((n_rows,), math.inf, device=x0.device, dtype=x0.dtype)
     seen = torch.zeros_like(zero)
     x0a, ya, ta, ga = x0, y, target, group
     for i in range(steps):
