@@ -6,10 +6,22 @@
 from robustbench_lite.registry import Registry
 
 from .adversarial import PGDAT
+from .augmix import AugMix
 from .base import Defense, add_option
+from .certified import IBPTraining
+from .group_dro import GroupDRO
 from .standard import Standard
+from .trades import TRADES
+from .wrm import WRM
 
 DEFENSES: Registry[Defense] = Registry("defense", "robustbench_lite.defenses")
 DEFENSES.register("standard", Standard)
 DEFENSES.register("pgd-at", PGDAT)
+DEFENSES.register("trades", TRADES)
+DEFENSES.register("augmix", AugMix)
+DEFENSES.register("wrm", WRM)
+DEFENSES.register("group-dro", GroupDRO)
+DEFENSES.register("ibp", IBPTraining)
+
 __all__ = ["DEFENSES", "Defense", "PGDAT", "Standard", "add_option"]
+__all__ += ["AugMix", "GroupDRO", "IBPTraining", "TRADES", "WRM"]
