@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -146,11 +146,14 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
 
 
 def train(model: nn.Module, dataset: Any, defense: Defense, config: TrainConfig, *, checkpoint: str | os.PathLike | None = None,
-          resume: bool = False, progress: bool = False, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+          resume: bool = False, progress: bool = False, device: str | torch.device = "cpu",
+          on_epoch_end: Callable[[nn.Module, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place on ``dataset`` (``.x`` (N, C, H, W) in [0, 1], ``.y``, optional ``.indices``,
     ``.groups``) with ``defense.loss``; returns the per-epoch log (loss, train_acc, lr, schedule, seconds).
 
     With ``checkpoint``, the state after every epoch is saved there; ``resume=True`` continues from it.
+    ``on_epoch_end(model, entry)`` runs after each epoch, before the entry is logged and checkpointed; it
+    may add fields to the entry (e.g. a validation metric for model selection).
     """
     model.to(device)
     x, y = dataset.x.to(device), dataset.y.to(device)
@@ -198,6 +201,8 @@ def train(model: nn.Module, dataset: Any, defense: Defense, config: TrainConfig,
         entry = {"epoch": epoch + 1, "loss": total_loss / n, "train_acc": accuracy(model, x, y),
                  "lr": learning_rate(config, epoch * steps_per_epoch, total_steps), **defense.schedule(),
                  "seconds": round(time.perf_counter() - began, 2)}
+        if on_epoch_end is not None:
+            on_epoch_end(model, entry)
         history.append(entry)
         log.info("epoch %d/%d %s", epoch + 1, config.epochs,
                  " ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "epoch"))
@@ -212,7 +217,62 @@ def train(model: nn.Module, dataset: Any, defense: Defense, config: TrainConfig,
 _COMMON = [("--defense", "defense"), ("--dataset", "dataset"), ("--arch", "arch"), ("--epochs", "epochs"),
            ("--lr", "lr"), ("--lr-schedule", "lr_schedule"), ("--optimizer", "optimizer"),
            ("--momentum", "momentum"), ("--weight-decay", "weight_decay"), ("--batch-size", "batch_size"),
-           ("--seed", "seed"), ("--device", "device"), ("--out", "out"), ("--name", "name")]
+           ("--seed", "seed"), ("--device", "device"), ("--out", "out"), ("--name", "name"), ("--select", "select")]
+
+
+SELECTION_RULES = ("worst-group-val",)
+
+
+class WorstGroupSelection:
+    """Model selection by worst-group accuracy on a validation split (Sagawa et al. 2020).
+
+    Called after every epoch: records ``val_acc`` and ``val_worst_group_acc`` in the log entry and
+    keeps the best weights so far in ``path`` (safetensors; the score and epoch in its metadata, so a
+    resumed run continues the comparison). Ties keep the earlier epoch.
+    """
+
+    def __init__(self, val_set: Any, path: Path) -> None:
+        if getattr(val_set, "groups", None) is None:
+            raise UserInputError(f"--select worst-group-val needs a dataset with groups; {val_set.name!r} has none")
+        self.val_set, self.path = val_set, Path(path)
+
+    def best(self) -> tuple[float, int]:
+        """(score, epoch) of the weights kept so far; (-1, 0) when none."""
+        if not self.path.is_file():
+            return -1.0, 0
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return float(meta.get("val_worst_group_acc", -1.0)), int(meta.get("epoch", 0))
+
+    def __call__(self, model: nn.Module, entry: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        from robustbench_lite.metrics import worst_group_accuracy
+
+        device = next(model.parameters()).device
+        x, y = self.val_set.x.to(device), self.val_set.y.to(device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            correct = torch.cat([model(x[i:i + 1000]).argmax(1) == y[i:i + 1000] for i in range(0, len(x), 1000)])
+        model.train(was_training)
+        metric = worst_group_accuracy(correct.cpu(), self.val_set.groups)
+        entry["val_acc"], entry["val_worst_group_acc"] = metric["avg_acc"], metric["worst_group_acc"]
+        if metric["worst_group_acc"] > self.best()[0]:
+            tmp = self.path.with_name(self.path.name + ".partial")
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+                      metadata={"val_worst_group_acc": repr(metric["worst_group_acc"]), "epoch": str(entry["epoch"])})
+            os.replace(tmp, self.path)
+
+    def restore_best(self, model: nn.Module) -> str:
+        """Load the kept weights into ``model``; returns the rule as recorded in the model card."""
+        from safetensors.torch import load_file
+
+        score, epoch = self.best()
+        model.load_state_dict(load_file(str(self.path)))
+        return f"best worst-group accuracy on the validation split (epoch {epoch}, {score:.4f})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -235,6 +295,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch checkpoint")
     parser.add_argument("--register", action="store_true", help="also add the model to the package's zoo")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--select", default=None, choices=SELECTION_RULES,
+                        help="keep the epoch with the best worst-group accuracy on the validation split "
+                             "(group DRO, Sagawa et al. 2020) instead of the last epoch")
     group = parser.add_argument_group("defense options")
     for name in DEFENSES.names():
         DEFENSES.get(name).add_arguments(group)
@@ -291,8 +354,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out or --name")
     command = training_command(args, defense_cls)
     log.info("training %s: %s", name, command)
+    selector = WorstGroupSelection(load_dataset(args.dataset, "val"), out / f"{name}.best.safetensors") \
+        if args.select == "worst-group-val" else None
     history = train(model, train_set, defense, config, checkpoint=ckpt, resume=args.resume,
-                    progress=not args.no_progress, device=args.device)
+                    progress=not args.no_progress, device=args.device, on_epoch_end=selector)
+    model_selection = "last epoch" if selector is None else selector.restore_best(model)
     model.cpu().eval()
     weights = out / f"{name}.safetensors"
     tmp = out / f"{name}.safetensors.partial"
@@ -304,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
         "name": name, "architecture": args.arch, "dataset": args.dataset, "num_classes": train_set.num_classes,
         "input_shape": list(train_set.x.shape[1:]), "defense": defense.name, "defense_config": defense.config(),
         "training": {"command": command, **asdict(config), "train_examples": len(train_set),
-                     "model_selection": "last epoch", "log": history},
+                     "model_selection": model_selection, "log": history},
         "clean_acc": accuracy(model, test_set.x, test_set.y), "test_examples": len(test_set),
         "verification": {"split": "test", "n_examples": n_check,
                          "correct": round(accuracy(model, test_set.x[:n_check], test_set.y[:n_check]) * n_check)},

@@ -71,7 +71,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if suffix in PICKLE_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
+        except pickle.UnpicklingError as exc:
+            reason = next((line.split("WeightsUnpickler error:", 1)[1].strip() for line in str(exc).splitlines()
+                           if "WeightsUnpickler error:" in line), "")
+            if "GLOBAL" not in reason:  # no forbidden object, just bytes that are not a pickle
+                raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (unpickling failed)") from None
             raise CheckpointError(
                 f"{path} was refused: it holds pickled Python objects that are not tensors "
                 "(loaded with weights_only=True, nothing was executed); save a plain state dict or use safetensors"

@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,9 @@ def _from_file(path: Path, arch: str | None, device: str | torch.device, verify:
         if arch is not None:
             raise UserInputError(f"{path} is a TorchScript file and carries its own architecture; drop arch={arch!r}")
         try:
-            model = torch.jit.load(str(path), map_location=device)
+            with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; loading still works
+                warnings.simplefilter("ignore", FutureWarning)
+                model = torch.jit.load(str(path), map_location=device)
         except (RuntimeError, ValueError, OSError) as exc:
             raise CheckpointError(f"{path} is not a loadable TorchScript file ({str(exc).splitlines()[0]})") from None
         model.eval()
@@ -145,7 +148,10 @@ def _from_factory(reference: str, device: str | torch.device) -> tuple[nn.Module
         raise UserInputError(f"cannot import model factory {reference!r}: {exc}") from None
     if not callable(obj):
         raise UserInputError(f"model factory {reference!r} is not callable")
-    model = obj()
+    try:
+        model = obj()
+    except Exception as exc:  # user code: report it on one line instead of a traceback
+        raise UserInputError(f"model factory {reference!r} failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise UserInputError(f"model factory {reference!r} returned {type(model).__name__}, not a torch.nn.Module")
     model.to(device).eval()
