@@ -215,6 +215,10 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
         dataset = dataset.subset(slice(0, min(int(n_examples), total)))
     if len(dataset) == 0:
         raise UserInputError("the dataset has no examples to evaluate")
+    x_min, x_max = float(dataset.x.min()), float(dataset.x.max())
+    if x_min < 0 or x_max > 1:
+        raise UserInputError(f"inputs must lie in [0, 1] (got [{x_min:.4g}, {x_max:.4g}]); "
+                             "normalization belongs inside the model, not the data")
     threat.check_inputs(dataset.x, dataset.y)
     batch_size, dev = int(batch_size), resolve_device(device)
     attack_list, cert_list = _resolve(attacks, "attack"), _resolve(certifiers, "certifier")
@@ -266,6 +270,15 @@ def _progress_callback(progress: Progress | bool | None, total: int) -> tuple[Pr
         bar = tqdm(total=total, unit="ex", desc="evaluate", leave=False)
         return (lambda done, _total: bar.update(done - bar.n)), bar
     return (progress if callable(progress) else None), None
+
+
+def _add_counts(total: dict[str, float], flags: dict[str, Any], prefix: str = "") -> None:
+    """Sum an attack's numeric flags over batches; nested dicts become ``outer.inner`` keys."""
+    for key, value in flags.items():
+        if isinstance(value, dict):
+            _add_counts(total, value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            total[prefix + key] = total.get(prefix + key, 0) + value
 
 
 def _clean_logits(model: nn.Module, x: Tensor, num_classes: int | None) -> Tensor:
@@ -322,9 +335,7 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
                     report.backward += int(res.backward)
                     report.queries += int(res.queries)
                     report.examples += int(todo.numel())
-                    for key, value in (res.flags or {}).items():
-                        if isinstance(value, (int, float)) and not isinstance(value, bool):
-                            report.flags[key] = report.flags.get(key, 0) + value
+                    _add_counts(report.flags, res.flags or {})
                     hit = res.success.cpu().bool()
                     broke = todo[hit]
                     success[name][start + broke] = True

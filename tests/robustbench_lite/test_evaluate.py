@@ -223,6 +223,18 @@ def test_batch_dependent_model_fails_the_rescoring_check():
     assert flag["severity"] == "error" and flag["values"]["examples"] > 0
 
 
+def test_nested_attack_flags_are_summed_over_batches():
+    class Counting(FixedBreaker):
+        def run(self, model, x, y, threat, rng, target):
+            result = super().run(model, x, y, threat, rng, target)
+            result.flags = {"calls": 1, "stage": {"a": x.shape[0]}, "note": "text is dropped"}
+            return result
+
+    r = evaluate(toy_model(), _marked(12), ThreatModel("Linf", 1.0), attacks=[Counting(broken=set())], certifiers=(),
+                 batch_size=5)
+    assert r.attacks[0].flags == {"calls": 3, "stage.a": int(r.correct.sum())}
+
+
 def test_probability_outputs_and_zero_gradients_are_flagged():
     ds = toy_dataset(24)
     softmax = nn.Sequential(toy_model(), nn.Softmax(dim=1)).eval()
@@ -271,6 +283,10 @@ def test_parameter_checks(kwargs, message):
 def test_inputs_outside_the_box_and_wrong_types_are_refused():
     with pytest.raises(UserInputError, match="box"):
         evaluate(toy_model(), toy_dataset(6), ThreatModel("Linf", 0.1, box=(0.0, 0.5)), attacks=(), certifiers=())
+    scaled = toy_dataset(6)
+    scaled.x = scaled.x * 255  # a dataset that skipped the division by 255
+    with pytest.raises(UserInputError, match=r"\[0, 1\]"):
+        evaluate(toy_model(), scaled, ThreatModel("Linf", 0.1), attacks=(), certifiers=())
     with pytest.raises(UserInputError, match="ThreatModel"):
         evaluate(toy_model(), toy_dataset(6), ("Linf", 0.1), attacks=(), certifiers=())
     with pytest.raises(UserInputError, match="shape"):
