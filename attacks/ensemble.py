@@ -43,6 +43,13 @@ def _square(queries: int, p_init: float, seed: int) -> Attack:
     return Square(n_queries=queries, p_init=p_init, seed=seed)
 
 
+def _settle(threat: ThreatModel, x_adv: Tensor, x: Tensor) -> Tensor:
+    """Project to a fixed point of the projection, so the final re-scoring sees the same point."""
+    from .square import settle
+
+    return settle(threat, x_adv, x)
+
+
 class AutoAttack(Attack):
     """Cascade of APGD-CE, APGD-T, FMN-T and Square on the surviving points (untargeted).
 
@@ -131,7 +138,7 @@ class AutoAttack(Attack):
             result = self._stage(stage, model, x[idx], y[idx], threat, ExampleRNG(seeds, x.device),
                                  clean_logits[idx])
             queries += result.queries
-            candidate = threat.project(result.x_adv.detach(), x[idx])
+            candidate = _settle(threat, result.x_adv.detach(), x[idx])
             with torch.no_grad():  # authoritative re-score of this stage's candidates
                 broken = model(candidate).argmax(dim=1) != y[idx]
             x_adv[idx[broken]] = candidate[broken]
