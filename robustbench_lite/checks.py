@@ -45,7 +45,9 @@ class CheckContext:
     adversarial example that decided each example's robust flag (the clean input where no attack
     ran), ``robust`` (N,) the reported robust flags, ``attack_flags`` the ``AttackResult.flags``
     summed per attack, ``model_was_training`` the mode the caller handed the model over in.
-    ``extras`` is free for checks that need more (e.g. the threat model or the attacks).
+    ``extras`` holds what checks that re-run attacks need: ``threat``, ``result`` (the
+    :class:`~robustbench_lite.evaluate.EvaluationResult`), ``attacks`` and ``certifiers`` (name ->
+    instance) and ``seeds`` (N,) per-example seeds.
     """
 
     model: nn.Module

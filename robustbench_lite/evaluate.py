@@ -378,7 +378,9 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
     ctx = checks_module.CheckContext(
         model=model, x=x_all.to(dev), y=y_all.to(dev), indices=indices, clean_logits=torch.cat(logits_all),
         x_worst=x_worst.to(dev), robust=result.robust.to(dev), batch_size=batch_size,
-        attack_flags={r.name: r.flags for r in result.attacks}, extras={"threat": threat, "result": result},
+        attack_flags={r.name: r.flags for r in result.attacks},
+        extras={"threat": threat, "result": result, "attacks": dict(attack_list), "certifiers": dict(cert_list),
+                "seeds": seeds_all},
     )
     return result, ctx
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import robustbench_lite
@@ -132,6 +134,20 @@ def test_results_do_not_depend_on_batch_size_or_order():
     c = evaluate(model, shuffled, threat, attacks=attacks, certifiers=[LinearExact()], batch_size=9, n_examples=None)
     assert _by_index(a) == _by_index(b) == _by_index(c)
     assert 0 < a.robust_acc < a.clean_acc
+
+
+@settings(max_examples=8, deadline=None)
+@given(weight_seed=st.integers(0, 10_000), eps=st.floats(0.0, 0.4), batch_size=st.integers(1, 17),
+       individual=st.booleans())
+def test_invariant_and_batch_independence_hold_for_random_models(weight_seed, eps, batch_size, individual):
+    torch.manual_seed(weight_seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, K)).eval()
+    ds, threat = toy_dataset(16, seed=weight_seed), ThreatModel("Linf", eps)
+    runs = [evaluate(model, ds, threat, attacks=[PGD(steps=5, rel_stepsize=0.4)], certifiers=[LinearExact()],
+                     batch_size=b, individual=individual) for b in (16, batch_size)]
+    for r in runs:
+        assert (r.certified <= r.robust).all() and (r.robust <= r.correct).all() and r.violations == []
+    assert _by_index(runs[0]) == _by_index(runs[1])
 
 
 def _marked(n: int = 12) -> Dataset:
@@ -291,3 +307,12 @@ def test_inputs_outside_the_box_and_wrong_types_are_refused():
         evaluate(toy_model(), toy_dataset(6), ("Linf", 0.1), attacks=(), certifiers=())
     with pytest.raises(UserInputError, match="shape"):
         evaluate(nn.Linear(3, 3), toy_dataset(6), ThreatModel("Linf", 0.1), attacks=(), certifiers=())
+
+
+def test_registry_names_get_default_configs_and_ibp_is_no_tighter_than_exact():
+    ds, threat = toy_dataset(24), ThreatModel("Linf", 0.05)
+    r = evaluate(toy_model(), ds, threat, certifiers=("ibp", LinearExact()))  # defaults: attacks=("pgd",)
+    assert [a.name for a in r.attacks] == ["pgd"] and r.attacks[0].config == PGD().config()
+    assert [c.name for c in r.certifiers] == ["ibp", "linear-exact"]
+    ibp, exact = r.certified_by["ibp"], r.certified_by["linear-exact"]
+    assert (ibp <= exact).all() and exact.any()
