@@ -241,8 +241,9 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     _check_invariant(result)
     errors = [f for f in result.flags if f.get("severity") == checks_module.ERROR]
     if errors:
+        where = errors[0]["values"].get("indices") or []
         err = SoundnessError(f"{errors[0]['name']}: {errors[0]['explanation']}"
-                             + (f" (examples {result.violations[:10]})" if result.violations else ""))
+                             + (f" (dataset indices {where[:10]})" if where else ""))
         err.result = result  # type: ignore[attr-defined]
         raise err
     return result
