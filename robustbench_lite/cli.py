@@ -216,7 +216,7 @@ def cmd_leaderboard_show(args: argparse.Namespace) -> int:
 
 # --- entry point ----------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 2 user error, 3 soundness, 130 interrupted)."""
+    """Run the command line; returns the exit status (0 ok, 1 I/O error, 2 user error, 3 soundness, 130 interrupted)."""
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
@@ -229,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:  # unwritable leaderboard folder, full disk, unreadable file
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

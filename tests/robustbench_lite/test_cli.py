@@ -132,6 +132,13 @@ def test_corrupt_record_is_an_error_and_kept(tmp_path, capsys):
         capsys, cli.main(["leaderboard", "show", "--leaderboard-dir", str(tmp_path)]))
 
 
+def test_unwritable_leaderboard_dir_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    line = one_error_line(capsys, cli.main(["evaluate", *FAST, "--leaderboard-dir", str(blocker)]), expected=1)
+    assert str(blocker) in line and blocker.read_text() == "not a folder"
+
+
 class CertifyEverything(Certifier):
     name = "liar"
 
