@@ -369,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
     card = {
         "name": name, "architecture": args.arch, "dataset": args.dataset, "num_classes": train_set.num_classes,
         "input_shape": list(train_set.x.shape[1:]), "defense": defense.name, "defense_config": defense.config(),
+        "additional_data": False,
         "training": {"command": command, **asdict(config), "train_examples": len(train_set),
                      "model_selection": model_selection, "log": history},
         "clean_acc": accuracy(model, test_set.x, test_set.y), "test_examples": len(test_set),

@@ -2,7 +2,7 @@
 
 A card is a plain JSON dict (one per model, all of them in ``cards.json`` next to this module)::
 
-    name, architecture, dataset, num_classes, defense, defense_config,
+    name, architecture, dataset, num_classes, input_shape, defense, defense_config, additional_data,
     training {command, seed, epochs, optimizer, lr, lr_schedule, batch_size, weight_decay, log[...]},
     clean_acc (test split), verification {split, n_examples, correct},
     weights (file name), weights_sha256, normalization {mean, std}, parameter_count, versions

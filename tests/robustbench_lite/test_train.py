@@ -135,8 +135,9 @@ class InterruptedPGDAT(PGDAT):
         super().on_epoch_start(epoch, epochs)
 
 
-def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(digits_small, tmp_path):
-    config = TrainConfig(epochs=3, lr=3e-3, batch_size=32, seed=5)
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(digits_small, tmp_path, optimizer):
+    config = TrainConfig(epochs=3, lr=3e-3, batch_size=32, seed=5, optimizer=optimizer, weight_decay=1e-4)
     options = dict(eps=0.1, steps=2, step_size=0.05, eps_ramp_epochs=2, seed=5)
     reference = tiny_model(1)
     history = train(reference, digits_small, PGDAT(**options), config)
