@@ -11,6 +11,7 @@ from .apgd import APGD, APGDT
 from .ensemble import AutoAttack, AutoAttackRef
 from .fgsm import FGSM
 from .fmn import FMN, FMNT
+from .hsja import HopSkipJump
 from .square import Square
 
 ATTACKS: Registry[Attack] = Registry("attack", "robustbench_lite.attacks")
@@ -24,6 +25,7 @@ ATTACKS.register("fmn-t", FMNT)
 ATTACKS.register("autoattack", AutoAttack)
 ATTACKS.register("autoattack-ref", AutoAttackRef)
 ATTACKS.register("square", Square)
+ATTACKS.register("hsja", HopSkipJump)
 
 __all__ = ["ATTACKS", "APGD", "APGDT", "Attack", "AttackResult", "AutoAttack", "AutoAttackRef", "FGSM", "FMN",
-           "FMNT", "PGD", "PassCounter", "QueryOracle", "Square", "frozen", "margin_loss"]
+           "FMNT", "HopSkipJump", "PGD", "PassCounter", "QueryOracle", "Square", "frozen", "margin_loss"]

@@ -116,7 +116,7 @@ def set_window(t: Tensor, index: tuple[Tensor, Tensor, Tensor], values: Tensor) 
 
 
 def _nested_squares(a: int, b: int, device: torch.device) -> Tensor:
-    """(a, b) pattern: sum over centred squares of Chebyshev radius k >= r of 1 / (k + 1)^2."""
+    """(a, b) pattern, unit L2 norm: sum over centred squares of Chebyshev radius k >= r of 1 / (k + 1)^2."""
     if a == 0:
         return torch.zeros(0, b, device=device)
     rings = max(a // 2 + 1, b // 2 + 1)
@@ -124,11 +124,12 @@ def _nested_squares(a: int, b: int, device: torch.device) -> Tensor:
                            (torch.arange(b, device=device) - b // 2).abs()[None, :])
     weights = 1.0 / (torch.arange(rings, device=device, dtype=torch.float32) + 1) ** 2
     tail = weights.flip(0).cumsum(0).flip(0)  # tail[r] = sum_{k >= r} weights[k]
-    return tail[radius]
+    pattern = tail[radius]
+    return pattern / pattern.norm().clamp_min(_TINY)
 
 
 def l2_pattern(s: int, device: torch.device) -> Tensor:
-    """The paper's L2 update pattern (Sec. 3.2): two opposite nested-square halves, unit L2 norm."""
+    """The paper's L2 update pattern (Sec. 3.2): two opposite unit-norm nested-square halves, unit L2 norm."""
     top = _nested_squares(s // 2, s, device)
     bottom = -_nested_squares(s - s // 2, s, device)
     pattern = torch.cat([top, bottom], dim=0)
