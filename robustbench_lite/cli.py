@@ -112,7 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, seed=args.seed, device=args.device,
                           individual=args.individual, progress=bar)
     except SoundnessError as err:
-        if getattr(err, "result", None) is not None:
+        if getattr(err, "result", None) is not None and not args.json:
             print(format_result(err.result, info.name, None, time.perf_counter() - started))
         raise
     finally:
