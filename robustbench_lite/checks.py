@@ -192,9 +192,92 @@ def check_rescoring(ctx: CheckContext) -> Flag | None:
     )
 
 
+def check_black_box_only(ctx: CheckContext) -> Flag | None:
+    """A black-box attack broke points every white-box attack left standing (Athalye 2018 s.3.1;
+    AutoAttack's Square check): the gradients the white-box attacks followed are masked."""
+    count = sum(int(flags.get("square_only", 0)) for flags in ctx.attack_flags.values())
+    result, attacks = ctx.extras.get("result"), ctx.extras.get("attacks") or {}
+    names = list(attacks)
+    black = [n for n in names if getattr(attacks[n], "black_box", False)]
+    white = [n for n in names if n not in black]
+    ordered = result is not None and black and white and (
+        result.mode == "individual" or max(map(names.index, white)) < min(map(names.index, black)))
+    if ordered:
+        by_white = torch.stack([result.attack_success[n] for n in white]).any(dim=0)
+        by_black = torch.stack([result.attack_success[n] for n in black]).any(dim=0)
+        count += int((by_black & ~by_white).sum())
+    if count == 0:
+        return None
+    return make_flag(
+        "black_box_only",
+        "a black-box attack broke examples that the white-box attacks could not: their gradients "
+        "are masked or obfuscated, and white-box robust accuracy alone would over-estimate robustness",
+        examples=count,
+    )
+
+
+def _probe_correct(ctx: CheckContext) -> tuple[Tensor, Tensor, Tensor]:
+    """The first PROBE_SIZE correctly classified examples and their per-example seeds."""
+    ok = (ctx.clean_logits.argmax(dim=1).to(ctx.y.device) == ctx.y).nonzero().flatten()[:PROBE_SIZE]
+    seeds = ctx.extras.get("seeds")
+    seeds = seeds[ok.cpu()] if seeds is not None else ok.cpu()
+    return ctx.x[ok], ctx.y[ok], seeds
+
+
+def check_large_eps(ctx: CheckContext) -> Flag | None:
+    """PGD at an eps covering the whole box must break every probe example (Athalye 2018 s.5;
+    Carlini et al. 2019 checklist): an example that survives there is protected by masking."""
+    from attacks.pgd import PGD
+    from robustbench_lite.threat import ThreatModel
+
+    threat = ctx.extras.get("threat")
+    x, y, seeds = _probe_correct(ctx)
+    if threat is None or x.shape[0] == 0:
+        return None
+    lo, hi = threat.box
+    eps = (hi - lo) * (1.0 if threat.ops.p == float("inf") else x[0].numel() ** (1.0 / threat.ops.p))
+    with torch.enable_grad():
+        result = PGD(steps=20, abs_stepsize=eps / 4)(ctx.model, x, y, ThreatModel(threat.norm, eps, threat.box),
+                                                     seeds=seeds)
+    survivors = int((~result.success).sum())
+    if survivors == 0:
+        return None
+    return make_flag(
+        "large_eps_not_broken",
+        f"PGD at eps={eps:g} (the whole input box) left {survivors} of {x.shape[0]} probe examples "
+        "correctly classified; at that radius robust accuracy must be 0, so gradients are masked",
+        eps=eps, survivors=survivors, probe_examples=x.shape[0],
+    )
+
+
+def check_more_iterations(ctx: CheckContext) -> Flag | None:
+    """PGD with 5x the iterations (same seeds) must not be weaker: if robust accuracy rises with
+    more iterations the attack is unstable on this model (randomness or masking)."""
+    from attacks.pgd import PGD
+
+    threat = ctx.extras.get("threat")
+    x, y, seeds = _probe_correct(ctx)
+    if threat is None or x.shape[0] == 0:
+        return None
+    with torch.enable_grad():
+        short = PGD(steps=10, rel_stepsize=0.25)(ctx.model, x, y, threat, seeds=seeds)
+        long = PGD(steps=50, rel_stepsize=0.05)(ctx.model, x, y, threat, seeds=seeds)
+    robust_short, robust_long = int((~short.success).sum()), int((~long.success).sum())
+    if robust_long <= robust_short:
+        return None
+    return make_flag(
+        "more_iterations_weaker",
+        "PGD with 50 iterations left more probe examples robust than with 10 (same starts): "
+        "more iterations should never help the model; its outputs or gradients are unreliable",
+        robust_10_steps=robust_short, robust_50_steps=robust_long, probe_examples=x.shape[0],
+    )
+
+
 #: the checks :func:`robustbench_lite.evaluate` runs, in order
 CHECKS: list[Check] = [check_train_mode, check_randomized, check_probabilities, check_zero_gradients,
-                       check_rescoring]
+                       check_black_box_only, check_rescoring]
+#: checks that re-run small attacks on a probe of examples (pass ``checks=CHECKS + ATTACK_CHECKS``)
+ATTACK_CHECKS: list[Check] = [check_large_eps, check_more_iterations]
 
 
 def run_checks(ctx: CheckContext, checks: list[Check] | None = None) -> list[Flag]:
