@@ -194,7 +194,8 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
              checks: list[checks_module.Check] | None = None) -> EvaluationResult:
     """Evaluate ``model`` on the first ``n_examples`` of ``dataset`` under ``threat``.
 
-    ``attacks`` / ``certifiers``: registry names (default configs) or instances. ``progress``: a
+    ``dataset``: a Dataset or a dataset name (its test split). ``attacks`` / ``certifiers``:
+    registry names (default configs) or instances. ``progress``: a
     callback ``(examples_done, total)`` or True for a tqdm bar on stderr. The model is evaluated in
     eval mode (its mode is restored afterwards) and moved to ``device``. Raises
     :class:`SoundnessError` (with ``.result`` set) when certified <= robust <= correct fails or the
@@ -206,6 +207,9 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
         raise UserInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if int(batch_size) < 1:
         raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(dataset, str):
+        from .data import load_dataset
+        dataset = load_dataset(dataset, "test")
     total = len(dataset)
     if n_examples is not None:
         if int(n_examples) < 1:

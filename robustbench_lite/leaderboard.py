@@ -9,6 +9,7 @@ fsync, ``os.replace``); an existing file that is corrupt or off-schema is report
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as _dt
@@ -23,7 +24,7 @@ import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -316,14 +317,33 @@ def atomic_write_json(path: Path, data: Any) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself (POSIX), so two concurrent evaluations of the same
+    model merge one after the other instead of the last one dropping the other's attacks."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no advisory locks on this platform
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def write_record(record: dict[str, Any], root: str | Path | None = None) -> Path:
     """Validate, merge into an existing record of the same model, and write atomically; returns the path."""
     validate_record(record)
     path = record_path(default_leaderboard_dir() if root is None else root, record)
-    if path.exists():
-        record = merge_records(read_record(path), record)
-        validate_record(record)
-    atomic_write_json(path, record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(path.parent):
+        if path.exists():
+            record = merge_records(read_record(path), record)
+            validate_record(record)
+        atomic_write_json(path, record)
     log.info("wrote %s", path)
     return path
 

@@ -106,6 +106,12 @@ def test_package_level_evaluate_is_callable():
     assert r.robust_acc == r.clean_acc and r.certified_acc == 0.0
 
 
+def test_a_dataset_name_means_its_test_split():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    r = evaluate(model, "digits", ThreatModel("Linf", 0.1), attacks=(), certifiers=(), n_examples=5)
+    assert (r.dataset, r.split, r.n_examples) == ("digits", "test", 5)
+
+
 def test_first_n_examples_and_their_hash():
     ds = toy_dataset(30)
     r = evaluate(toy_model(), ds, ThreatModel("Linf", 0.1), attacks=["pgd"], certifiers=(), n_examples=10)

@@ -210,3 +210,27 @@ def test_record_files_are_never_written_into_the_repo(tmp_path):
     after = sorted(repo_board.rglob("*.json")) if repo_board.exists() else []
     assert before == after
     assert os.listdir(tmp_path) == ["toy"]
+
+
+def test_concurrent_writes_of_one_model_both_survive(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    write_record(record(("fgsm",)), tmp_path)
+    first, second = record(("pgd",)), record(("apgd",))
+    real_read = leaderboard.read_record
+
+    def slow_read(path):  # widen the read-merge-write window so an unlocked writer would lose an update
+        rec = real_read(path)
+        time.sleep(0.3)
+        return rec
+
+    monkeypatch.setattr(leaderboard, "read_record", slow_read)
+    threads = [threading.Thread(target=write_record, args=(rec, tmp_path)) for rec in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    merged = read_record(record_path(tmp_path, first))
+    assert sorted(a["name"] for a in merged["attacks"]) == ["apgd", "fgsm", "pgd"]
