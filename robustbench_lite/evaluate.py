@@ -164,11 +164,8 @@ def _registry(kind: str):
     if kind == "attack":
         from attacks import ATTACKS
         return ATTACKS
-    import certify
-    registry = getattr(certify, "CERTIFIERS", None)
-    if registry is None:
-        raise UserInputError("no certifier is registered yet (certify.CERTIFIERS is missing)")
-    return registry
+    from certify import CERTIFIERS
+    return CERTIFIERS
 
 
 def _config(plugin: Any) -> dict[str, Any]:
