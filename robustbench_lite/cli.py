@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    ev = sub.add_parser("evaluate", help="evaluate a model and write its leaderboard record")
+    ev = sub.add_parser("evaluate", help="evaluate a model and write its leaderboard record",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("--model", default=DEFAULTS["model"], help="zoo name, weights file or package.module:factory")
     ev.add_argument("--arch", default=None, help="architecture of a state-dict file")
     ev.add_argument("--dataset", default=DEFAULTS["dataset"])
