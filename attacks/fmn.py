@@ -65,7 +65,7 @@ def fmn_rows(model: nn.Module, x0: Tensor, y: Tensor, target: Tensor | None, gro
         x_adv = x0a + delta
         logits, margin, grad = loss_and_grad(model, x_adv, ya, ta, cw_margin_loss)
         is_adv = goal_reached(logits.argmax(dim=1), ya, ta)
-        z, b = gradient_health(grad)
+        z, b = gradient_health(grad, zero_check=i == 0)
         if i == 0:
             zero[idx] = z & ~is_adv
         if b.any():

@@ -84,6 +84,11 @@ def loss_and_grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
     the caller can flag them.
     """
     x = x.detach().requires_grad_(True)
+    if eot_iter == 1:
+        logits = model(x)
+        value = loss(logits, y, target)
+        (grad,) = torch.autograd.grad(value.sum(), x)
+        return logits.detach(), value.detach(), grad
     grad_sum = torch.zeros_like(x)
     logits_sum = None
     loss_sum = None
@@ -94,16 +99,22 @@ def loss_and_grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
         grad_sum += grad
         logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
         loss_sum = value.detach() if loss_sum is None else loss_sum + value.detach()
-    if eot_iter == 1:
-        return logits_sum, loss_sum, grad_sum
     return logits_sum / eot_iter, loss_sum / eot_iter, grad_sum / eot_iter
 
 
-def gradient_health(grad: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-example masks (N,): gradient identically zero, gradient with a NaN/inf entry."""
+def gradient_health(grad: Tensor, zero_check: bool = True) -> tuple[Tensor, Tensor]:
+    """Per-example masks (N,): gradient identically zero (if ``zero_check``), gradient with a NaN/inf.
+
+    The common case costs one reduction: a finite total means every entry is finite.
+    """
     flat = grad.flatten(1)
-    bad = ~torch.isfinite(flat).all(dim=1)
-    zero = (flat == 0).all(dim=1) & ~bad
+    if bool(torch.isfinite(flat.sum())):
+        bad = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+    else:
+        bad = ~torch.isfinite(flat).all(dim=1)
+    if not zero_check:
+        return bad, bad
+    zero = (flat.abs().amax(dim=1) == 0) & ~bad
     return zero, bad
 
 

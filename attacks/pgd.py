@@ -121,7 +121,7 @@ class PGD(Attack):
         for it in range(self.steps):
             logits, _, grad = loss_and_grad(model, xa, ya, ta, loss, self.eot_iter)
             now = goal_reached(logits.argmax(dim=1), ya, ta)
-            z, b = gradient_health(grad)
+            z, b = gradient_health(grad, zero_check=it == 0)
             bad[idx] |= b
             if it == 0:
                 zero[idx] = z & ~now
