@@ -135,8 +135,7 @@ class HopSkipJump(Attack):
 
         t = 0
         while rows.numel():
-            t += 1
-            evals = int(min(self.init_num_evals * math.sqrt(t), self.max_num_evals))
+            evals = int(min(self.init_num_evals * math.sqrt(t + 1), self.max_num_evals))
             per_row = torch.minimum(decide.left(rows) - search_cost, torch.full_like(rows, evals))
             stay = per_row >= 1
             if self.early_stop:
@@ -146,6 +145,7 @@ class HopSkipJump(Attack):
                 per_row, sub_rng = per_row[stay], sub_rng.subset(stay)
                 if not rows.numel():
                     break
+            t += 1  # iteration t of Alg. 2, the same for every example still running
             delta = (torch.full_like(dist, 0.1 * (threat.box[1] - threat.box[0])) if t == 1
                      else self.gamma * dist_moved / d)
             direction = self._normal(point, rows, delta, per_row, evals, t, sub_rng, decide, threat)
