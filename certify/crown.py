@@ -24,6 +24,7 @@ from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
 
 from .base import Certifier, spec_matrix
+from . import patches
 from .graph import Graph, build_graph, check_supported
 from .ibp import Interval, box_lower, input_box
 from .layers import ConvOp, LinearOp, Relaxation, maxpool_relaxation, relu_relaxation
@@ -131,41 +132,62 @@ class Propagator:
         lo, hi = self.boxes[index]
         n, width = lo.shape[0], math.prod(node.shape)
         lo_f, hi_f = lo.flatten(1), hi.flatten(1)
-        relu_only = all(self.graph.nodes[c].kind == "relu" and c not in self.needed for c in node.consumers)
+        # a neuron that only feeds ReLUs and is stable under its interval bound needs no CROWN bound
+        # (the relaxation of a stable ReLU is exact; auto_LiRPA's sparse intermediate bounds do the same)
+        relu_only = all(self.graph.nodes[c].kind == "relu" for c in node.consumers)
         select = ((lo_f < 0) & (hi_f > 0)) if relu_only else torch.ones_like(lo_f, dtype=torch.bool)
         counts = select.sum(1)
         rows = int(counts.max()) if n else 0
         if rows == 0:
             return lo, hi
-        shared = bool((counts == width).all())
-        per_row = self._row_cost(index) * n  # a shared A becomes per-example at the first nonlinearity
-        chunk = max(1, self.budget // max(1, per_row) // 2)
         new_lo, new_hi = lo_f.clone(), hi_f.clone()
-        if shared:
+        if not patches.eligible(self.graph, index) and bool((counts == width).all()):
+            # every neuron: one identity shared by all examples until the first nonlinearity
+            chunk = max(1, self.budget // max(1, self._row_cost(index) * n) // 2)
             eye = torch.eye(width, dtype=lo.dtype, device=lo.device)
             for s in range(0, width, chunk):
                 e = eye[s:s + chunk]
-                a = torch.cat([e, -e]).reshape(1, -1, *node.shape)
-                bound = self.backward(index, a)
+                bound = self.backward(index, torch.cat([e, -e]).reshape(1, -1, *node.shape))
                 m = e.shape[0]
                 new_lo[:, s:s + m] = torch.maximum(lo_f[:, s:s + m], bound[:, :m])
                 new_hi[:, s:s + m] = torch.minimum(hi_f[:, s:s + m], -bound[:, m:])
+            return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
+        # per example, the selected neurons first (a stable sort keeps their order); padded rows ignored
+        order = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :rows]
+        valid = torch.arange(rows, device=lo.device)[None, :] < counts[:, None]
+        if patches.eligible(self.graph, index):
+            bound_rows, cost = self._patch_rows, patches.patch_cost(self.graph, index)
         else:
-            # per example, the selected neurons first (stable sort keeps their order), padded rows ignored
-            order = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :rows]
-            valid = torch.arange(rows, device=lo.device)[None, :] < counts[:, None]
-            for s in range(0, rows, chunk):
-                idx, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
-                m = idx.shape[1]
-                e = torch.zeros(n, m, width, dtype=lo.dtype, device=lo.device)
-                e.scatter_(2, idx[:, :, None], 1.0)
-                bound = self.backward(index, torch.cat([e, -e], 1).reshape(n, 2 * m, *node.shape))
-                cur_lo, cur_hi = new_lo.gather(1, idx), new_hi.gather(1, idx)
-                got_lo = torch.where(ok, torch.maximum(cur_lo, bound[:, :m]), cur_lo)
-                got_hi = torch.where(ok, torch.minimum(cur_hi, -bound[:, m:]), cur_hi)
-                new_lo = new_lo.scatter(1, idx, got_lo)
-                new_hi = new_hi.scatter(1, idx, got_hi)
+            bound_rows, cost = self._dense_rows, self._row_cost(index)
+        chunk = max(1, self.budget // max(1, cost * n) // 2)
+        for s in range(0, rows, chunk):
+            idx, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
+            low, up = bound_rows(index, idx)
+            cur_lo, cur_hi = new_lo.gather(1, idx), new_hi.gather(1, idx)
+            new_lo = new_lo.scatter(1, idx, torch.where(ok, torch.maximum(cur_lo, low), cur_lo))
+            new_hi = new_hi.scatter(1, idx, torch.where(ok, torch.minimum(cur_hi, up), cur_hi))
         return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
+
+    def _dense_rows(self, index: int, idx: Tensor) -> Interval:
+        """CROWN (lower, upper) of the flat neurons ``idx`` (N, m) of node ``index``, dense A."""
+        node = self.graph.nodes[index]
+        n, m = idx.shape
+        e = torch.zeros(n, m, math.prod(node.shape), dtype=self.x.dtype, device=self.x.device)
+        e.scatter_(2, idx[:, :, None], 1.0)
+        bound = self.backward(index, torch.cat([e, -e], 1).reshape(n, 2 * m, *node.shape))
+        return bound[:, :m], -bound[:, m:]
+
+    def _patch_rows(self, index: int, idx: Tensor) -> Interval:
+        """As :meth:`_dense_rows` for a convolutional node, each row a patch around its neuron."""
+        c, h, w = self.graph.nodes[index].shape
+        n, m = idx.shape
+        centre, radius = (self.input_upper + self.input_lower) / 2, (self.input_upper - self.input_lower) / 2
+        walk = patches.PatchWalk(self.graph, self.relax, centre, radius,
+                                 self.x if self.threat.norm == "L2" else None, self.threat.eps)
+        channel = torch.nn.functional.one_hot(idx // (h * w), c).to(self.x.dtype)  # (N, m, C)
+        start = torch.stack([channel, -channel], 2).reshape(n, m, 2, c, 1, 1)
+        bound = walk.bound(index, start, idx % (h * w))  # (N, m, 2)
+        return bound[..., 0], -bound[..., 1]
 
     # --- margins --------------------------------------------------------------------------------
     def spec_start(self, y: Tensor) -> Tensor:

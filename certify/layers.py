@@ -154,13 +154,28 @@ class MaxPoolOp:
 
     def scatter(self, w: Tensor) -> Tensor:
         """Adjoint of :meth:`windows`: (R, C, Ho, Wo, k) -> (R, C, H, W), overlaps summed."""
-        r, c = w.shape[:2]
-        k = w.shape[-1]
-        cols = w.permute(0, 1, 4, 2, 3).reshape(r * c, k, -1)
         ph, pw = self.padding
-        size = (self.in_shape[1] + 2 * ph, self.in_shape[2] + 2 * pw)
-        out = F.fold(cols, size, self.kernel, self.dilation, 0, self.stride).reshape(r, c, *size)
+        out = fold_windows(w.permute(0, 1, 4, 2, 3), self.kernel, self.stride, self.dilation)
+        # rows and columns past the last window (floor mode) get no coefficient
+        out = F.pad(out, (0, max(0, self.in_shape[2] + 2 * pw - out.shape[-1]),
+                          0, max(0, self.in_shape[1] + 2 * ph - out.shape[-2])))
         return out[:, :, ph:ph + self.in_shape[1], pw:pw + self.in_shape[2]]
+
+
+def fold_windows(w: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    """Sum window entries back onto the grid: w (..., k, h, w) -> (..., (h-1)*s + d*(kh-1) + 1, ...).
+
+    Non-overlapping windows are a reshape; others a transposed conv with one-hot kernels (F.fold
+    loops over the batch in Python-sized steps and is far slower on many small images).
+    """
+    kh, kw = kernel
+    lead, (h, wd) = w.shape[:-3], w.shape[-2:]
+    if tuple(stride) == (kh, kw) and tuple(dilation) == (1, 1):
+        out = w.reshape(*lead, kh, kw, h, wd).permute(*range(len(lead)), -2, -4, -1, -3)
+        return out.reshape(*lead, h * kh, wd * kw)
+    eye = torch.eye(kh * kw, dtype=w.dtype, device=w.device).reshape(kh * kw, 1, kh, kw)
+    out = F.conv_transpose2d(w.reshape(-1, kh * kw, h, wd), eye, stride=stride, dilation=dilation)
+    return out.reshape(*lead, *out.shape[-2:])
 
 
 class Relaxation:
@@ -181,13 +196,19 @@ class Relaxation:
         ``lower_slope`` (N, S, *out) overrides the ReLU's lower slopes on its unstable neurons
         (alpha-CROWN); it must lie in [0, 1].
         """
-        pos, neg = a.clamp(min=0), a.clamp(max=0)
-        bias = (neg * self.upper_intercept.unsqueeze(1)).flatten(2).sum(-1)
+        neg = a.clamp(max=0)
+        icpt = self.upper_intercept.flatten(1)
+        if neg.shape[0] == icpt.shape[0]:
+            bias = torch.einsum("nsd,nd->ns", neg.flatten(2), icpt)
+        else:
+            bias = neg.flatten(2) @ icpt.T
+            bias = bias.squeeze(0).T if bias.shape[0] == 1 else bias
         if self.kind == "relu":
             low = self.lower_slope.unsqueeze(1)
             if lower_slope is not None:
                 low = torch.where(self.unstable.unsqueeze(1), lower_slope, low)
-            return pos * low + neg * self.upper_slope.unsqueeze(1), bias
+            return a * torch.where(a >= 0, low, self.upper_slope.unsqueeze(1)), bias
+        pos = a.clamp(min=0)
         weights = pos.unsqueeze(-1) * self.lower_slope.unsqueeze(1) + neg.unsqueeze(-1) * self.upper_slope.unsqueeze(1)
         lead = weights.shape[:2]
         out = self.pool.scatter(weights.reshape(-1, *weights.shape[2:]))

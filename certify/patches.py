@@ -1,0 +1,157 @@
+"""Patch mode of the CROWN backward walk for convolutional layers (after auto_LiRPA's "patches").
+
+The linear bound of a neuron of a convolutional layer depends only on its receptive field. Instead of
+a dense coefficient tensor over the whole image, every row of A is kept as a small patch around its
+neuron: A (B, P, R, C, h, w) for P spatial positions of the start node and R rows per position, with
+a geometry (stride, offset) that maps patch entry (i, j) of the row at position (p_h, p_w) to the
+absolute location ``(p_h * stride + offset + i, p_w * stride + offset + j)`` of the current layer.
+Conv2d and AvgPool2d go backward by a transposed convolution of each patch, MaxPool2d by folding its
+window weights, ReLU and per-channel affine layers elementwise with their tensors unfolded into the
+same patches. Entries outside the image (padding) are zeroed after each spatial step.
+
+For LeNet-sized networks this is ~8x less work and memory than the dense walk. Only chains of
+Conv2d, AvgPool2d, Normalize/BatchNorm2d, ReLU and MaxPool2d are handled here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .graph import Graph, Node
+from .layers import ChannelAffineOp, ConvOp, MaxPoolOp, Relaxation, fold_windows
+
+Geometry = tuple[tuple[int, int], tuple[int, int]]  # (stride, offset) per spatial dim
+
+
+def eligible(graph: Graph, start: int) -> bool:
+    """True when the walk from ``start`` back to the input is a chain of patch-able layers."""
+    node = graph.nodes[start]
+    if len(node.shape) != 3:
+        return False
+    for i in graph.ancestors(start):
+        n = graph.nodes[i]
+        if n.kind in ("add",) or (n.kind == "affine" and not isinstance(n.op, (ConvOp, ChannelAffineOp))):
+            return False
+        if len(n.shape) != 3:
+            return False
+    return True
+
+
+def patch_cost(graph: Graph, start: int) -> int:
+    """Largest number of A elements per row (per position and row) on the walk from ``start``."""
+    size, cost = (1, 1), 1
+    for i in graph.ancestors(start):
+        node = graph.nodes[i]
+        channels = node.shape[0]
+        if node.kind == "maxpool":
+            cost = max(cost, channels * node.op.kernel[0] * node.op.kernel[1] * size[0] * size[1])
+        if isinstance(node.op, (ConvOp, MaxPoolOp)):
+            k = node.op.weight.shape[2:] if isinstance(node.op, ConvOp) else node.op.kernel
+            size = tuple((s - 1) * st + d * (kk - 1) + 1
+                         for s, st, d, kk in zip(size, node.op.stride, node.op.dilation, k))
+            cost = max(cost, graph.nodes[node.inputs[0]].shape[0] * size[0] * size[1])
+    return cost
+
+
+def _unfold(t: Tensor, geometry: Geometry, size: tuple[int, int], grid: tuple[int, int], sel: Tensor) -> Tensor:
+    """Patches of t (N, C, H, W) at the selected start positions: (N, P, C, h, w), zero outside."""
+    (sh, sw), (oh, ow) = geometry
+    n, c, height, width = t.shape
+    pad_h, pad_w = -oh, -ow
+    need_h = (grid[0] - 1) * sh + oh + size[0]
+    need_w = (grid[1] - 1) * sw + ow + size[1]
+    t = F.pad(t, (pad_w, max(0, need_w - width), pad_h, max(0, need_h - height)))
+    cols = F.unfold(t, size, stride=(sh, sw))  # (N, C*h*w, Lh*Lw)
+    lh = (t.shape[2] - size[0]) // sh + 1
+    lw = (t.shape[3] - size[1]) // sw + 1
+    cols = cols.reshape(n, c * size[0] * size[1], lh, lw)[:, :, :grid[0], :grid[1]].flatten(2)
+    if sel.dim() == 1:
+        cols = cols[:, :, sel]
+    else:  # one list of positions per example
+        cols = cols.expand(sel.shape[0], -1, -1).gather(2, sel[:, None, :].expand(-1, cols.shape[1], -1))
+    return cols.permute(0, 2, 1).reshape(cols.shape[0], -1, c, *size)
+
+
+class PatchWalk:
+    """Lower bounds of A * node_start for rows given as patches; ``relax`` from the propagator."""
+
+    def __init__(self, graph: Graph, relax: dict[int, Relaxation], centre: Tensor, radius: Tensor,
+                 x: Tensor | None, eps: float) -> None:
+        self.graph, self.relax = graph, relax
+        self.centre, self.radius, self.x, self.eps = centre, radius, x, eps
+
+    def bound(self, start: int, a: Tensor, sel: Tensor) -> Tensor:
+        """A (B, P, R, C_start, 1, 1) at positions ``sel`` (P,) or (N, P) of the start grid -> bounds (N, P, R)."""
+        grid = self.graph.nodes[start].shape[1:]
+        geometry: Geometry = ((1, 1), (0, 0))
+        bias: Tensor | float = 0.0
+        for i in self.graph.ancestors(start):
+            node = self.graph.nodes[i]
+            lead = a.shape[:3]
+            if node.kind == "input":
+                return bias + self._concretize(a, geometry, grid, sel)
+            if node.kind == "relu":
+                r = self.relax[i]
+                low, up, icpt = (_unfold(t, geometry, a.shape[-2:], grid, sel).unsqueeze(2)
+                                 for t in (r.lower_slope, r.upper_slope, r.upper_intercept))
+                bias = bias + (a.clamp(max=0) * icpt).flatten(3).sum(-1)
+                a = a * torch.where(a >= 0, low, up)
+                continue
+            if node.kind == "maxpool":
+                a, b, geometry = self._maxpool(node, self.relax[i], a, geometry, grid, sel)
+                bias = bias + b
+                continue
+            op = node.op
+            if isinstance(op, ChannelAffineOp):
+                bias = bias + (a * op.shift).flatten(3).sum(-1)
+                a = a * op.scale
+                continue
+            # ConvOp
+            if op.bias is not None:
+                bias = bias + a.sum(dim=(-1, -2)) @ op.bias
+            w = op.weight.to(a)
+            out = F.conv_transpose2d(a.reshape(-1, *a.shape[3:]), w, None, op.stride, 0, 0, op.groups, op.dilation)
+            a = out.reshape(*lead, *out.shape[1:])
+            geometry = self._shift(geometry, op.stride, op.padding)
+            a = a * self._mask(node.inputs[0], geometry, a.shape[-2:], grid, sel)
+        raise AssertionError("the walk never reached the input")
+
+    @staticmethod
+    def _shift(geometry: Geometry, stride, padding) -> Geometry:
+        (sh, sw), (oh, ow) = geometry
+        return (sh * stride[0], sw * stride[1]), (oh * stride[0] - padding[0], ow * stride[1] - padding[1])
+
+    def _mask(self, index: int, geometry: Geometry, size, grid, sel) -> Tensor:
+        shape = self.graph.nodes[index].shape
+        ones = torch.ones(1, 1, *shape[1:], dtype=self.centre.dtype, device=self.centre.device)
+        return _unfold(ones, geometry, tuple(size), grid, sel).unsqueeze(2)  # (1, P, 1, 1, h, w)
+
+    def _maxpool(self, node: Node, r: Relaxation, a: Tensor, geometry: Geometry, grid, sel):
+        pool: MaxPoolOp = node.op
+        n, c, ho, wo, k = r.lower_slope.shape
+        size = tuple(a.shape[-2:])
+
+        def unfold_windows(t: Tensor) -> Tensor:  # (N, C, Ho, Wo, k) -> (N, P, 1, C, k, h, w)
+            u = _unfold(t.permute(0, 1, 4, 2, 3).reshape(n, c * k, ho, wo), geometry, size, grid, sel)
+            return u.reshape(n, -1, c, k, *size).unsqueeze(2)
+
+        pos, neg = a.clamp(min=0), a.clamp(max=0)
+        icpt = _unfold(r.upper_intercept, geometry, size, grid, sel).unsqueeze(2)
+        bias = (neg * icpt).flatten(3).sum(-1)
+        weights = pos.unsqueeze(4) * unfold_windows(r.lower_slope) + neg.unsqueeze(4) * unfold_windows(r.upper_slope)
+        a = fold_windows(weights, pool.kernel, pool.stride, pool.dilation)
+        out_size = tuple(a.shape[-2:])
+        geometry = self._shift(geometry, pool.stride, pool.padding)
+        return a * self._mask(node.inputs[0], geometry, out_size, grid, sel), bias, geometry
+
+    def _concretize(self, a: Tensor, geometry: Geometry, grid, sel) -> Tensor:
+        size = tuple(a.shape[-2:])
+        c = _unfold(self.centre, geometry, size, grid, sel).unsqueeze(2)
+        r = _unfold(self.radius, geometry, size, grid, sel).unsqueeze(2)
+        bound = (a * c).flatten(3).sum(-1) - (a.abs() * r).flatten(3).sum(-1)
+        if self.x is not None:  # L2: also the dual-norm bound around x; both are sound
+            x = _unfold(self.x, geometry, size, grid, sel).unsqueeze(2)
+            ball = (a * x).flatten(3).sum(-1) - self.eps * a.flatten(3).norm(dim=-1)
+            bound = torch.maximum(bound, ball)
+        return bound
