@@ -2,7 +2,7 @@
 
 ``kappa * CE(z(x), y) + (1 - kappa) * CE(z_hat(x, eps_t), y)`` where ``z_hat = -margin_lower`` are
 the IBP worst-case logits (``z_hat_j`` upper-bounds ``z_j - z_y``; column y is 0) from
-``certify.IBP().bound_margins``, differentiable in the parameters. eps_t ramps linearly from 0 to
+``certify.ibp`` (the same bounds as ``certify.IBP().bound_margins``), differentiable in the parameters. eps_t ramps linearly from 0 to
 ``eps`` and kappa from 1 to ``kappa_final`` over the ramp, after a warm-up of clean training.
 Gowal et al.'s MNIST setting: train at eps 0.4 to certify 0.3, kappa_final 0.5 (``--eps 0.4``).
 """
@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from certify.graph import Graph, build_graph
+from certify.ibp import ibp_margins
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
 
@@ -52,9 +54,8 @@ class IBPTraining(Defense):
         self._progress = 1.0
         self._started = False
         self._batches, self._batches_per_epoch = 0, 0
-        from certify.ibp import IBP
-
-        self._ibp = IBP()
+        self._graph_for: tuple[nn.Module, tuple[int, ...]] | None = None
+        self._graph = None
 
     def on_epoch_start(self, epoch: int, epochs: int) -> None:
         super().on_epoch_start(epoch, epochs)
@@ -73,6 +74,14 @@ class IBPTraining(Defense):
         else:
             t = min(1.0, max(0.0, (self._progress - self.warmup) / self.ramp))
         return self.eps * t, 1.0 - (1.0 - self.kappa_final) * t
+
+    def _bound_graph(self, model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
+        """``certify``'s traced graph of the model, kept across batches: its linear and conv ops hold the
+        live parameters, so only models with BatchNorm (whose folded statistics change) are re-traced."""
+        fresh = self._graph_for is None or self._graph_for[0] is not model or self._graph_for[1] != input_shape
+        if fresh or any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            self._graph, self._graph_for = build_graph(model, input_shape), (model, input_shape)
+        return self._graph
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"batches_per_epoch": torch.tensor(self._batches_per_epoch)}
@@ -97,7 +106,7 @@ class IBPTraining(Defense):
         clean = F.cross_entropy(model(x), y)
         if eps_t <= 0 or kappa >= 1:
             return clean
-        margin_lower = self._ibp.bound_margins(model, x, y, ThreatModel(self.norm, eps_t))
+        margin_lower = ibp_margins(self._bound_graph(model, tuple(x.shape[1:])), x, y, ThreatModel(self.norm, eps_t))
         return kappa * clean + (1 - kappa) * F.cross_entropy(-margin_lower, y)
 
     @classmethod
