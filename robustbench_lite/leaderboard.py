@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -162,10 +163,9 @@ def _git_state() -> tuple[str | None, bool | None]:
 
 def environment(result: EvaluationResult) -> dict[str, Any]:
     """Package versions, the checkout's git commit, device, seed and threads of an evaluation."""
-    try:
-        import torchvision
-        tv = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a dependency
+    try:  # the installed version, without paying torchvision's import time
+        tv = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - torchvision is a dependency
         tv = None
     commit, dirty = _git_state()
     return {
