@@ -296,6 +296,28 @@ def _clean_logits(model: nn.Module, x: Tensor, num_classes: int | None) -> Tenso
     return logits
 
 
+def _attack_batch(attack: Any, report: PluginReport, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+                  seeds: Tensor, todo: Tensor, alive: Tensor, worst: Tensor) -> Tensor:
+    """Run ``attack`` on rows ``todo`` of the batch; add its cost to ``report``; return its successes (cpu).
+
+    ``worst`` (the batch's deciding adversarial examples) takes the attack's points where it is the
+    first to break an example, or where the example is still robust (so robust rows hold the last).
+    """
+    dev_todo = todo.to(x.device)
+    started = time.perf_counter()
+    res = attack(model, x[dev_todo], y[dev_todo], threat, seeds=seeds[todo])
+    report.seconds += time.perf_counter() - started
+    report.forward += int(res.forward)
+    report.backward += int(res.backward)
+    report.queries += int(res.queries)
+    report.examples += int(todo.numel())
+    _add_counts(report.flags, res.flags or {})
+    hit = res.success.cpu().bool()
+    take = alive[todo]  # still robust before this attack: its point decides (first break, or latest survivor)
+    worst[dev_todo[take.to(x.device)]] = res.x_adv[take.to(x.device)].detach().to(worst.dtype)
+    return hit
+
+
 def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[tuple[str, Any]],
          cert_list: list[tuple[str, Any]], batch_size: int, seed: int, dev: torch.device,
          individual: bool, progress: Progress | bool | None) -> tuple[EvaluationResult, checks_module.CheckContext]:
@@ -328,25 +350,10 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
             worst = x.clone()
             for name, attack in attack_list:
                 todo = (ok if individual else alive).nonzero().flatten()
-                report = reports[name]
                 if todo.numel():
-                    t0 = time.perf_counter()
-                    res = attack(model, x[todo.to(dev)], y[todo.to(dev)], threat, seeds=seeds[todo])
-                    report.seconds += time.perf_counter() - t0
-                    report.forward += int(res.forward)
-                    report.backward += int(res.backward)
-                    report.queries += int(res.queries)
-                    report.examples += int(todo.numel())
-                    _add_counts(report.flags, res.flags or {})
-                    hit = res.success.cpu().bool()
-                    broke = todo[hit]
-                    success[name][start + broke] = True
-                    # the first attack to break an example supplies its worst case (robust: the last)
-                    first = alive[todo] & hit
-                    worst[todo[first].to(dev)] = res.x_adv[first.to(dev)].detach().to(worst.dtype)
-                    keep = alive[todo] & ~hit
-                    worst[todo[keep].to(dev)] = res.x_adv[keep.to(dev)].detach().to(worst.dtype)
-                    alive[broke] = False
+                    hit = _attack_batch(attack, reports[name], model, x, y, threat, seeds, todo, alive, worst)
+                    success[name][start + todo[hit]] = True
+                    alive[todo[hit]] = False
                 robust_after[name][sl] = alive if not individual else ok & ~success[name][sl]
             x_worst[sl] = worst.cpu()
             for name, certifier in cert_list:
