@@ -37,6 +37,17 @@ def _names(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
+def _eps(text: str) -> float:
+    """``0.3`` or a fraction such as ``8/255`` (pixel units of [0, 1] images)."""
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/", 1)
+            return float(numerator) / float(denominator)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 8/255, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Attack, certify, train and rank image classifiers.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -50,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", default=DEFAULTS["dataset"], help="dataset name")
     ev.add_argument("--split", default="test", help="split of the dataset")
     ev.add_argument("--norm", default=DEFAULTS["norm"], help="Linf or L2")
-    ev.add_argument("--eps", type=float, default=DEFAULTS["eps"], help="radius in pixel units of [0, 1] images")
+    ev.add_argument("--eps", type=_eps, default=DEFAULTS["eps"], help="radius in pixel units of [0, 1] images, e.g. 0.3 or 8/255")
     ev.add_argument("--attacks", default=DEFAULTS["attacks"], help="comma-separated attack names, or none")
     ev.add_argument("--certifiers", default=DEFAULTS["certifiers"], help="comma-separated certifier names, or none")
     ev.add_argument("--n-examples", type=int, default=DEFAULTS["n_examples"], help="the first N of the split")

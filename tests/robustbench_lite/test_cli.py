@@ -61,6 +61,12 @@ def test_json_and_no_write(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+def test_eps_as_a_fraction_is_stored_as_its_value(tmp_path, capsys):
+    assert cli.main(["evaluate", *FAST, "--eps", "8/255", "--attacks", "fgsm", "--certifiers", "none", "--json",
+                     "--no-write"]) == 0
+    assert json.loads(capsys.readouterr().out)["threat_model"]["eps"] == 8 / 255
+
+
 def test_zoo_list_and_leaderboard_show(tmp_path, capsys):
     assert cli.main(["zoo", "list"]) == 0
     assert MODEL in capsys.readouterr().out
@@ -97,7 +103,8 @@ def mismatched_checkpoint(tmp_path):
     (["evaluate", *FAST, "--certifiers", "nope"], "unknown certifier 'nope'"),
     (["evaluate", *FAST, "--eps", "-0.1"], "eps must be finite and >= 0"),
     (["evaluate", *FAST, "--eps", "inf"], "eps must be finite"),
-    (["evaluate", *FAST, "--eps", "abc"], "invalid float value"),
+    (["evaluate", *FAST, "--eps", "abc"], "eps must be a number or a fraction"),
+    (["evaluate", *FAST, "--eps", "8/0"], "eps must be a number or a fraction"),
     (["evaluate", *FAST, "--norm", "L7"], "unknown norm"),
     (["evaluate", *FAST, "--n-examples", "0"], "n_examples must be >= 1"),
     (["evaluate", *FAST, "--batch-size", "0"], "batch_size must be >= 1"),
