@@ -52,6 +52,13 @@ def test_evaluate_prints_a_table_and_writes_the_record(tmp_path, capsys):
     assert rec["clean_acc"] >= rec["robust_acc"] >= rec["certified_acc"]
 
 
+def test_progress_bar_path(tmp_path, capsys):
+    argv = [a for a in evaluate_args(tmp_path) if a != "--no-progress"]
+    assert cli.main([*argv, "--no-write", "--certifiers", "none"]) == 0
+    out = capsys.readouterr()
+    assert "robust (worst case)" in out.out and "Traceback" not in out.err
+
+
 def test_json_and_no_write(tmp_path, capsys):
     assert cli.main(evaluate_args(tmp_path, "--json", "--no-write", "--attacks", "fgsm,pgd", "--certifiers", "none",
                                   "--individual")) == 0

@@ -282,6 +282,13 @@ def test_non_finite_logits_raise():
         evaluate(NaNModel(), toy_dataset(6), ThreatModel("Linf", 0.1), attacks=(), certifiers=())
 
 
+def test_progress_true_draws_a_bar_on_stderr(capsys):
+    evaluate(toy_model(), toy_dataset(20), ThreatModel("Linf", 0.1), attacks=(), certifiers=(), batch_size=8,
+             progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "evaluate" in captured.err and "/20" in captured.err
+
+
 def test_progress_callback_sees_every_batch():
     calls = []
     evaluate(toy_model(), toy_dataset(20), ThreatModel("Linf", 0.1), attacks=(), certifiers=(), batch_size=8,
