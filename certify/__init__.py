@@ -9,11 +9,15 @@ from robustbench_lite.registry import Registry
 from .base import CertResult, Certifier, margins_certified, spec_matrix
 from .crown import CROWN, AlphaCROWN, intermediate_bounds
 from .ibp import IBP
+from .lp import LP
+from .sdp import SDP
 
 CERTIFIERS: Registry[Certifier] = Registry("certifier", "robustbench_lite.certifiers")
 CERTIFIERS.register("ibp", IBP)
 CERTIFIERS.register("crown", CROWN)
 CERTIFIERS.register("alpha-crown", AlphaCROWN)
+CERTIFIERS.register("lp", LP)
+CERTIFIERS.register("sdp", SDP)
 
-__all__ = ["CERTIFIERS", "AlphaCROWN", "CROWN", "CertResult", "Certifier", "IBP", "intermediate_bounds",
+__all__ = ["CERTIFIERS", "AlphaCROWN", "CROWN", "CertResult", "Certifier", "IBP", "LP", "SDP", "intermediate_bounds",
            "margins_certified", "spec_matrix"]

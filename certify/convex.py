@@ -1,0 +1,317 @@
+"""What the convex-relaxation certifiers (LP, SDP) share: the network lowered to dense affine maps
+with ReLUs between them, the per-example relaxation data, and the per-(example, class) solve loop.
+
+A network ``x -> W_0 x + b_0 -> ReLU -> W_1 z_1 + b_1 -> ReLU -> ... -> W_L z_L + b_L`` becomes a
+:class:`DenseReLUNet` (float64). The relaxations (Ehlers 2017 triangle LP; Raghunathan, Steinhardt &
+Liang 2018, arXiv 1811.01057, SDP) take pre-activation bounds ``(l_i, u_i)`` of every hidden layer,
+from CROWN by default, and bound the margin ``c^T logits`` with ``c = e_y - e_j``. The certified
+bound of every problem is a *verified* dual bound (:mod:`certify.dual`), never the solver's value.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from robustbench_lite.errors import UserInputError
+from robustbench_lite.threat import ThreatModel
+
+from .base import CERTIFIED, NOT_CERTIFIED, TIMEOUT, CertResult, Certifier
+from .dual import interval_margin
+
+log = logging.getLogger(__name__)
+
+#: relative padding of float32 intermediate bounds before they enter a float64 relaxation
+BOUND_PADDING = 1e-6
+
+
+@dataclass(frozen=True)
+class DenseReLUNet:
+    """``weights[i]`` (n_{i+1}, n_i) and ``biases[i]`` (n_{i+1},), float64; ReLU between them."""
+
+    weights: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+
+    @property
+    def input_dim(self) -> int:
+        return self.weights[0].shape[1]
+
+    @property
+    def hidden(self) -> list[int]:
+        """Sizes of the hidden (ReLU) layers z_1 .. z_L."""
+        return [w.shape[0] for w in self.weights[:-1]]
+
+    @property
+    def num_classes(self) -> int:
+        return self.weights[-1].shape[0]
+
+    def preactivations(self, x: np.ndarray) -> list[np.ndarray]:
+        """Pre-activations of every ReLU layer and the logits last, for x (N, d)."""
+        out, z = [], x
+        for w, b in zip(self.weights, self.biases):
+            s = z @ w.T + b
+            out.append(s)
+            z = np.maximum(s, 0.0)
+        return out
+
+    def fingerprint(self) -> str:
+        """Hash of the weights: a cached problem is reused only for the very same network."""
+        h = hashlib.sha1()
+        for a in (*self.weights, *self.biases):
+            h.update(np.ascontiguousarray(a).tobytes())
+            h.update(str(a.shape).encode())
+        return h.hexdigest()
+
+
+def lower_to_dense(model: nn.Module, input_shape: tuple[int, ...]) -> DenseReLUNet:
+    """The network as float64 dense maps, from the shared lowering :func:`certify.graph.to_affine_relu`."""
+    from .graph import to_affine_relu
+
+    maps = to_affine_relu(model, tuple(input_shape))
+    return DenseReLUNet(tuple(w.detach().double().cpu().numpy() for w, _ in maps),
+                        tuple(b.detach().double().cpu().numpy() for _, b in maps))
+
+
+@dataclass
+class Relaxation:
+    """Per-example data of the relaxation: input box, optional L2 ball, pre-activation bounds.
+
+    ``pre_lower/pre_upper[i]`` bound layer i+1's pre-activation. The ReLU z = max(s, 0) is relaxed
+    to ``z >= 0, z >= s, z <= slope * s + intercept`` (the triangle; exact for stable neurons).
+    """
+
+    input_lower: np.ndarray
+    input_upper: np.ndarray
+    pre_lower: list[np.ndarray]
+    pre_upper: list[np.ndarray]
+    center: np.ndarray | None = None  # L2 ball centre (None for Linf: the box is the whole set)
+    radius: float = 0.0
+    slope: list[np.ndarray] = field(init=False)
+    intercept: list[np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slope, self.intercept = [], []
+        for lo, hi in zip(self.pre_lower, self.pre_upper):
+            unstable = (lo < 0) & (hi > 0)
+            width = np.where(unstable, hi - lo, 1.0)
+            slope = np.where(unstable, hi / width, (lo >= 0).astype(float))
+            intercept = np.where(unstable, -slope * lo, 0.0)
+            # rounding may only loosen the upper line, never cut off a true point
+            self.slope.append(slope)
+            self.intercept.append(intercept + 1e-12 * (1.0 + np.abs(lo) + np.abs(hi)) * unstable)
+
+    @property
+    def act_lower(self) -> list[np.ndarray]:
+        return [np.maximum(lo, 0.0) for lo in self.pre_lower]
+
+    @property
+    def act_upper(self) -> list[np.ndarray]:
+        return [np.maximum(hi, 0.0) for hi in self.pre_upper]
+
+
+def input_box(x: np.ndarray, threat: ThreatModel) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinate bounds of the ball intersected with the box, x (N, d)."""
+    lo, hi = threat.box
+    return np.maximum(x - threat.eps, lo), np.minimum(x + threat.eps, hi)
+
+
+def interval_bounds(net: DenseReLUNet, lower: np.ndarray, upper: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Interval pre-activation bounds of every hidden layer for input boxes (N, d) (Gowal et al. 2018)."""
+    out = []
+    for w, b in zip(net.weights[:-1], net.biases[:-1]):
+        mid, rad = (upper + lower) / 2, (upper - lower) / 2
+        c, r = mid @ w.T + b, rad @ np.abs(w).T
+        out.append((c - r, c + r))
+        lower, upper = np.maximum(c - r, 0), np.maximum(c + r, 0)
+    return out
+
+
+BoundsFn = Callable[[nn.Module, Tensor, ThreatModel], list]
+
+
+def crown_bounds(model: nn.Module, x: Tensor, threat: ThreatModel) -> list[tuple[Tensor, Tensor]]:
+    """Pre-activation bounds of every ReLU from the CROWN module of this package."""
+    from .crown import intermediate_bounds
+
+    return intermediate_bounds(model, x, threat)
+
+
+def make_relaxations(net: DenseReLUNet, x: np.ndarray, threat: ThreatModel,
+                     pre_bounds: list[tuple[np.ndarray, np.ndarray]]) -> list[Relaxation]:
+    """One :class:`Relaxation` per example of x (N, d), pre_bounds[i] = (lower, upper) (N, n_i)."""
+    lo, hi = input_box(x, threat)
+    pads = [(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)) for a, b in pre_bounds]
+    pads = [(a - BOUND_PADDING * (1 + np.abs(a)), b + BOUND_PADDING * (1 + np.abs(b))) for a, b in pads]
+    l2 = threat.norm == "L2"
+    return [Relaxation(lo[i], hi[i], [a[i] for a, _ in pads], [b[i] for _, b in pads],
+                       center=x[i] if l2 else None, radius=threat.eps) for i in range(x.shape[0])]
+
+
+def round_down(a: Tensor) -> Tensor:
+    """float64 -> float32 never rounding up: a lower bound stays a lower bound."""
+    f = a.float()
+    up = f.double() > a
+    return torch.where(up, torch.nextafter(f, torch.tensor(-math.inf)), f)
+
+
+@dataclass
+class Solved:
+    """One (example, class) problem: the verified bound and what the solver said."""
+
+    bound: float
+    solver_status: str
+    seconds: float
+    timed_out: bool = False
+
+
+class ConvexCertifier(Certifier):
+    """Shared loop of the LP and SDP certifiers: lower, size-check, bound, solve, verify.
+
+    For each example and each class j != y the margin bound starts as the interval bound of the last
+    layer over the activation bounds (sound, free; with ``crown_first`` the better of it and CROWN's
+    margin bound) and is raised to the verified dual bound of the relaxation. Classes already
+    positive are not solved; with ``early_stop`` an example stops at
+    its first class that the relaxation cannot certify (its other columns keep the cheap bound).
+    """
+
+    def __init__(self, *, max_inputs: int, max_neurons: int, time_limit: float, early_stop: bool,
+                 crown_first: bool, bounds: BoundsFn | None) -> None:
+        for name, v in (("max_inputs", max_inputs), ("max_neurons", max_neurons)):
+            if not isinstance(v, int) or v < 1:
+                raise UserInputError(f"{name} must be a positive integer, got {v!r}")
+        if not (isinstance(time_limit, (int, float)) and time_limit > 0):
+            raise UserInputError(f"time_limit must be > 0 seconds, got {time_limit!r}")
+        self.max_inputs, self.max_neurons = max_inputs, max_neurons
+        self.time_limit, self.early_stop = float(time_limit), bool(early_stop)
+        self._bounds = bounds or crown_bounds
+        self._problems: dict[tuple, Any] = {}
+        self.crown_first = bool(crown_first)
+        self.builds = 0  # how many cvxpy problems were built (each is compiled once, then re-solved)
+
+    def check_supported(self, model: nn.Module) -> None:
+        from .graph import check_supported
+
+        check_supported(model)
+
+    # --- subclasses --------------------------------------------------------------------------
+    def build(self, net: DenseReLUNet, norm: str) -> Any:
+        """A reusable (DPP) problem for ``net`` and the ball's norm."""
+        raise NotImplementedError
+
+    def solve(self, problem: Any, net: DenseReLUNet, rel: Relaxation, c: np.ndarray, warm: bool) -> Solved:
+        """Verified lower bound of ``c^T logits`` over the relaxation (c (K,))."""
+        raise NotImplementedError
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _crown_margins(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> np.ndarray | None:
+        """CROWN's margin bounds (N, K): classes they already certify need no solve."""
+        if not self.crown_first:
+            return None
+        from .crown import CROWN
+
+        with torch.no_grad():
+            return CROWN().bound_margins(model, x, y, threat).double().cpu().numpy()
+
+    def _problem(self, net: DenseReLUNet, norm: str) -> Any:
+        key = (net.fingerprint(), norm)
+        if key not in self._problems:
+            self._problems = {key: self.build(net, norm)}  # keep only the latest network's problem
+            self.builds += 1
+        return self._problems[key]
+
+    def _skip_reason(self, model: nn.Module, x: Tensor) -> tuple[str | None, DenseReLUNet | None]:
+        d = math.prod(x.shape[1:])
+        if d > self.max_inputs:
+            return f"skipped: {d} inputs exceed max_inputs={self.max_inputs}", None
+        try:
+            net = lower_to_dense(model, tuple(x.shape[1:]))
+        except UserInputError as exc:  # max-pool or residual: fine for CROWN, not for a dense relaxation
+            return f"skipped: {exc}", None
+        if sum(net.hidden) > self.max_neurons:
+            return f"skipped: {sum(net.hidden)} hidden neurons exceed max_neurons={self.max_neurons}", None
+        return None, net
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
+        n = x.shape[0]
+        with torch.no_grad():
+            k = model(x[:1]).shape[1] if n else 0
+        margin = torch.full((n, k), float("nan"), dtype=torch.float64)
+        reason, net = self._skip_reason(model, x) if n else ("skipped: no examples", None)
+        if net is None:
+            return CertResult(torch.zeros(n, dtype=torch.bool), margin.float().to(x.device), [str(reason)] * n,
+                              info={"problems": []})
+        xs = x.detach().reshape(n, -1).double().cpu().numpy()
+        pre = [(_numpy(lo, n), _numpy(hi, n)) for lo, hi in self._bounds(model, x.detach(), threat)]
+        if [p[0].shape[1] for p in pre] != net.hidden:
+            raise UserInputError(f"intermediate bounds of sizes {[p[0].shape[1] for p in pre]} do not match "
+                                 f"the network's ReLU layers {net.hidden}")
+        rels = make_relaxations(net, xs, threat, pre)
+        problem = self._problem(net, threat.norm)
+        logits = net.preactivations(xs)[-1]
+        crown = self._crown_margins(model, x, y, threat)
+        problems: list[dict] = []
+        status = []
+        for i, rel in enumerate(rels):
+            yi = int(y[i])
+            cheap = np.array([0.0 if j == yi else interval_margin(net, rel, _spec(k, yi, j)) for j in range(k)])
+            if crown is not None:
+                cheap = np.maximum(cheap, crown[i])
+            clean_ok = bool(all(logits[i, yi] > logits[i, j] for j in range(k) if j != yi))
+            bound, st = self._certify_example(problem, net, rel, yi, cheap, clean_ok, problems, i)
+            margin[i] = torch.from_numpy(bound)
+            status.append(st)
+        certified = torch.tensor([s == CERTIFIED for s in status], dtype=torch.bool)
+        return CertResult(certified.to(x.device), round_down(margin).to(x.device), status, forward_equivalents=0.0,
+                          info={"problems": problems, "builds": self.builds})
+
+    def _certify_example(self, problem: Any, net: DenseReLUNet, rel: Relaxation, yi: int, cheap: np.ndarray,
+                         clean_ok: bool, problems: list[dict], index: int) -> tuple[np.ndarray, str]:
+        """Solve the classes not yet certified, hardest first; returns (margin bounds, status)."""
+        bound = cheap.copy()
+        failed = timed_out = False
+        todo = sorted((j for j in range(len(cheap)) if j != yi and cheap[j] <= 0), key=lambda j: cheap[j])
+        for j in todo if clean_ok else []:
+            if failed and self.early_stop:
+                break
+            try:
+                res = self.solve(problem, net, rel, _spec(len(cheap), yi, j), bool(problems))
+            except Exception as exc:  # a solver failure is recorded, never read as certified
+                log.warning("%s: example %d class %d: solver failed: %s", self.name, index, j, exc)
+                res = Solved(-math.inf, f"error: {type(exc).__name__}: {exc}", 0.0)
+            problems.append({"example": index, "class": j, "bound": res.bound, "solver_status": res.solver_status,
+                             "seconds": round(res.seconds, 4), "timeout": res.timed_out})
+            bound[j] = max(bound[j], res.bound)
+            if bound[j] <= 0:
+                failed, timed_out = True, timed_out or res.timed_out
+        if clean_ok and all(bound[j] > 0 for j in range(len(bound)) if j != yi):
+            return bound, CERTIFIED
+        return bound, TIMEOUT if timed_out else NOT_CERTIFIED
+
+
+def _spec(k: int, y: int, j: int) -> np.ndarray:
+    c = np.zeros(k)
+    c[y], c[j] = 1.0, -1.0
+    return c
+
+
+def _numpy(t: Tensor | np.ndarray, n: int) -> np.ndarray:
+    if torch.is_tensor(t):
+        t = t.detach().double().cpu().numpy()
+    return np.asarray(t, dtype=np.float64).reshape(n, -1)
+
+
+def interval(model: nn.Module, x: Tensor, threat: ThreatModel) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Interval (IBP) pre-activation bounds on the dense network: a looser, faster ``bounds`` option."""
+    net = lower_to_dense(model, tuple(x.shape[1:]))
+    lo, hi = input_box(x.detach().reshape(x.shape[0], -1).double().cpu().numpy(), threat)
+    return interval_bounds(net, lo, hi)
+
+
+__all__ = ["ConvexCertifier", "DenseReLUNet", "Relaxation", "Solved", "crown_bounds", "input_box", "interval",
+           "interval_bounds", "lower_to_dense", "make_relaxations", "round_down"]
