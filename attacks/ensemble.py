@@ -28,6 +28,7 @@ from robustbench_lite.threat import ThreatModel
 from .apgd import APGD, APGDT
 from .base import Attack, AttackResult, QueryOracle
 from .fmn import FMNT
+from .square import Square, settle
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,6 @@ STAGES = ("apgd-ce", "apgd-t", "fmn-t", "square")
 #: the reference's version="standard" budget (pyautoattack/autoattack.py, _set_version), Linf and L2
 STANDARD = {"steps": 100, "restarts": 1, "rho": 0.75, "n_target_classes": 9, "square_queries": 5000,
             "square_p_init": 0.8, "eot_iter": 1, "stages": list(STAGES)}
-
-
-def _square(queries: int, p_init: float, seed: int) -> Attack:
-    from .square import Square  # the black-box module is owned separately; imported when needed
-
-    return Square(n_queries=queries, p_init=p_init, seed=seed)
-
-
-def _settle(threat: ThreatModel, x_adv: Tensor, x: Tensor) -> Tensor:
-    """Project to a fixed point of the projection, so the final re-scoring sees the same point."""
-    from .square import settle
-
-    return settle(threat, x_adv, x)
 
 
 class AutoAttack(Attack):
@@ -107,7 +95,7 @@ class AutoAttack(Attack):
     def _stage(self, stage: str, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, rng: ExampleRNG,
                clean_logits: Tensor) -> AttackResult:
         if stage == "square":
-            square = _square(self.square_queries, self.square_p_init, self.seed)
+            square = Square(n_queries=self.square_queries, p_init=self.square_p_init, seed=self.seed)
             oracle = QueryOracle(model)
             result = square.run(oracle, x, y, threat, rng, None)
             result.queries = oracle.queries
@@ -138,7 +126,8 @@ class AutoAttack(Attack):
             result = self._stage(stage, model, x[idx], y[idx], threat, ExampleRNG(seeds, x.device),
                                  clean_logits[idx])
             queries += result.queries
-            candidate = _settle(threat, result.x_adv.detach(), x[idx])
+            # a fixed point of the projection, so the final re-scoring sees exactly this point
+            candidate = settle(threat, result.x_adv.detach(), x[idx])
             with torch.no_grad():  # authoritative re-score of this stage's candidates
                 broken = model(candidate).argmax(dim=1) != y[idx]
             x_adv[idx[broken]] = candidate[broken]
