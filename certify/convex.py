@@ -175,9 +175,10 @@ class ConvexCertifier(Certifier):
 
     For each example and each class j != y the margin bound starts as the interval bound of the last
     layer over the activation bounds (sound, free; with ``crown_first`` the better of it and CROWN's
-    margin bound) and is raised to the verified dual bound of the relaxation. Classes already
-    positive are not solved; with ``early_stop`` an example stops at
-    its first class that the relaxation cannot certify (its other columns keep the cheap bound).
+    margin bound) and is raised to the verified dual bound of the relaxation. With ``early_stop``
+    only what decides certification is solved: misclassified examples and classes already positive
+    are not, and an example stops at its first class that the relaxation cannot certify (its other
+    columns keep the cheap bound). Without it every class of every example is solved.
     """
 
     def __init__(self, *, max_inputs: int, max_neurons: int, time_limit: float, early_stop: bool,
@@ -275,8 +276,9 @@ class ConvexCertifier(Certifier):
         """Solve the classes not yet certified, hardest first; returns (margin bounds, status)."""
         bound = cheap.copy()
         failed = timed_out = False
-        todo = sorted((j for j in range(len(cheap)) if j != yi and cheap[j] <= 0), key=lambda j: cheap[j])
-        for j in todo if clean_ok else []:
+        todo = sorted((j for j in range(len(cheap)) if j != yi and (cheap[j] <= 0 or not self.early_stop)),
+                      key=lambda j: cheap[j])
+        for j in todo if clean_ok or not self.early_stop else []:
             if failed and self.early_stop:
                 break
             try:

@@ -114,7 +114,7 @@ class LP(ConvexCertifier):
 
     Args: ``solver`` (a cvxpy solver name: CLARABEL, HIGHS for Linf, or SCS), ``max_inputs`` and
     ``max_neurons`` (larger networks are ``skipped``), ``time_limit`` seconds per problem,
-    ``early_stop`` (stop an example at its first uncertified class), ``bounds`` (a function
+    ``early_stop`` (solve only what decides certification; False: every class), ``bounds`` (a function
     ``(model, x, threat) -> [(lower, upper)]`` of pre-activation bounds; CROWN by default).
     """
 

@@ -97,7 +97,7 @@ class SDP(ConvexCertifier):
     iterations per problem), ``chunk_iters`` (iterations between verified-bound checks: a class
     stops as soon as its bound is positive), ``time_limit`` seconds per problem (status ``timeout`` when it stops a
     problem that then fails to certify), ``max_inputs`` and ``max_neurons`` (larger networks are
-    ``skipped``), ``early_stop`` (stop an example at its first uncertified class), ``warm_start``
+    ``skipped``), ``early_stop`` (solve only what decides certification; False: every class), ``warm_start``
     (start SCS from the last solution: across chunks, classes and examples), ``crown_first`` (skip
     classes CROWN already certifies), ``bounds`` (pre-activation bounds function; CROWN by default).
     """
@@ -139,7 +139,7 @@ class SDP(ConvexCertifier):
             raw = _scs_status(problem.problem)
             bound = sdp_bound(net, rel, c, duals_of(problem.families))
             best = max(best, bound) if math.isfinite(bound) else best
-            if best > 0 or raw == "solved":
+            if (best > 0 and self.early_stop) or raw == "solved":
                 break
         seconds = time.perf_counter() - start
         timed_out = raw != "solved" and best <= 0 and (seconds >= 0.95 * self.time_limit or "time" in raw)
