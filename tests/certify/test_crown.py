@@ -1,0 +1,210 @@
+"""CROWN and alpha-CROWN: hand-computed and exact cases, patch vs dense walk, chunking, batching."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from certify import CROWN, IBP, AlphaCROWN, intermediate_bounds, patches
+from certify.crown import Propagator
+from certify.graph import build_graph
+from certify.layers import MaxPoolOp, maxpool_relaxation
+from robustbench_lite.errors import UserInputError
+from robustbench_lite.threat import ThreatModel
+from robustbench_lite.zoo.architectures import mnist_cnn, mnist_lenet
+from test_ibp import HAND_THREAT, HAND_X, HAND_Y, hand_net
+from test_soundness import random_net
+
+
+def test_hand_computed_2_2_2_network():
+    # h2 = x1 - x2 in [-2, 2]: CROWN's adaptive lower slope is 1 (u >= -l), so for y = 0
+    # z0 - z1 = 2 r2 + 0.25 >= 2 h2 + 0.25 >= -3.75 (looser than IBP's 0.25 here: no order is assumed);
+    # for y = 1, -2 r2 - 0.25 >= -2 (h2 / 2 + 1) - 0.25 >= -4.25, the exact minimum.
+    m = CROWN()(hand_net(), HAND_X, HAND_Y, HAND_THREAT).margin_lower
+    assert torch.allclose(m, torch.tensor([[0.0, -3.75], [-4.25, 0.0]]))
+    # alpha-CROWN moves the slope to 0 and reaches the exact minimum 0.25
+    m = AlphaCROWN(alpha_steps=10)(hand_net(), HAND_X, HAND_Y, HAND_THREAT).margin_lower
+    assert torch.allclose(m, torch.tensor([[0.0, 0.25], [-4.25, 0.0]]))
+    pre = intermediate_bounds(hand_net(), HAND_X, HAND_THREAT)
+    assert len(pre) == 1
+    assert torch.allclose(pre[0][0], torch.tensor([[-1.5, -2.0]] * 2))
+    assert torch.allclose(pre[0][1], torch.tensor([[2.5, 2.0]] * 2))
+
+
+def _grid_minimum(net: nn.Sequential, x0: torch.Tensor, y: int, eps: float) -> torch.Tensor:
+    """Minimum of the margins over a dense 301 x 301 grid of the (2-D) Linf ball ∩ box, (K,).
+
+    It is >= the true minimum, so every sound lower bound must lie below it.
+    """
+    lo, hi = (x0 - eps).clamp(0, 1), (x0 + eps).clamp(0, 1)
+    t = torch.linspace(0, 1, 301)
+    grid = torch.stack(torch.meshgrid(lo[0] + t * (hi[0] - lo[0]), lo[1] + t * (hi[1] - lo[1]), indexing="ij"), -1)
+    with torch.no_grad():
+        z = net(grid.reshape(-1, 2))
+    return (z[:, y:y + 1] - z).amin(0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), eps=st.floats(0.01, 0.5))
+def test_two_dimensional_inputs_against_a_dense_grid(seed, eps):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x0 = torch.rand(1, 2)
+    threat = ThreatModel("Linf", eps)
+    grid_min = _grid_minimum(net, x0[0], 1, eps)
+    for cert in (IBP(), CROWN(), AlphaCROWN(alpha_steps=5)):
+        bound = cert(net, x0, torch.tensor([1]), threat).margin_lower[0]
+        assert (bound <= grid_min + 1e-5).all(), cert.name
+
+
+def test_linear_network_bounds_are_exact():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3)).eval()
+    x, y, eps = torch.full((1, 3), 0.5), torch.tensor([2]), 0.1
+    w = net[1].weight @ net[0].weight
+    c = w[2] - w  # margin coefficients (3, 3)
+    with torch.no_grad():
+        z = net(x)
+    exact = (z[:, 2:3] - z)[0] - eps * c.abs().sum(1)
+    assert torch.allclose(CROWN()(net, x, y, ThreatModel("Linf", eps)).margin_lower[0], exact, atol=1e-5)
+    # IBP is exact only through one affine layer (the folded spec), not through two
+    ibp = IBP()(net, x, y, ThreatModel("Linf", eps)).margin_lower[0]
+    assert (ibp <= exact + 1e-6).all() and (ibp < exact - 1e-3).any()
+    single = nn.Sequential(nn.Linear(3, 3)).eval()
+    with torch.no_grad():
+        single[0].weight.copy_(w)
+        single[0].bias.copy_(net(torch.zeros(1, 3))[0])
+    assert torch.allclose(IBP()(single, x, y, ThreatModel("Linf", eps)).margin_lower[0], exact, atol=1e-5)
+    exact_l2 = (z[:, 2:3] - z)[0] - eps * c.norm(dim=1)
+    assert torch.allclose(CROWN()(net, x, y, ThreatModel("L2", eps)).margin_lower[0], exact_l2, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_eps_zero_equals_logits_and_eps_positive_separates_bounds(norm):
+    torch.manual_seed(1)
+    model, shape = random_net("conv", 1)
+    x, y = torch.rand(2, *shape), torch.tensor([0, 2])
+    with torch.no_grad():
+        z = model(x)
+    for cert in (CROWN(), AlphaCROWN(alpha_steps=2)):
+        m = cert(model, x, y, ThreatModel(norm, 0.0)).margin_lower
+        assert torch.allclose(m, z.gather(1, y[:, None]) - z, atol=1e-4)
+    for lo, hi in intermediate_bounds(model, x, ThreatModel(norm, 0.05)):
+        assert (lo < hi).all()
+    m = CROWN()(model, x, y, ThreatModel(norm, 0.05)).margin_lower
+    off = torch.ones_like(m, dtype=torch.bool).scatter(1, y[:, None], False)
+    assert (m[off] < (z.gather(1, y[:, None]) - z)[off]).all()
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_patch_walk_equals_dense_walk(norm, monkeypatch):
+    torch.manual_seed(0)
+    model, shape = random_net("conv", 3)
+    x, threat = torch.rand(2, *shape), ThreatModel(norm, 0.08)
+    graph = build_graph(model, shape)
+    with torch.no_grad():
+        with_patches = Propagator(graph, x, threat)
+        with_patches.compute_bounds()
+        monkeypatch.setattr(patches, "eligible", lambda g, s: False)
+        dense = Propagator(graph, x, threat)
+        dense.compute_bounds()
+    for i in with_patches.boxes:
+        assert torch.allclose(with_patches.boxes[i][0], dense.boxes[i][0], atol=1e-5)
+        assert torch.allclose(with_patches.boxes[i][1], dense.boxes[i][1], atol=1e-5)
+
+
+def test_memory_chunking_and_batching_do_not_change_bounds():
+    torch.manual_seed(0)
+    model, shape = random_net("lenet", 5)
+    x, y, threat = torch.rand(4, *shape), torch.tensor([0, 1, 2, 0]), ThreatModel("Linf", 0.05)
+    full = CROWN()(model, x, y, threat).margin_lower
+    tiny = CROWN(memory_mb=0.01)(model, x, y, threat).margin_lower
+    one_by_one = torch.cat([CROWN()(model, x[i:i + 1], y[i:i + 1], threat).margin_lower for i in range(4)])
+    assert torch.allclose(full, tiny, atol=1e-5)
+    assert torch.allclose(full, one_by_one, atol=1e-5)
+
+
+def test_alpha_crown_never_looser_than_crown():
+    model, shape = random_net("mlp", 7)
+    x, y, threat = torch.rand(3, *shape), torch.tensor([0, 1, 2]), ThreatModel("Linf", 0.1)
+    crown = CROWN()(model, x, y, threat).margin_lower
+    alpha = AlphaCROWN(alpha_steps=10)(model, x, y, threat).margin_lower
+    assert (alpha >= crown - 1e-6).all() and (alpha > crown + 1e-4).any()
+
+
+def test_lenet_and_mnist_cnn_are_certifiable():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 28, 28)
+    for model in (mnist_lenet().eval(), mnist_cnn().eval()):
+        with torch.no_grad():
+            z = model(x)
+        y = z.argmax(1)
+        clean = z.gather(1, y[:, None]) - z
+        threat = ThreatModel("Linf", 1e-6)
+        for cert in (IBP(), CROWN()):
+            result = cert(model, x, y, threat)
+            assert torch.allclose(result.margin_lower, clean, atol=1e-2), cert.name
+            clear = clean.scatter(1, y[:, None], 1.0).amin(1) > 1e-2
+            assert clear.any() and result.certified[clear].all(), cert.name
+        assert CROWN()(model, x, y, ThreatModel("Linf", 0.02)).margin_lower.shape == (2, 10)
+
+
+def test_crown_margins_are_differentiable():
+    model, shape = random_net("lenet", 2)
+    x, y = torch.rand(2, *shape), torch.tensor([0, 1])
+    margin = CROWN().bound_margins(model, x, y, ThreatModel("Linf", 0.05))
+    margin.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), kernel=st.sampled_from([(2, 2), (3, 3), (2, 3)]),
+       stride=st.sampled_from([(1, 1), (2, 2), (2, 1)]), pad=st.sampled_from([(0, 0), (1, 1)]))
+def test_maxpool_relaxation_holds_on_its_box(seed, kernel, stride, pad):
+    pad = tuple(min(p, k // 2) for p, k in zip(pad, kernel))
+    g = torch.Generator().manual_seed(seed)
+    pool = MaxPoolOp(kernel, stride, pad, (1, 1), (2, 5, 5))
+    lo = torch.randn(1, 2, 5, 5, generator=g)
+    hi = lo + torch.rand(1, 2, 5, 5, generator=g) * torch.randint(0, 2, (1, 2, 5, 5), generator=g) * 2
+    relax = maxpool_relaxation(pool, lo, hi)
+    pts = lo + (hi - lo) * torch.rand(200, 2, 5, 5, generator=g)
+    corners = torch.where(torch.rand(100, 2, 5, 5, generator=g) < 0.5, lo, hi)
+    for p in (pts, corners):
+        y = pool.forward(p)
+        win = pool.windows(p).nan_to_num(neginf=0.0)
+        lower = (relax.lower_slope * win).sum(-1)
+        upper = (relax.upper_slope * win).sum(-1) + relax.upper_intercept
+        assert (lower <= y + 1e-5).all() and (y <= upper + 1e-5).all()
+
+
+def test_parameter_checks():
+    for kwargs in ({"alpha_steps": -1}, {"alpha_steps": 1.5}, {"alpha_lr": 0}, {"memory_mb": 0}):
+        with pytest.raises(UserInputError):
+            CROWN(**kwargs)
+    with pytest.raises(TypeError):
+        CROWN(3)  # keyword-only
+
+
+def test_residual_and_functional_relu_networks_are_bounded():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(x + self.b(torch.nn.functional.relu(self.a(x))))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), Block(), Block(), nn.Linear(4, 2)).eval()
+    x, y, threat = torch.rand(3, 2), torch.tensor([0, 1, 0]), ThreatModel("Linf", 0.2)
+    bound = CROWN()(model, x, y, threat).margin_lower
+    corners = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=2)))
+    for c in corners:
+        pt = threat.project(x + 0.2 * c, x)
+        with torch.no_grad():
+            z = model(pt)
+        assert (bound <= z.gather(1, y[:, None]) - z + 1e-5).all()
