@@ -18,6 +18,7 @@ Shapes: x (N, C, H, W) (or (N, D) / (N, C, L), treated as images of height 1), y
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -87,15 +88,6 @@ def positions(u: Tensor, size: int, s: int) -> Tensor:
     return (u * (size - s + 1)).long().clamp_(0, size - s)
 
 
-def window_mask(corner_h: Tensor, corner_w: Tensor, s: int, h: int, w: int) -> Tensor:
-    """(n, 1, h, w) bool mask of the s x s window at each example's corner."""
-    rows = torch.arange(h, device=corner_h.device)
-    cols = torch.arange(w, device=corner_w.device)
-    in_rows = (rows[None] >= corner_h[:, None]) & (rows[None] < corner_h[:, None] + s)
-    in_cols = (cols[None] >= corner_w[:, None]) & (cols[None] < corner_w[:, None] + s)
-    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
-
-
 def window_index(corner_h: Tensor, corner_w: Tensor, s: int) -> tuple[Tensor, Tensor, Tensor]:
     """Advanced-indexing tensors of the s x s windows at per-example corners (for get/set_window)."""
     steps = torch.arange(s, device=corner_h.device)
@@ -128,8 +120,11 @@ def _nested_squares(a: int, b: int, device: torch.device) -> Tensor:
     return pattern / pattern.norm().clamp_min(_TINY)
 
 
+@functools.lru_cache(maxsize=256)
 def l2_pattern(s: int, device: torch.device) -> Tensor:
-    """The paper's L2 update pattern (Sec. 3.2): two opposite unit-norm nested-square halves, unit L2 norm."""
+    """The paper's L2 update pattern (Sec. 3.2): two opposite unit-norm nested-square halves, unit L2 norm.
+
+    Cached per (s, device): callers must not modify the returned tensor in place."""
     top = _nested_squares(s // 2, s, device)
     bottom = -_nested_squares(s - s // 2, s, device)
     pattern = torch.cat([top, bottom], dim=0)
@@ -298,11 +293,14 @@ class Square(Attack):
         h1, w1 = positions(u[:, 0], h, s), positions(u[:, 1], w, s)
         h2, w2 = positions(u[:, 2], h, s), positions(u[:, 3], w, s)
         delta = best - images
-        first = window_index(h1, w1, s)
+        first, second = window_index(h1, w1, s), window_index(h2, w2, s)
         window = get_window(delta, first)
         window_norm = window.flatten(2).norm(dim=2)[:, :, None, None]
         image_norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        both = window_mask(h1, w1, s, h, w) | window_mask(h2, w2, s, h, w)
+        both = images.new_zeros(n, 1, h, w)  # the union of the two windows
+        ones = images.new_ones(n, 1, s, s)
+        set_window(both, first, ones)
+        set_window(both, second, ones)
         both_norm = (delta * both).flatten(2).norm(dim=2)[:, :, None, None]
 
         base = l2_pattern(s, images.device)
@@ -310,7 +308,7 @@ class Square(Attack):
         new = pattern * signs(u[:, 5:5 + c])[:, :, None, None] + window / (window_norm + _TINY)
         budget = ((eps ** 2 - image_norm ** 2).clamp_min(0) / c + both_norm ** 2).sqrt()
         new = new / (new.flatten(2).norm(dim=2)[:, :, None, None] + _TINY) * budget
-        set_window(delta, window_index(h2, w2, s), torch.zeros_like(new))
+        set_window(delta, second, torch.zeros_like(new))
         set_window(delta, first, new)
         scale = eps / delta.flatten(1).norm(dim=1).clamp_min(_TINY)
         return (images + delta * scale.view(-1, 1, 1, 1)).clamp(lo, hi)
