@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import cvxpy as cp
@@ -138,7 +139,9 @@ class LP(ConvexCertifier):
     def solve(self, problem: LPProblem, net: DenseReLUNet, rel: Relaxation, c: np.ndarray, warm: bool) -> Solved:
         problem.set(net, rel, c)
         start = time.perf_counter()
-        problem.problem.solve(solver=self.solver, **{_TIME_OPTION[self.solver]: self.time_limit})
+        with warnings.catch_warnings():  # "may be inaccurate": the verified bound accounts for it
+            warnings.simplefilter("ignore", UserWarning)
+            problem.problem.solve(solver=self.solver, **{_TIME_OPTION[self.solver]: self.time_limit})
         seconds = time.perf_counter() - start
         bound = lp_bound(net, rel, c, duals_of(problem.families))
         timed_out = seconds >= 0.95 * self.time_limit and problem.problem.status != cp.OPTIMAL

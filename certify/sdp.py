@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 
 import cvxpy as cp
 import numpy as np
@@ -132,8 +133,10 @@ class SDP(ConvexCertifier):
                 raw = "time limit"
                 break
             chunk = min(self.chunk_iters, self.max_iters - done)
-            problem.problem.solve(solver=cp.SCS, eps_abs=self.eps, eps_rel=self.eps, max_iters=chunk,
-                                  time_limit_secs=left, warm_start=self.warm_start and (warm or done > 0))
+            with warnings.catch_warnings():  # "may be inaccurate": the verified bound accounts for it
+                warnings.simplefilter("ignore", UserWarning)
+                problem.problem.solve(solver=cp.SCS, eps_abs=self.eps, eps_rel=self.eps, max_iters=chunk,
+                                      time_limit_secs=left, warm_start=self.warm_start and (warm or done > 0))
             stats = problem.problem.solver_stats
             done += int(getattr(stats, "num_iters", None) or chunk)
             raw = _scs_status(problem.problem)
