@@ -414,3 +414,20 @@ def test_hsja_success_only_inside_the_ball(seed, eps):
     assert threat.contains(result.x_adv, x).all()
     assert (result.distance[result.success] <= eps + 1e-6).all()
     assert not math.isnan(float(result.distance.sum()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.1), ("L2", 0.5)])
+def test_square_at_least_as_strong_as_the_reference(digits, norm, eps):
+    """Same model, examples and budget as pyautoattack's SquareAttack: robust accuracy no higher
+    (one example of slack for randomness)."""
+    from pyautoattack.square import SquareAttack
+
+    model, x, y = digits
+    ours = Square(n_queries=1000)(model, x, y, ThreatModel(norm, eps))
+    reference = SquareAttack(lambda z: model(z), norm=norm, n_queries=1000, eps=eps, p_init=0.8, seed=0,
+                             device="cpu")
+    with torch.no_grad():
+        adv = reference.perturb(x, y)
+        reference_robust = int((model(adv).argmax(dim=1) == y).sum())
+    assert int((~ours.success).sum()) <= reference_robust + 1
