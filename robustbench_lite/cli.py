@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--download", action="store_true", help="download torchvision datasets when missing")
     ev.add_argument("--data-dir", type=Path, default=None, help="where torchvision datasets live")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--masking-checks", action="store_true",
+                    help="also run the gradient-masking checks that re-run small attacks (checks.ATTACK_CHECKS)")
     ev.set_defaults(handler=cmd_evaluate)
 
     zoo = sub.add_parser("zoo", help="the model zoo").add_subparsers(dest="zoo_command", metavar="ACTION")
@@ -118,11 +120,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     dataset = load_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download)
     model, info = load_model_with_info(args.model, arch=args.arch, device=args.device)
+    from .checks import ATTACK_CHECKS, CHECKS
+
     bar = _progress_bar(args)
     try:
         result = evaluate(model, dataset, threat, attacks=attacks, certifiers=certifiers, n_examples=args.n_examples,
                           batch_size=args.batch_size, seed=args.seed, device=args.device,
-                          individual=args.individual, progress=bar)
+                          individual=args.individual, progress=bar,
+                          checks=CHECKS + ATTACK_CHECKS if args.masking_checks else None)
     except SoundnessError as err:
         if getattr(err, "result", None) is not None and not args.json:
             print(format_result(err.result, info.name, None, time.perf_counter() - started))

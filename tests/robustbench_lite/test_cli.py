@@ -59,6 +59,17 @@ def test_progress_bar_path(tmp_path, capsys):
     assert "robust (worst case)" in out.out and "Traceback" not in out.err
 
 
+def test_masking_checks_option_runs_the_attack_checks(tmp_path, capsys, monkeypatch):
+    from robustbench_lite import checks
+
+    calls = []
+    monkeypatch.setattr(checks, "ATTACK_CHECKS", [lambda ctx: calls.append(ctx.x.shape[0])])
+    assert cli.main(evaluate_args(tmp_path, "--no-write", "--certifiers", "none")) == 0
+    assert calls == []
+    assert cli.main(evaluate_args(tmp_path, "--no-write", "--certifiers", "none", "--masking-checks")) == 0
+    assert calls == [30]
+
+
 def test_json_and_no_write(tmp_path, capsys):
     assert cli.main(evaluate_args(tmp_path, "--json", "--no-write", "--attacks", "fgsm,pgd", "--certifiers", "none",
                                   "--individual")) == 0
