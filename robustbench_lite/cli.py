@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="torch device")
     ev.add_argument("--leaderboard-dir", type=Path, default=None, help="default: $RBL_LEADERBOARD_DIR or leaderboards/")
     ev.add_argument("--no-write", action="store_true", help="do not write the leaderboard record")
+    ev.add_argument("--replace", action="store_true", help="overwrite the model's record instead of merging into it")
     ev.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
     ev.add_argument("--download", action="store_true", help="download torchvision datasets when missing")
     ev.add_argument("--data-dir", type=Path, default=None, help="where torchvision datasets live")
@@ -136,7 +137,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     record = build_record(result, info, model)
-    path = None if args.no_write else write_record(record, args.leaderboard_dir)
+    path = None if args.no_write else write_record(record, args.leaderboard_dir, replace=args.replace)
     if args.json:
         print(json.dumps(read_record(path) if path else record, indent=1))
     else:

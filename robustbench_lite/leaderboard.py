@@ -249,6 +249,13 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     (robust = correct and broken by no attack of either run). Different weights or examples:
     the new record replaces the old one."""
     if not _same_evaluation(old, new):
+        if (old["model"].get("weights_sha256") == new["model"].get("weights_sha256")
+                and old["threat_model"] == new["threat_model"]
+                and old["dataset"]["n_examples"] > new["dataset"]["n_examples"]):
+            raise UserInputError(
+                f"the existing record of {new['model']['name']} covers {old['dataset']['n_examples']} examples and "
+                f"this run {new['dataset']['n_examples']}: not replacing it with a smaller evaluation "
+                "(use --no-write, another --leaderboard-dir, or --replace)")
         log.info("replacing %s: the weights or the evaluated examples changed", new["model"]["name"])
         return new
     merged = copy.deepcopy(new)
@@ -334,14 +341,16 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def write_record(record: dict[str, Any], root: str | Path | None = None) -> Path:
-    """Validate, merge into an existing record of the same model, and write atomically; returns the path."""
+def write_record(record: dict[str, Any], root: str | Path | None = None, replace: bool = False) -> Path:
+    """Validate, merge into an existing record of the same model (``replace``: overwrite it instead),
+    and write atomically; returns the path. A corrupt existing file is never overwritten."""
     validate_record(record)
     path = record_path(default_leaderboard_dir() if root is None else root, record)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _folder_lock(path.parent):
         if path.exists():
-            record = merge_records(read_record(path), record)
+            old = read_record(path)
+            record = record if replace else merge_records(old, record)
             validate_record(record)
         atomic_write_json(path, record)
     log.info("wrote %s", path)

@@ -147,6 +147,15 @@ def test_mismatched_checkpoint(mismatched_checkpoint, capsys, tmp_path):
     assert "mlp.safetensors" in line
 
 
+def test_smaller_run_needs_replace(tmp_path, capsys):
+    assert cli.main(evaluate_args(tmp_path)) == 0
+    small = [a if a != "30" else "10" for a in evaluate_args(tmp_path)]
+    assert "not replacing it with a smaller evaluation" in one_error_line(capsys, cli.main(small))
+    assert leaderboard.read_record(record_file(tmp_path))["dataset"]["n_examples"] == 30
+    assert cli.main([*small, "--replace"]) == 0
+    assert leaderboard.read_record(record_file(tmp_path))["dataset"]["n_examples"] == 10
+
+
 def test_corrupt_record_is_an_error_and_kept(tmp_path, capsys):
     path = record_file(tmp_path)
     path.parent.mkdir(parents=True)

@@ -103,6 +103,19 @@ def test_new_weights_replace_the_old_record(tmp_path):
     assert [a["name"] for a in rec["attacks"]] == ["pgd"] and rec["model"]["weights_sha256"] == "cd" * 32
 
 
+def test_a_smaller_evaluation_does_not_replace_a_larger_one(tmp_path):
+    path = write_record(record(("fgsm",), n=24), tmp_path)
+    before = path.read_bytes()
+    with pytest.raises(UserInputError, match="covers 24 examples and this run 12"):
+        write_record(record(("pgd",), n=12), tmp_path)
+    assert path.read_bytes() == before
+    write_record(record(("pgd",), n=12), tmp_path, replace=True)
+    rec = read_record(path)
+    assert rec["dataset"]["n_examples"] == 12 and [a["name"] for a in rec["attacks"]] == ["pgd"]
+    write_record(record(("fgsm",), n=24), tmp_path)  # a larger one replaces a smaller one
+    assert read_record(path)["dataset"]["n_examples"] == 24
+
+
 class CertifyCorrect(Certifier):
     """Unsound: certifies every correctly classified point."""
 
