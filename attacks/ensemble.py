@@ -142,11 +142,24 @@ class AutoAttack(Attack):
         return AttackResult(x_adv=x_adv, success=~robust, queries=queries, flags=flags)
 
 
+class _Collect(logging.Handler):
+    """Keeps the reference's own warnings (it logs to the "auto-attack" logger) to re-log them here."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 class AutoAttackRef(Attack):
     """``pyautoattack.AutoAttack(version=...)`` on the same model and examples, as an AttackResult.
 
-    The reference prints and logs; here it runs with ``verbose`` off and stdout captured, and its
-    ``torch.manual_seed`` calls cannot leak: the global RNG state is restored afterwards. Inputs must be
+    The reference prints and logs; here it runs with ``verbose`` off and stdout captured, its own
+    warnings (e.g. its Square check) are re-logged through this module's logger and counted in
+    ``flags["reference_warnings"]``, and its ``torch.manual_seed`` calls cannot leak: the global RNG
+    state is restored afterwards. Inputs must be
     in [0, 1] (the reference assumes it). For models with fewer than 10 classes the number of targets
     is lowered to classes - 1 (the reference would index out of range) and recorded in ``flags``.
 
@@ -179,15 +192,28 @@ class AutoAttackRef(Attack):
         if n_classes < 4:
             raise UserInputError(f"autoattack-ref needs >= 4 classes (its targeted DLR loss), the model has {n_classes}")
         devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), warnings.catch_warnings(), \
-                contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            reference = ReferenceAutoAttack(model, norm=threat.norm, eps=threat.eps, version=self.version,
-                                            seed=self.seed, device=x.device)
-            reference.verbose = False
-            if n_classes - 1 < 9:
-                reference.apgd_targeted.n_target_classes = n_classes - 1
-                reference.fab.n_target_classes = n_classes - 1
-                flags["n_target_classes"] = n_classes - 1
-            x_adv, y_adv = reference.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        collected = _Collect()
+        reference_log = logging.getLogger("auto-attack")
+        propagate = reference_log.propagate
+        reference_log.addHandler(collected)
+        reference_log.propagate = False
+        try:
+            with torch.random.fork_rng(devices=devices), warnings.catch_warnings(), \
+                    contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                reference = ReferenceAutoAttack(model, norm=threat.norm, eps=threat.eps, version=self.version,
+                                                seed=self.seed, device=x.device)
+                reference.verbose = False
+                if n_classes - 1 < 9:
+                    reference.apgd_targeted.n_target_classes = n_classes - 1
+                    reference.fab.n_target_classes = n_classes - 1
+                    flags["n_target_classes"] = n_classes - 1
+                x_adv, y_adv = reference.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        finally:
+            reference_log.removeHandler(collected)
+            reference_log.propagate = propagate
+        for message in collected.messages:
+            log.warning("autoattack-ref: %s", message)
+        if collected.messages:
+            flags["reference_warnings"] = len(collected.messages)
         return AttackResult(x_adv=x_adv.detach(), success=y_adv != y, flags=flags)

@@ -94,3 +94,14 @@ def test_full_standard_suite_no_weaker_than_the_reference():
     pgd = PGD()(model, x, y, LINF)
     assert int((~ours.success).sum()) <= int((~pgd.success).sum())
     assert int((~ours.success).sum()) <= int((~reference.success).sum()) + 1
+
+
+def test_reference_warnings_are_relogged_and_counted_not_printed(capsys, caplog):
+    model = torch.nn.Sequential(trained_mlp(), torch.nn.Softmax(dim=1))  # the reference warns on probabilities
+    x, y = held_out(n=8)
+    with caplog.at_level("WARNING", logger="attacks.ensemble"):
+        result = AutoAttackRef()(model, x, y, ThreatModel("L2", 2.0))
+    assert result.flags["reference_warnings"] >= 1
+    assert any("probability" in r.getMessage() for r in caplog.records if r.name == "attacks.ensemble")
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
