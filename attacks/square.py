@@ -60,7 +60,8 @@ def as_images(x: Tensor) -> Tensor:
         return x.view(x.shape[0], x.shape[1], 1, x.shape[2])
     if x.dim() == 4:
         return x
-    raise UserInputError(f"black-box attacks take inputs of shape (N, D), (N, C, L) or (N, C, H, W); got {tuple(x.shape)}")
+    raise UserInputError(
+        f"black-box attacks take inputs of shape (N, D), (N, C, L) or (N, C, H, W); got {tuple(x.shape)}")
 
 
 def settle(threat: ThreatModel, x_adv: Tensor, x: Tensor, rounds: int = 4) -> Tensor:
@@ -227,11 +228,12 @@ class Square(Attack):
                 done[idx[fooled]] = True
                 used[idx[fooled]] += it + 1
                 stay = ~fooled
-                idx, clean, current, current_loss, labels = idx[stay], clean[stay], current[stay], current_loss[stay], labels[stay]
-                noise = noise[stay]
+                idx, clean, current, labels = idx[stay], clean[stay], current[stay], labels[stay]
+                current_loss, noise = current_loss[stay], noise[stay]
                 goal = None if goal is None else goal[stay]
         best[idx] = current
         used[idx] += iterations
+        log.debug("square: %d/%d examples fooled, %d queries", int(done.sum()), n, int(used.sum()))
         x_adv = settle(threat, best, images)
         return AttackResult(x_adv=x_adv.view_as(x), success=done, flags=self._flags(done, used))
 
