@@ -112,7 +112,7 @@ class Propagator:
                 lo2, hi2 = self.boxes[node.inputs[1]]
                 self.boxes[i] = (lo + lo2, hi + hi2)
             else:
-                c, r = node.op.forward((hi + lo) / 2), node.op.forward_abs((hi - lo) / 2)
+                c, r = node.op.forward((hi + lo) * 0.5), node.op.forward_abs((hi - lo) * 0.5)
                 self.boxes[i] = (c - r, c + r)
             if i in self.needed and node.kind in ("affine", "add") and not self._interval_exact(i):
                 self.boxes[i] = self._refine(i)
@@ -240,12 +240,13 @@ class CROWN(Certifier):
         alpha_lr: Adam step size of the slopes.
         memory_mb: budget for the coefficient tensors; examples and neurons are chunked to fit.
 
-    Shapes: x (N, ...) in the box, y (N,) int64; margins (N, K). Differentiable in the parameters
-    (plain CROWN) for certified training.
+    Shapes: x (N, ...) in the box, y (N,) int64; margins (N, K). ``bound_margins`` called under grad
+    mode is differentiable in the parameters (CROWN-style certified training); the evaluator's
+    ``certifier(model, x, y, threat)`` runs without autograd to save the memory of the graph.
     """
 
     name = "crown"
-    differentiable = True
+    differentiable = False
 
     def __init__(self, *, alpha_steps: int = 0, alpha_lr: float = 0.5, memory_mb: float = 1024.0) -> None:
         if not isinstance(alpha_steps, int) or alpha_steps < 0:
@@ -255,8 +256,6 @@ class CROWN(Certifier):
         if not (isinstance(memory_mb, (int, float)) and memory_mb > 0):
             raise UserInputError(f"memory_mb must be > 0, got {memory_mb!r}")
         self.alpha_steps, self.alpha_lr, self.memory_mb = alpha_steps, float(alpha_lr), float(memory_mb)
-        if alpha_steps:
-            self.differentiable = False
 
     def check_supported(self, model: nn.Module) -> None:
         check_supported(model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -111,14 +112,26 @@ def _problem(name: str, m: nn.Module) -> str | None:
     return None
 
 
+#: model -> (its module structure, fx graph): only the STRUCTURE is cached; weights, BatchNorm
+#: statistics and shapes are read afresh on every build, and a changed submodule invalidates it
+_TRACES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def _trace(model: nn.Module) -> tuple[torch.fx.Graph, dict[str, nn.Module]]:
     if not isinstance(model, nn.Module):
         raise UserInputError(f"expected an nn.Module, got {type(model).__name__}")
+    modules = dict(model.named_modules())
+    structure = tuple((name, id(m), type(m)) for name, m in modules.items())
+    cached = _TRACES.get(model)
+    if cached is not None and cached[0] == structure:
+        return cached[1], modules
     try:
-        return _Tracer().trace(model), dict(model.named_modules())
+        graph = _Tracer().trace(model)
     except Exception as exc:
         raise UserInputError(f"cannot trace {type(model).__name__} into a graph of supported layers "
                              f"(data-dependent control flow?): {type(exc).__name__}: {exc}") from None
+    _TRACES[model] = (structure, graph)
+    return graph, modules
 
 
 def _kind(fx_node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str | None]:

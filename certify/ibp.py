@@ -61,7 +61,7 @@ def interval_bounds(graph: Graph, lower: Tensor, upper: Tensor, last: int | None
         elif node.kind == "maxpool":
             out.append((node.op.forward(lo), node.op.forward(hi)))
         else:
-            centre, radius = node.op.forward((hi + lo) / 2), node.op.forward_abs((hi - lo) / 2)
+            centre, radius = node.op.forward((hi + lo) * 0.5), node.op.forward_abs((hi - lo) * 0.5)
             out.append((centre - radius, centre + radius))
     return out
 

@@ -208,8 +208,8 @@ class Relaxation:
             if lower_slope is not None:
                 low = torch.where(self.unstable.unsqueeze(1), lower_slope, low)
             return a * torch.where(a >= 0, low, self.upper_slope.unsqueeze(1)), bias
-        pos = a.clamp(min=0)
-        weights = pos.unsqueeze(-1) * self.lower_slope.unsqueeze(1) + neg.unsqueeze(-1) * self.upper_slope.unsqueeze(1)
+        a = a.unsqueeze(-1)
+        weights = a * torch.where(a >= 0, self.lower_slope.unsqueeze(1), self.upper_slope.unsqueeze(1))
         lead = weights.shape[:2]
         out = self.pool.scatter(weights.reshape(-1, *weights.shape[2:]))
         return out.reshape(*lead, *out.shape[1:]), bias

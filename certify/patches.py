@@ -136,10 +136,10 @@ class PatchWalk:
             u = _unfold(t.permute(0, 1, 4, 2, 3).reshape(n, c * k, ho, wo), geometry, size, grid, sel)
             return u.reshape(n, -1, c, k, *size).unsqueeze(2)
 
-        pos, neg = a.clamp(min=0), a.clamp(max=0)
         icpt = _unfold(r.upper_intercept, geometry, size, grid, sel).unsqueeze(2)
-        bias = (neg * icpt).flatten(3).sum(-1)
-        weights = pos.unsqueeze(4) * unfold_windows(r.lower_slope) + neg.unsqueeze(4) * unfold_windows(r.upper_slope)
+        bias = (a.clamp(max=0) * icpt).flatten(3).sum(-1)
+        a = a.unsqueeze(4)
+        weights = a * torch.where(a >= 0, unfold_windows(r.lower_slope), unfold_windows(r.upper_slope))
         a = fold_windows(weights, pool.kernel, pool.stride, pool.dilation)
         out_size = tuple(a.shape[-2:])
         geometry = self._shift(geometry, pool.stride, pool.padding)

@@ -1,0 +1,144 @@
+"""Speed of the bound propagators: IBP and CROWN against a forward pass, and CROWN on a max-pool LeNet.
+
+    OMP_NUM_THREADS=1 python benchmarks/certify.py            # everything, one table per part
+    OMP_NUM_THREADS=1 python benchmarks/certify.py --quick    # fewer repeats
+
+Part 1: bounds per second of IBP and CROWN on the zoo models (shipped weights where the zoo has
+them, else random) next to a forward pass; IBP should cost a small constant number of passes.
+Part 2: CROWN margins of 20 and 100 MNIST test images on ``mnist-lenet`` (two conv + max-pool
+blocks), trained here for two epochs of mnist5k: wall and CPU seconds and peak resident memory,
+each case in its own process so the peak is its own. For scale (issue 4): a leading verification
+library needs ~22 s and several GB for 20 images and runs out of 24 GB at 100.
+Nothing is written to the repository.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from certify import CROWN, IBP  # noqa: E402
+from robustbench_lite.data import load_dataset  # noqa: E402
+from robustbench_lite.threat import ThreatModel  # noqa: E402
+from robustbench_lite.zoo.architectures import build  # noqa: E402
+
+REFERENCE_SECONDS_20 = 22.0  # the peer's CROWN time for 20 LeNet images (issue 4)
+
+
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    """Best wall and CPU seconds of ``repeats`` calls (the machine is shared: best is the least noisy)."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return min(wall), min(cpu)
+
+
+def _zoo_model(name: str, arch: str):
+    try:
+        from robustbench_lite.zoo import load_model
+        return load_model(name, verify=False), name
+    except Exception:  # the zoo entry is not there: random weights, same architecture
+        torch.manual_seed(0)
+        return build(arch).eval(), f"{arch} (random weights)"
+
+
+def lenet(epochs: int = 2):
+    """mnist-lenet trained briefly on mnist5k (seeded), so that bounds see realistic weights."""
+    torch.manual_seed(0)
+    data = load_dataset("mnist5k", "train")
+    model = build("mnist-lenet")
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(data.y)).split(64):
+            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def part1(repeats: int) -> None:
+    test = load_dataset("mnist5k", "test")
+    digits = load_dataset("digits", "test")
+    cases = [("mnist5k-cnn-standard", "mnist-cnn", test, 0.1), ("mnist5k-cnn-pgd-at", "mnist-cnn", test, 0.1),
+             ("digits-mlp-standard", "digits-mlp", digits, 0.05), (None, "mnist-lenet", test, 0.02)]
+    print("part 1: bounds per second (one thread), margins of N examples")
+    print(f"{'model':34s} {'eps':>5s} {'N':>4s} {'forward/s':>10s} {'IBP/s':>9s} {'IBP in fwd':>10s} "
+          f"{'CROWN/s':>8s} {'CROWN in fwd':>12s} {'IBP cert':>8s} {'CROWN cert':>10s}")
+    for name, arch, data, eps in cases:
+        model, label = (lenet(), "mnist-lenet (trained 2 epochs)") if name is None else _zoo_model(name, arch)
+        threat = ThreatModel("Linf", eps)
+        n = 100
+        x, y = data.x[:n], data.y[:n]
+        with torch.no_grad():
+            _, fwd = _timed(lambda: model(x), repeats * 3)
+            _, ibp = _timed(lambda: IBP()(model, x, y, threat), repeats)
+            _, crown = _timed(lambda: CROWN()(model, x[:20], y[:20], threat), max(1, repeats // 2))
+            ibp_cert = IBP()(model, x, y, threat).certified.float().mean().item()
+            crown_cert = CROWN()(model, x[:20], y[:20], threat).certified.float().mean().item()
+        print(f"{label:34s} {eps:5.2f} {n:4d} {n / fwd:10.0f} {n / ibp:9.0f} {ibp / fwd:10.1f} "
+              f"{20 / crown:8.1f} {crown / 20 / (fwd / n):12.0f} {ibp_cert:8.2f} {crown_cert:10.2f}")
+
+
+def part2_case(n: int, eps: float, memory_mb: float) -> dict:
+    model = lenet()
+    test = load_dataset("mnist5k", "test")
+    x, y = test.x[:n], test.y[:n]
+    threat = ThreatModel("Linf", eps)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        t, c = time.perf_counter(), time.process_time()
+        result = CROWN(memory_mb=memory_mb)(model, x, y, threat)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"n": n, "eps": eps, "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak / 1024,
+            "rss_growth_mb": (peak - before) / 1024, "certified": result.certified.float().mean().item()}
+
+
+def part2(eps_list: list[float], memory_mb: float) -> None:
+    print(f"\npart 2: CROWN margins on mnist-lenet with max-pool (memory_mb={memory_mb:g}); "
+          f"peer reference: {REFERENCE_SECONDS_20:g} s for 20, out of memory (24 GB) at 100")
+    print(f"{'N':>4s} {'eps':>5s} {'wall s':>8s} {'cpu s':>7s} {'peak RSS MB':>11s} {'growth MB':>9s} "
+          f"{'certified':>9s} {'x faster (cpu, N=20)':>20s}")
+    for eps in eps_list:
+        for n in (20, 100):
+            out = subprocess.run([sys.executable, __file__, "--case", str(n), "--eps", str(eps),
+                                  "--memory-mb", str(memory_mb)], capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            ratio = f"{REFERENCE_SECONDS_20 / r['cpu_s']:20.1f}" if n == 20 else f"{'':20s}"
+            print(f"{n:4d} {eps:5.2f} {r['wall_s']:8.2f} {r['cpu_s']:7.2f} {r['peak_rss_mb']:11.0f} "
+                  f"{r['rss_growth_mb']:9.0f} {r['certified']:9.2f} {ratio}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one repeat per measurement")
+    parser.add_argument("--eps", type=float, nargs="*", default=[0.02, 0.1], help="Linf eps of part 2")
+    parser.add_argument("--memory-mb", type=float, default=1024.0, help="CROWN's memory budget")
+    parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-part1", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.case:
+        print(json.dumps(part2_case(args.case, args.eps[0], args.memory_mb)))
+        return
+    if not args.skip_part1:
+        part1(1 if args.quick else 3)
+    part2(args.eps, args.memory_mb)
+
+
+if __name__ == "__main__":
+    main()
