@@ -2,7 +2,8 @@
 
 ``robustbench-lite evaluate`` evaluates a model and writes its leaderboard record,
 ``robustbench-lite zoo list`` lists the model zoo, ``robustbench-lite leaderboard show`` prints
-the table, ``robustbench-lite train`` trains a defense (:mod:`robustbench_lite.train`). Every
+the tables, ``leaderboard regenerate`` re-evaluates what changed in ``leaderboards/registry.toml``
+and re-renders (:mod:`robustbench_lite.regenerate`), ``robustbench-lite train`` trains a defense (:mod:`robustbench_lite.train`). Every
 user error is one line on stderr (``robustbench-lite: error: ...``) and a non-zero exit.
 """
 from __future__ import annotations
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--download", action="store_true", help="download torchvision datasets when missing")
     ev.add_argument("--data-dir", type=Path, default=None, help="where torchvision datasets live")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.add_argument("--no-resume", action="store_true",
+                    help="do not keep per-batch results under <leaderboard-dir>/.state (kept by default while "
+                         "writing, so an interrupted run resumes where it stopped)")
     ev.add_argument("--masking-checks", action="store_true",
                     help="also run the gradient-masking checks that re-run small attacks (checks.ATTACK_CHECKS)")
     ev.set_defaults(handler=cmd_evaluate)
@@ -86,10 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     board = sub.add_parser("leaderboard", help="leaderboard records").add_subparsers(dest="board_command", metavar="ACTION")
     board.required = True
-    show = board.add_parser("show", help="print the leaderboard table")
+    show = board.add_parser("show", help="print the leaderboard tables (as in leaderboards/README.md)")
     show.add_argument("--dataset", default=None)
     show.add_argument("--leaderboard-dir", type=Path, default=None)
     show.set_defaults(handler=cmd_leaderboard_show)
+    regen = board.add_parser("regenerate", help="re-evaluate registry entries whose inputs changed, then re-render")
+    regen.add_argument("--only", default=None, metavar="PATTERN", help="glob on the model name or dataset/norm-eps/model")
+    regen.add_argument("--dry-run", action="store_true", help="list what would run and why; evaluate nothing")
+    regen.add_argument("--force", action="store_true", help="re-run every selected entry")
+    regen.add_argument("--no-resume", action="store_true", help="do not resume from or keep per-batch results")
+    regen.add_argument("--registry", type=Path, default=None, help="default: <leaderboard-dir>/registry.toml")
+    regen.add_argument("--leaderboard-dir", type=Path, default=None)
+    regen.set_defaults(handler=cmd_leaderboard_regenerate)
+    render = board.add_parser("render", help="re-render README.md, index.html and plots from the JSON records")
+    render.add_argument("--leaderboard-dir", type=Path, default=None)
+    render.set_defaults(handler=cmd_leaderboard_render)
 
     train = sub.add_parser("train", help="train a model with a defense")
     try:
@@ -109,7 +124,8 @@ def _unavailable(what: str, exc: Exception) -> int:
 # --- commands -------------------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .evaluate import evaluate, resolve_device
+    from .distributed import init_from_env, shutdown
+    from .evaluate import _resolve, evaluate, resolve_device
     from .leaderboard import build_record, read_record, write_record
     from .threat import ThreatModel
     from .zoo import load_model_with_info
@@ -123,26 +139,63 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, info = load_model_with_info(args.model, arch=args.arch, device=args.device)
     from .checks import ATTACK_CHECKS, CHECKS
 
-    bar = _progress_bar(args)
+    attack_list, cert_list = _resolve(attacks, "attack"), _resolve(certifiers, "certifier")
+    group = init_from_env(args.device)  # under torchrun: the batches are shared over the ranks; rank 0 writes
     try:
-        result = evaluate(model, dataset, threat, attacks=attacks, certifiers=certifiers, n_examples=args.n_examples,
-                          batch_size=args.batch_size, seed=args.seed, device=args.device,
-                          individual=args.individual, progress=bar,
-                          checks=CHECKS + ATTACK_CHECKS if args.masking_checks else None)
-    except SoundnessError as err:
-        if getattr(err, "result", None) is not None and not args.json:
-            print(format_result(err.result, info.name, None, time.perf_counter() - started))
-        raise
+        store = None if args.no_write or args.no_resume else _resume_store(args, dataset, threat, info,
+                                                                           attack_list, cert_list)
+        runner = store
+        if group.active:
+            from .distributed import DistributedRunner
+            runner = DistributedRunner(group, store)
+        bar = _progress_bar(args) if group.is_main else None
+        try:
+            result = evaluate(model, dataset, threat, attacks=[a for _, a in attack_list],
+                              certifiers=[c for _, c in cert_list], n_examples=args.n_examples,
+                              batch_size=args.batch_size, seed=args.seed, device=args.device,
+                              individual=args.individual, progress=bar, runner=runner,
+                              checks=CHECKS + ATTACK_CHECKS if args.masking_checks else None)
+        except SoundnessError as err:
+            if store is not None and group.is_main:
+                store.clear()  # the same batches would fail the same way: nothing worth resuming
+            if getattr(err, "result", None) is not None and not args.json and group.is_main:
+                print(format_result(err.result, info.name, None, time.perf_counter() - started))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
     finally:
-        if bar is not None:
-            bar.close()
+        shutdown(group)
+    if not group.is_main:
+        return 0
     record = build_record(result, info, model)
     path = None if args.no_write else write_record(record, args.leaderboard_dir, replace=args.replace)
+    if store is not None:
+        store.clear()
     if args.json:
         print(json.dumps(read_record(path) if path else record, indent=1))
     else:
         print(format_result(result, record["model"]["name"], path, time.perf_counter() - started))
     return 0
+
+
+def _resume_store(args: argparse.Namespace, dataset: Any, threat: Any, info: Any, attack_list: list, cert_list: list):
+    """The resume folder of this evaluation, keyed by everything that decides its numbers."""
+    from .evaluate import _config
+    from .leaderboard import default_leaderboard_dir
+    from .protocol import code_files, dataset_sha256, sha256_json
+    from .resume import resume_runner_for
+
+    n = min(args.n_examples, len(dataset))
+    plugins = attack_list + cert_list
+    key = sha256_json({
+        "weights": info.weights_sha256, "data": dataset_sha256(dataset.x[:n], dataset.y[:n]),
+        "threat": threat.to_dict(), "plugins": [(name, type(p).__module__, _config(p)) for name, p in plugins],
+        "seed": args.seed, "batch_size": args.batch_size, "individual": args.individual,
+        "code": code_files(sorted({type(p).__module__ for _, p in plugins}) + ["robustbench_lite.evaluate"]),
+    })
+    root = args.leaderboard_dir if args.leaderboard_dir is not None else default_leaderboard_dir()
+    return resume_runner_for(root, dataset.name, threat.norm, threat.eps, info.name, key)
 
 
 def _check_plugins(attacks: list[str], certifiers: list[str]) -> None:
@@ -220,11 +273,55 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_leaderboard_show(args: argparse.Namespace) -> int:
-    from .leaderboard import load_records, render_table
+def _board_dir(args: argparse.Namespace) -> Path:
+    from .leaderboard import default_leaderboard_dir
 
-    print(render_table(load_records(args.leaderboard_dir, args.dataset)))
+    return Path(args.leaderboard_dir) if args.leaderboard_dir is not None else default_leaderboard_dir()
+
+
+def cmd_leaderboard_show(args: argparse.Namespace) -> int:
+    from .render import render_text, tables_for
+
+    print(render_text(tables_for(_board_dir(args), args.dataset)), end="")
     return 0
+
+
+def cmd_leaderboard_render(args: argparse.Namespace) -> int:
+    from .render import render_all
+
+    for path in render_all(_board_dir(args)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_leaderboard_regenerate(args: argparse.Namespace) -> int:
+    from .distributed import init_from_env, shutdown
+    from .regenerate import RUN, regenerate
+
+    group = init_from_env()
+    try:
+        def announce(planned: Any) -> None:
+            print(f"[rank {group.rank}] evaluating {planned.job.key}", file=sys.stderr, flush=True)
+
+        report = regenerate(_board_dir(args), args.registry, only=args.only, force=args.force, dry_run=args.dry_run,
+                            resume=not args.no_resume, group=group, on_job=announce)
+    finally:
+        shutdown(group)
+    if not group.is_main:
+        return 0
+    for p in report.planned:
+        print(f"{p.action:<5} {p.job.key}: {'; '.join(p.reasons)}")
+    counts = {a: sum(p.action == a for p in report.planned) for a in (RUN, "skip", "unavailable", "error")}
+    if args.dry_run:
+        print(f"would run {counts[RUN]}, skip {counts['skip']}; unavailable {counts['unavailable']}, "
+              f"error {counts['error']}")
+        return 1 if counts["error"] else 0
+    for key, message in report.failed.items():
+        print(f"failed {key}: {message}")
+    print(f"ran {len(report.ran)}, skipped {counts['skip']}, unavailable {counts['unavailable']}, "
+          f"error {counts['error']}, failed {len(report.failed)}; rendered {len(report.rendered)} file(s); "
+          f"wall time {report.seconds:.1f} s")
+    return 1 if report.failed or counts["error"] or counts["unavailable"] else 0
 
 
 # --- entry point ----------------------------------------------------------------------------------
@@ -236,7 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             format=f"{PROG}: %(levelname)s: %(message)s")
         handler = getattr(args, "handler", None)
         if handler is None:
-            raise UserInputError(f"choose a command: evaluate, zoo list, leaderboard show, train (see '{PROG} --help')")
+            raise UserInputError(f"choose a command: evaluate, zoo list, leaderboard show|regenerate|render, train "
+                                 f"(see '{PROG} --help')")
         return int(handler(args) or 0)
     except RobustBenchLiteError as err:
         message = " ".join(str(err).split()) or type(err).__name__

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from . import checks as checks_module
 from .errors import SoundnessError, UserInputError
+from .outcome import COST_FIELDS, BatchOutcome, BatchRunner, LocalRunner, add_counts, batch_bounds, evaluate_batch
 from .seeding import example_seeds
 from .threat import ThreatModel
 
@@ -59,7 +60,8 @@ class EvaluationResult:
 
     ``attack_success[name]``: the attack broke the example (False where it did not run);
     ``certified_by[name]``: the certifier certified it; ``violations``: dataset indices where
-    certified <= robust <= correct failed; ``flags``: checks' flags (see :mod:`robustbench_lite.checks`).
+    certified <= robust <= correct failed; ``flags``: checks' flags (see :mod:`robustbench_lite.checks`);
+    ``distances[name]``: (N,) minimal perturbations a minimum-norm attack found (NaN where none / not run).
     """
 
     dataset: str
@@ -79,6 +81,7 @@ class EvaluationResult:
     violations: list[int] = field(default_factory=list)
     seconds: float = 0.0
     clean_forward: int = 0
+    distances: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def n_examples(self) -> int:
@@ -188,7 +191,7 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
              certifiers: Sequence[Any] | str | None = ("ibp",), n_examples: int | None = 1000,
              batch_size: int = 250, seed: int = 0, device: str | torch.device = "cpu",
              individual: bool = False, progress: Progress | bool | None = None,
-             checks: list[checks_module.Check] | None = None) -> EvaluationResult:
+             checks: list[checks_module.Check] | None = None, runner: BatchRunner | None = None) -> EvaluationResult:
     """Evaluate ``model`` on the first ``n_examples`` of ``dataset`` under ``threat``.
 
     ``dataset``: a Dataset or a dataset name (its test split). ``attacks`` / ``certifiers``:
@@ -197,6 +200,9 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     eval mode (its mode is restored afterwards) and moved to ``device``. Raises
     :class:`SoundnessError` (with ``.result`` set) when certified <= robust <= correct fails or the
     adversarial examples re-scored alone disagree with the report; NonFiniteOutputError on NaN logits.
+    ``runner`` decides where each batch is computed: here (default), resumed from disk
+    (:class:`robustbench_lite.resume.ResumeRunner`) or shared over ranks
+    (:class:`robustbench_lite.distributed.DistributedRunner`); the numbers are the same.
     """
     if not isinstance(threat, ThreatModel):
         raise UserInputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
@@ -232,7 +238,7 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     model.eval()
     try:
         result, ctx = _run(model, dataset, threat, attack_list, cert_list, batch_size, int(seed), dev,
-                           bool(individual), progress)
+                           bool(individual), progress, runner)
         ctx.model_was_training = was_training
         model.eval()
         result.flags = checks_module.run_checks(ctx, checks)
@@ -274,104 +280,60 @@ def _progress_callback(progress: Progress | bool | None, total: int) -> tuple[Pr
     return (progress if callable(progress) else None), None
 
 
-def _add_counts(total: dict[str, float], flags: dict[str, Any], prefix: str = "") -> None:
-    """Sum an attack's numeric flags over batches; nested dicts become ``outer.inner`` keys."""
-    for key, value in flags.items():
-        if isinstance(value, dict):
-            _add_counts(total, value, f"{prefix}{key}.")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            total[prefix + key] = total.get(prefix + key, 0) + value
-
-
-def _clean_logits(model: nn.Module, x: Tensor, num_classes: int | None) -> Tensor:
-    """Logits of a clean batch; a model that cannot take the data is a user error, not a traceback."""
-    try:
-        with torch.no_grad():
-            logits = model(x)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserInputError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {first}") from None
-    if logits.dim() == 2 and num_classes is not None and logits.shape[1] < num_classes:
-        raise UserInputError(f"the model returns {logits.shape[1]} logits but the dataset has {num_classes} classes")
-    return logits
-
-
-def _attack_batch(attack: Any, report: PluginReport, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
-                  seeds: Tensor, todo: Tensor, alive: Tensor, worst: Tensor) -> Tensor:
-    """Run ``attack`` on rows ``todo`` of the batch; add its cost to ``report``; return its successes (cpu).
-
-    ``worst`` (the batch's deciding adversarial examples) takes the attack's points where it is the
-    first to break an example, or where the example is still robust (so robust rows hold the last).
-    """
-    dev_todo = todo.to(x.device)
-    started = time.perf_counter()
-    res = attack(model, x[dev_todo], y[dev_todo], threat, seeds=seeds[todo])
-    report.seconds += time.perf_counter() - started
-    report.forward += int(res.forward)
-    report.backward += int(res.backward)
-    report.queries += int(res.queries)
-    report.examples += int(todo.numel())
-    _add_counts(report.flags, res.flags or {})
-    hit = res.success.cpu().bool()
-    take = alive[todo]  # still robust before this attack: its point decides (first break, or latest survivor)
-    worst[dev_todo[take.to(x.device)]] = res.x_adv[take.to(x.device)].detach().to(worst.dtype)
-    return hit
+def _add_cost(report: PluginReport, cost: dict[str, Any]) -> None:
+    """Add one batch's cost of a plug-in to its report."""
+    for key in COST_FIELDS:
+        setattr(report, key, getattr(report, key) + cost.get(key, 0))
+    add_counts(report.flags, cost.get("flags", {}))
+    for key, count in cost.get("status_counts", {}).items():
+        report.status_counts[key] = report.status_counts.get(key, 0) + count
 
 
 def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[tuple[str, Any]],
          cert_list: list[tuple[str, Any]], batch_size: int, seed: int, dev: torch.device,
-         individual: bool, progress: Progress | bool | None) -> tuple[EvaluationResult, checks_module.CheckContext]:
-    from attacks.base import check_logits
-
+         individual: bool, progress: Progress | bool | None,
+         runner: BatchRunner | None = None) -> tuple[EvaluationResult, checks_module.CheckContext]:
     n = len(dataset)
     indices = dataset.indices.cpu()
     seeds_all = example_seeds(seed, indices)
     x_all, y_all = dataset.x, dataset.y.to(torch.int64)
-    reports = {name: PluginReport(name, "attack", _config(a)) for name, a in attack_list}
-    reports.update({name: PluginReport(name, "certifier", _config(c)) for name, c in cert_list})
-    correct = torch.zeros(n, dtype=torch.bool)
-    success = {name: torch.zeros(n, dtype=torch.bool) for name, _ in attack_list}
-    certified = {name: torch.zeros(n, dtype=torch.bool) for name, _ in cert_list}
-    robust_after = {name: torch.zeros(n, dtype=torch.bool) for name, _ in attack_list}
-    x_worst = x_all.clone()
-    logits_all: list[Tensor] = []
+    bounds = batch_bounds(n, batch_size)
+    num_classes = getattr(dataset, "num_classes", None)
+
+    def compute(i: int) -> BatchOutcome:
+        start, stop = bounds[i]
+        return evaluate_batch(model, x_all[start:stop].to(dev), y_all[start:stop].to(dev), seeds_all[start:stop],
+                              start, threat, attack_list, cert_list, individual, num_classes)
+
     callback, bar = _progress_callback(progress, n)
+    settled = 0
+
+    def done(i: int) -> None:
+        nonlocal settled
+        settled += bounds[i][1] - bounds[i][0]
+        if callback is not None:
+            callback(settled, n)
+
     started = time.perf_counter()
     try:
-        for start in range(0, n, batch_size):
-            sl = slice(start, min(start + batch_size, n))
-            x, y, seeds = x_all[sl].to(dev), y_all[sl].to(dev), seeds_all[sl]
-            logits = _clean_logits(model, x, getattr(dataset, "num_classes", None))
-            check_logits(logits, x.shape[0])
-            logits_all.append(logits.cpu())
-            ok = (logits.argmax(dim=1) == y).cpu()
-            correct[sl] = ok
-            alive = ok.clone()
-            worst = x.clone()
-            for name, attack in attack_list:
-                todo = (ok if individual else alive).nonzero().flatten()
-                if todo.numel():
-                    hit = _attack_batch(attack, reports[name], model, x, y, threat, seeds, todo, alive, worst)
-                    success[name][start + todo[hit]] = True
-                    alive[todo[hit]] = False
-                robust_after[name][sl] = alive if not individual else ok & ~success[name][sl]
-            x_worst[sl] = worst.cpu()
-            for name, certifier in cert_list:
-                report = reports[name]
-                t0 = time.perf_counter()
-                res = certifier(model, x, y, threat)
-                report.seconds += time.perf_counter() - t0
-                report.examples += x.shape[0]
-                report.forward_equivalents += float(getattr(res, "forward_equivalents", 0.0) or 0.0)
-                certified[name][sl] = res.certified.detach().cpu().bool()
-                for status in res.status:
-                    key = status.split(":")[0]
-                    report.status_counts[key] = report.status_counts.get(key, 0) + 1
-            if callback is not None:
-                callback(sl.stop, n)
+        outcomes = (runner or LocalRunner()).run(bounds, compute, done)
     finally:
         if bar is not None:
             bar.close()
+    reports = {name: PluginReport(name, "attack", _config(a)) for name, a in attack_list}
+    reports.update({name: PluginReport(name, "certifier", _config(c)) for name, c in cert_list})
+    for outcome in outcomes:
+        for name, cost in outcome.costs.items():
+            _add_cost(reports[name], cost)
+    correct = torch.cat([o.correct for o in outcomes])
+    success = {name: torch.cat([o.success[name] for o in outcomes]) for name, _ in attack_list}
+    certified = {name: torch.cat([o.certified[name] for o in outcomes]) for name, _ in cert_list}
+    robust_after = {name: torch.cat([o.robust_after[name] for o in outcomes]) for name, _ in attack_list}
+    distances = {name: torch.cat([o.distance.get(name, torch.full((o.stop - o.start,), float("nan")))
+                                  for o in outcomes])
+                 for name, _ in attack_list if any(name in o.distance for o in outcomes)}
+    x_worst = torch.cat([o.x_worst for o in outcomes]).to(x_all.dtype)
+    logits_all = [o.logits for o in outcomes]
     for name, _ in attack_list:
         reports[name].accuracy = _mean(robust_after[name])
     for name, _ in cert_list:
@@ -382,7 +344,7 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
         mode="individual" if individual else "cascade", correct=correct, attack_success=success,
         certified_by=certified, attacks=[reports[n_] for n_, _ in attack_list],
         certifiers=[reports[n_] for n_, _ in cert_list], seconds=time.perf_counter() - started,
-        clean_forward=n,
+        clean_forward=n, distances=distances,
     )
     ctx = checks_module.CheckContext(
         model=model, x=x_all.to(dev), y=y_all.to(dev), indices=indices, clean_logits=torch.cat(logits_all),

@@ -220,6 +220,10 @@ def build_record(result: EvaluationResult, model_info: Any = None, model: nn.Mod
             "certified_by": {k: _bits(v) for k, v in result.certified_by.items()},
         },
     }
+    distances = getattr(result, "distances", None) or {}
+    if distances:  # minimum-norm attacks: null where none was found or the attack did not run
+        record["per_example"]["distances"] = {k: [float(d) if d == d and abs(d) != float("inf") else None
+                                                  for d in v.tolist()] for k, v in distances.items()}
     _set_autoattack_acc(record)
     validate_record(record)
     return record
@@ -268,6 +272,8 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     merged["certifiers"] = kept_certs + new["certifiers"]
     for a in kept_attacks:
         per["attack_success"][a["name"]] = old_per["attack_success"][a["name"]]
+        if a["name"] in old_per.get("distances", {}):
+            per.setdefault("distances", {})[a["name"]] = old_per["distances"][a["name"]]
     for c in kept_certs:
         per["certified_by"][c["name"]] = old_per["certified_by"][c["name"]]
     n = len(per["correct"])
@@ -293,21 +299,27 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-_NUMBER_LIST = re.compile(r"\[(?:\s*-?[0-9][0-9.eE+-]*\s*,)*\s*-?[0-9][0-9.eE+-]*\s*\]")
+_NUMBER = r"(?:-?[0-9][0-9.eE+-]*|null)"
+_NUMBER_LIST = re.compile(rf"\[(?:\s*{_NUMBER}\s*,)*\s*{_NUMBER}\s*\]")
 
 
 def to_json_text(data: Any) -> str:
     """Indented JSON with lists of numbers (the per-example flags) kept on one line."""
     text = json.dumps(data, indent=1, allow_nan=False)
-    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.findall(r"-?[0-9][0-9.eE+-]*", m.group(0))) + "]", text) + "\n"
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(re.findall(_NUMBER, m.group(0))) + "]", text) + "\n"
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and os.replace.
+    """Write ``data`` as JSON to ``path`` atomically (see :func:`atomic_write_text`)."""
+    atomic_write_text(path, to_json_text(data))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync and os.replace.
 
     Any failure (including KeyboardInterrupt) removes the temporary file and leaves ``path`` as it was.
     """
-    text = to_json_text(data)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:

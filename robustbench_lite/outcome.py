@@ -1,0 +1,194 @@
+"""One evaluated batch (:func:`evaluate_batch`), and the runners that decide where and whether each
+batch is computed.
+
+The evaluator (:mod:`robustbench_lite.evaluate`) cuts the examples into batches and asks a runner
+for every batch's :class:`BatchOutcome`; the runner computes it here (:class:`LocalRunner`), loads it
+from a resume folder (:class:`robustbench_lite.resume.ResumeRunner`) or leaves it to another rank
+and gathers it (:class:`robustbench_lite.distributed.DistributedRunner`). Because every random draw
+is seeded per example and batches are cut the same way, the outcomes, hence the numbers, are the
+same whichever runner produced them.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserInputError
+from .threat import ThreatModel
+
+Compute = Callable[[int], "BatchOutcome"]
+Done = Callable[[int], None]
+Bounds = list[tuple[int, int]]
+
+
+@dataclass
+class BatchOutcome:
+    """Rows ``start:stop`` of an evaluation: per-example flags (b,) bool, the deciding adversarial
+    examples ``x_worst`` (b, ...), clean ``logits`` (b, K), minimal perturbations ``distance[name]``
+    (b,) float (NaN where the attack did not run or found none; only attacks that report them), and
+    ``costs[name]``: ``seconds``, ``forward``, ``backward``, ``queries``, ``examples``,
+    ``forward_equivalents``, ``flags`` (summed counts) and ``status_counts`` of each plug-in."""
+
+    start: int
+    stop: int
+    correct: Tensor
+    success: dict[str, Tensor]
+    robust_after: dict[str, Tensor]
+    certified: dict[str, Tensor]
+    x_worst: Tensor
+    logits: Tensor
+    distance: dict[str, Tensor] = field(default_factory=dict)
+    costs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    _GROUPS = ("success", "robust_after", "certified", "distance")
+
+    def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """Flat CPU tensors and string metadata (the safetensors layout of a resume shard)."""
+        tensors = {"correct": self.correct, "x_worst": self.x_worst, "logits": self.logits}
+        for group in self._GROUPS:
+            for name, t in getattr(self, group).items():
+                tensors[f"{group}/{name}"] = t
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {"start": str(self.start), "stop": str(self.stop), "costs": json.dumps(self.costs),
+                "names": json.dumps({g: list(getattr(self, g)) for g in self._GROUPS})}
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict[str, str]) -> "BatchOutcome":
+        names = json.loads(meta["names"])
+        groups = {g: {n: tensors[f"{g}/{n}"] for n in names[g]} for g in cls._GROUPS}
+        return cls(start=int(meta["start"]), stop=int(meta["stop"]), correct=tensors["correct"],
+                   x_worst=tensors["x_worst"], logits=tensors["logits"], costs=json.loads(meta["costs"]), **groups)
+
+
+class BatchRunner(Protocol):
+    """Produces the outcome of every batch (rows ``bounds[i]``), in order; ``compute(i)`` evaluates
+    batch i here; ``done(i)`` is called as this process settles batch i."""
+
+    def run(self, bounds: Bounds, compute: Compute, done: Done | None = None) -> list[BatchOutcome]:
+        ...
+
+
+class LocalRunner:
+    """Compute every batch here, one after the other."""
+
+    def run(self, bounds: Bounds, compute: Compute, done: Done | None = None) -> list[BatchOutcome]:
+        out = []
+        for i in range(len(bounds)):
+            out.append(compute(i))
+            if done is not None:
+                done(i)
+        return out
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` of consecutive batches of ``batch_size`` over ``n`` examples."""
+    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+def as_bool(t: Tensor) -> Tensor:
+    return t.detach().cpu().to(torch.bool)
+
+
+# --- computing one batch --------------------------------------------------------------------------
+#: summed per plug-in over batches (``flags`` and ``status_counts`` are summed per key)
+COST_FIELDS = ("seconds", "forward", "backward", "queries", "examples", "forward_equivalents")
+
+
+def new_cost() -> dict[str, Any]:
+    return {"seconds": 0.0, "forward": 0, "backward": 0, "queries": 0, "examples": 0, "forward_equivalents": 0.0,
+            "flags": {}, "status_counts": {}}
+
+
+def add_counts(total: dict[str, float], flags: dict[str, Any], prefix: str = "") -> None:
+    """Sum an attack's numeric flags over batches; nested dicts become ``outer.inner`` keys."""
+    for key, value in flags.items():
+        if isinstance(value, dict):
+            add_counts(total, value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            total[prefix + key] = total.get(prefix + key, 0) + value
+
+
+def clean_logits(model: nn.Module, x: Tensor, num_classes: int | None) -> Tensor:
+    """Logits of a clean batch; a model that cannot take the data is a user error, not a traceback."""
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"the model cannot take inputs of shape {tuple(x.shape[1:])}: {first}") from None
+    if logits.dim() == 2 and num_classes is not None and logits.shape[1] < num_classes:
+        raise UserInputError(f"the model returns {logits.shape[1]} logits but the dataset has {num_classes} classes")
+    return logits
+
+
+def attack_batch(attack: Any, cost: dict[str, Any], model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+                 seeds: Tensor, todo: Tensor, alive: Tensor, worst: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Run ``attack`` on rows ``todo`` of the batch; add its cost to ``cost``; return its successes
+    (cpu) and its minimal perturbations (cpu, or None when the attack reports none).
+
+    ``worst`` (the batch's deciding adversarial examples) takes the attack's points where it is the
+    first to break an example, or where the example is still robust (so robust rows hold the last).
+    """
+    dev_todo = todo.to(x.device)
+    started = time.perf_counter()
+    res = attack(model, x[dev_todo], y[dev_todo], threat, seeds=seeds[todo])
+    cost["seconds"] += time.perf_counter() - started
+    cost["forward"] += int(res.forward)
+    cost["backward"] += int(res.backward)
+    cost["queries"] += int(res.queries)
+    cost["examples"] += int(todo.numel())
+    add_counts(cost["flags"], res.flags or {})
+    hit = res.success.cpu().bool()
+    take = alive[todo]  # still robust before this attack: its point decides (first break, or latest survivor)
+    worst[dev_todo[take.to(x.device)]] = res.x_adv[take.to(x.device)].detach().to(worst.dtype)
+    distance = getattr(res, "distance", None)
+    return hit, (None if distance is None else distance.detach().cpu().float())
+
+
+def evaluate_batch(model: nn.Module, x: Tensor, y: Tensor, seeds: Tensor, start: int, threat: ThreatModel,
+                   attacks: list[tuple[str, Any]], certifiers: list[tuple[str, Any]], individual: bool,
+                   num_classes: int | None) -> BatchOutcome:
+    """Clean pass, the attacks (a cascade over the rows still robust, or each on every correct row)
+    and every certifier on one batch ``x`` (b, ...) / ``y`` (b,) with per-example ``seeds`` (b,)."""
+    from attacks.base import check_logits
+
+    b = x.shape[0]
+    logits = clean_logits(model, x, num_classes)
+    check_logits(logits, b)
+    ok = (logits.argmax(dim=1) == y).cpu()
+    alive, worst = ok.clone(), x.clone()
+    costs = {name: new_cost() for name, _ in attacks + certifiers}
+    success = {name: torch.zeros(b, dtype=torch.bool) for name, _ in attacks}
+    robust_after: dict[str, Tensor] = {}
+    distance: dict[str, Tensor] = {}
+    for name, attack in attacks:
+        todo = (ok if individual else alive).nonzero().flatten()
+        if todo.numel():
+            hit, dist = attack_batch(attack, costs[name], model, x, y, threat, seeds, todo, alive, worst)
+            success[name][todo[hit]] = True
+            alive[todo[hit]] = False
+            if dist is not None:
+                distance[name] = torch.full((b,), float("nan"))
+                distance[name][todo] = torch.where(torch.isfinite(dist), dist, torch.full_like(dist, float("nan")))
+        robust_after[name] = alive.clone() if not individual else ok & ~success[name]
+    certified = {}
+    for name, certifier in certifiers:
+        t0 = time.perf_counter()
+        res = certifier(model, x, y, threat)
+        cost = costs[name]
+        cost["seconds"] += time.perf_counter() - t0
+        cost["examples"] += b
+        cost["forward_equivalents"] += float(getattr(res, "forward_equivalents", 0.0) or 0.0)
+        certified[name] = as_bool(res.certified)
+        for status in res.status:
+            key = status.split(":")[0]
+            cost["status_counts"][key] = cost["status_counts"].get(key, 0) + 1
+    return BatchOutcome(start=start, stop=start + b, correct=ok, success=success, robust_after=robust_after,
+                        certified=certified, x_worst=worst.detach().cpu(), logits=logits.detach().cpu(),
+                        distance=distance, costs=costs)

@@ -1,0 +1,279 @@
+"""What the published leaderboards hold (``leaderboards/registry.toml``) and how a record is judged.
+
+A *job* is one (model, dataset, threat model) evaluation listed in the registry. Its *protocol* is
+what makes two numbers comparable (RobustBench's standardised evaluation, Croce et al. 2021,
+arXiv 2010.09670): the evaluated subset, the attack suite and every attack's configuration, the
+certifiers and theirs, the mode and the seed. Its *inputs* add what can change a number without
+changing the protocol: the weights (sha256), the evaluated data (sha256 of the tensors) and the
+source code of the plug-ins and of the evaluator (sha256 per file, found by following the
+module-level imports of each plug-in's module). A record is leaderboard-eligible when its protocol
+equals the registry's; it is up to date when its stored inputs equal the current ones.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import hashlib
+import json
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_PACKAGES = ("robustbench_lite", "attacks", "certify")
+#: evaluator modules whose source changes every number (their own imports are followed too)
+EVALUATOR_MODULES = ("robustbench_lite.evaluate", "robustbench_lite.checks")
+MODES = ("cascade", "individual")
+_ENTRY_KEYS = {"model", "dataset", "split", "norm", "eps", "attacks", "certifiers", "n_examples", "seed", "mode",
+               "batch_size"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One registry evaluation: ``model`` on the first ``n_examples`` of ``dataset``/``split`` at one eps.
+
+    ``attacks`` / ``certifiers``: ``(name, kwargs)`` pairs (kwargs as a sorted tuple of items).
+    """
+
+    model: str
+    dataset: str
+    split: str
+    norm: str
+    eps: float
+    attacks: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    certifiers: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    n_examples: int
+    seed: int = 0
+    mode: str = "cascade"
+    batch_size: int = field(default=250, compare=False)
+
+    @property
+    def table(self) -> tuple[str, str, float]:
+        """The (dataset, norm, eps) table the job's record belongs to."""
+        return (self.dataset, self.norm, self.eps)
+
+    @property
+    def key(self) -> str:
+        """``dataset/norm-eps/model``: the record's place under the leaderboard folder."""
+        return f"{self.dataset}/{self.norm}-{self.eps:g}/{self.model}"
+
+    def plugins(self, kind: str) -> list[Any]:
+        """Fresh plug-in instances (registry name + the registry's keyword arguments)."""
+        from .evaluate import _registry
+
+        registry = _registry(kind)
+        specs = self.attacks if kind == "attack" else self.certifiers
+        out = []
+        for name, kwargs in specs:
+            try:
+                out.append(registry.create(name, **dict(kwargs)))
+            except TypeError as exc:
+                raise UserInputError(f"registry entry {self.key}: bad options for {kind} {name!r}: {exc}") from None
+        return out
+
+
+# --- reading the registry -------------------------------------------------------------------------
+def _specs(value: Any, what: str, where: str) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+    if not isinstance(value, list):
+        raise UserInputError(f"{where}: '{what}' must be a list of names or {{name = ..., option = ...}} tables")
+    out = []
+    for item in value:
+        if isinstance(item, str) and item.strip():
+            out.append((item.strip().lower(), ()))
+        elif isinstance(item, dict) and isinstance(item.get("name"), str):
+            opts = {k: tuple(v) if isinstance(v, list) else v for k, v in item.items() if k != "name"}
+            out.append((item["name"].strip().lower(), tuple(sorted(opts.items()))))
+        else:
+            raise UserInputError(f"{where}: bad {what} item {item!r}")
+    return tuple(out)
+
+
+def jobs_from_entries(entries: Iterable[dict[str, Any]], defaults: dict[str, Any] | None = None) -> list[Job]:
+    """Expand registry entries (one per model, a list of eps) into jobs, checked."""
+    from .threat import ThreatModel
+
+    jobs: list[Job] = []
+    for number, raw in enumerate(entries, start=1):
+        entry = {**(defaults or {}), **raw}
+        where = f"registry entry {number} ({entry.get('model', '?')})"
+        unknown = set(entry) - _ENTRY_KEYS
+        if unknown:
+            raise UserInputError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        for key in ("model", "dataset", "norm", "eps", "n_examples"):
+            if key not in entry:
+                raise UserInputError(f"{where}: '{key}' is missing")
+        eps_values = entry["eps"] if isinstance(entry["eps"], list) else [entry["eps"]]
+        if entry.get("mode", "cascade") not in MODES:
+            raise UserInputError(f"{where}: mode must be one of {', '.join(MODES)}")
+        n = entry["n_examples"]
+        if not isinstance(n, int) or n < 1:
+            raise UserInputError(f"{where}: n_examples must be a positive integer, got {n!r}")
+        for eps in eps_values:
+            threat = ThreatModel(entry["norm"], float(eps))
+            jobs.append(Job(model=str(entry["model"]), dataset=str(entry["dataset"]),
+                            split=str(entry.get("split", "test")), norm=threat.norm, eps=float(eps),
+                            attacks=_specs(entry.get("attacks", []), "attacks", where),
+                            certifiers=_specs(entry.get("certifiers", []), "certifiers", where),
+                            n_examples=n, seed=int(entry.get("seed", 0)), mode=str(entry.get("mode", "cascade")),
+                            batch_size=int(entry.get("batch_size", 250))))
+    keys = [j.key for j in jobs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise UserInputError(f"the registry lists {dup[0]} more than once")
+    return jobs
+
+
+def load_registry(path: str | Path) -> list[Job]:
+    """Jobs of a ``registry.toml`` (read with tomllib); refuses one that mixes protocols in a table."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise UserInputError(f"no leaderboard registry at {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserInputError(f"{path}: not valid TOML ({exc})") from None
+    jobs = jobs_from_entries(data.get("entry", []), data.get("defaults", {}))
+    check_one_protocol_per_table(jobs)
+    return jobs
+
+
+def check_one_protocol_per_table(jobs: Iterable[Job]) -> dict[tuple[str, str, float], dict[str, Any]]:
+    """The protocol of each table; UserInputError when two jobs put different protocols in one table."""
+    seen: dict[tuple[str, str, float], tuple[Job, dict[str, Any]]] = {}
+    for job in jobs:
+        proto = job_protocol(job)
+        if job.table in seen and seen[job.table][1] != proto:
+            other = seen[job.table][0]
+            diff = sorted(k for k in proto if proto[k] != seen[job.table][1].get(k))
+            raise UserInputError(f"refusing to mix protocols in table {job.dataset} {job.norm}-{job.eps:g}: "
+                                 f"{other.model} and {job.model} differ in {', '.join(diff)}")
+        seen.setdefault(job.table, (job, proto))
+    return {table: proto for table, (_, proto) in seen.items()}
+
+
+# --- protocols ------------------------------------------------------------------------------------
+def _plugin_entries(pairs: Iterable[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [{"name": name, "config": json.loads(json.dumps(config, sort_keys=True))} for name, config in pairs]
+
+
+@lru_cache(maxsize=256)
+def job_protocol_cached(job: Job) -> str:
+    from .evaluate import _config, _resolve, indices_sha256
+
+    attacks = _resolve(job.plugins("attack"), "attack")
+    certifiers = _resolve(job.plugins("certifier"), "certifier")
+    return json.dumps({
+        "split": job.split, "n_examples": job.n_examples,
+        "subset": {"start": 0, "stop": job.n_examples, "sha256": indices_sha256(range(job.n_examples))},
+        "mode": job.mode, "seed": job.seed,
+        "attacks": _plugin_entries((n, _config(a)) for n, a in attacks),
+        "certifiers": _plugin_entries((n, _config(c)) for n, c in certifiers),
+    }, sort_keys=True)
+
+
+def job_protocol(job: Job) -> dict[str, Any]:
+    """The protocol a job's record must have: subset, mode, seed, attacks and certifiers with configs."""
+    return json.loads(job_protocol_cached(job))
+
+
+def record_protocol(record: dict[str, Any]) -> dict[str, Any]:
+    """The same fields, read back from a leaderboard record."""
+    ds = record["dataset"]
+    return json.loads(json.dumps({
+        "split": ds["split"], "n_examples": ds["n_examples"], "subset": ds["indices"],
+        "mode": record["mode"], "seed": record["environment"]["seed"],
+        "attacks": _plugin_entries((a["name"], a["config"]) for a in record["attacks"]),
+        "certifiers": _plugin_entries((c["name"], c["config"]) for c in record["certifiers"]),
+    }, sort_keys=True))
+
+
+def protocol_differences(record: dict[str, Any], protocol: dict[str, Any]) -> list[str]:
+    """Protocol fields in which ``record`` differs from ``protocol`` (empty: eligible)."""
+    mine = record_protocol(record)
+    return sorted(k for k in protocol if mine.get(k) != protocol[k])
+
+
+def sha256_json(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# --- code fingerprints ----------------------------------------------------------------------------
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    if parts[0] not in PROJECT_PACKAGES:
+        return None
+    base = PROJECT_ROOT.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _top_level_imports(name: str, path: Path) -> set[str]:
+    """Project modules imported at module level by ``name`` (imports inside functions are lazy: skipped)."""
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.parse(path.read_text("utf-8")).body:
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)  # `from pkg import module`
+    return {m for m in out if _module_file(m) is not None}
+
+
+def code_files(modules: Iterable[str]) -> dict[str, str]:
+    """sha256 of each project source file that ``modules`` import, transitively at module level."""
+    todo, seen = list(modules), set()
+    while todo:
+        name = todo.pop()
+        if name in seen or _module_file(name) is None:
+            continue
+        seen.add(name)
+        todo.extend(_top_level_imports(name, _module_file(name)))  # type: ignore[arg-type]
+    out = {}
+    for name in sorted(seen):
+        path = _module_file(name)
+        out[str(path.relative_to(PROJECT_ROOT))] = hashlib.sha256(path.read_bytes()).hexdigest()  # type: ignore[union-attr]
+    return dict(sorted(out.items()))
+
+
+def job_code_files(job: Job) -> dict[str, str]:
+    """Source files a job's numbers depend on: its plug-ins' modules and the evaluator's."""
+    modules = {type(p).__module__ for p in job.plugins("attack") + job.plugins("certifier")}
+    return code_files(sorted(modules) + list(EVALUATOR_MODULES))
+
+
+def job_inputs(job: Job, weights_sha256: str | None, data_sha256: str) -> dict[str, Any]:
+    """The record's ``inputs`` section: what a re-run would have to see change to give other numbers."""
+    files = job_code_files(job)
+    protocol = job_protocol(job)
+    inputs = {"weights_sha256": weights_sha256, "data_sha256": data_sha256, "code_sha256": sha256_json(files),
+              "code_files": files, "protocol_sha256": sha256_json(protocol), "registry_key": job.key}
+    inputs["fingerprint"] = sha256_json({k: inputs[k] for k in
+                                         ("weights_sha256", "data_sha256", "code_sha256", "protocol_sha256")})
+    return copy.deepcopy(inputs)
+
+
+def dataset_sha256(x: Any, y: Any) -> str:
+    """sha256 of an evaluated subset's image and label tensors (dtype, shape and bytes)."""
+    h = hashlib.sha256()
+    for t in (x, y):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,191 @@
+"""``robustbench-lite leaderboard regenerate``: re-evaluate what changed, then re-render.
+
+For every job of ``leaderboards/registry.toml`` (:mod:`robustbench_lite.protocol`) the plan compares
+the record's stored ``inputs`` (weights, data, plug-in and evaluator source, protocol) with the
+current ones: a job runs when there is no record, when an input changed (the reason names it) or
+with ``force``; the others are skipped. Jobs run resumably (:mod:`robustbench_lite.resume`; the
+state folder ``<root>/.state/...`` is removed after the write) and, under torchrun, spread
+over the ranks round-robin; rank 0 gathers the records, writes them (replacing, not merging: a
+record holds exactly the registry's protocol) and re-renders README.md, index.html and the plots.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .distributed import Group, all_gather, shard
+from .errors import CorruptFileError, RobustBenchLiteError
+from .protocol import Job, dataset_sha256, job_inputs, job_protocol, load_registry, protocol_differences
+
+log = logging.getLogger(__name__)
+
+RUN, SKIP, UNAVAILABLE, ERROR = "run", "skip", "unavailable", "error"
+
+
+@dataclass
+class Planned:
+    """What regeneration does with one job, and why (``reasons``: human-readable lines)."""
+
+    job: Job
+    path: Path
+    action: str
+    reasons: list[str] = field(default_factory=list)
+    inputs: dict[str, Any] | None = None
+
+
+@dataclass
+class Report:
+    planned: list[Planned]
+    ran: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    rendered: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def select(jobs: list[Job], only: str | None) -> list[Job]:
+    """Jobs whose model name or ``dataset/norm-eps/model`` key matches the glob ``only``."""
+    if not only:
+        return list(jobs)
+    return [j for j in jobs if fnmatch.fnmatch(j.model, only) or fnmatch.fnmatch(j.key, only)]
+
+
+def current_weights_sha256(model: str) -> str:
+    """The weights' sha256 without evaluating: the zoo card's, else the file's / loaded module's."""
+    from .zoo import file_sha256, read_cards
+
+    card = read_cards().get(model)
+    if isinstance(card, dict) and card.get("weights_sha256"):
+        return str(card["weights_sha256"])
+    if Path(model).is_file():
+        return file_sha256(model)
+    from .zoo import load_model_with_info
+
+    _, info = load_model_with_info(model)
+    return str(info.weights_sha256)
+
+
+_DATA_SHA: dict[tuple[str, str, int], str] = {}
+
+
+def current_data_sha256(job: Job) -> str:
+    key = (job.dataset, job.split, job.n_examples)
+    if key not in _DATA_SHA:
+        from .data import load_dataset
+
+        ds = load_dataset(job.dataset, job.split)
+        sub = ds.subset(slice(0, min(job.n_examples, len(ds))))
+        _DATA_SHA[key] = dataset_sha256(sub.x, sub.y)
+    return _DATA_SHA[key]
+
+
+def why_run(record: dict[str, Any] | None, inputs: dict[str, Any], job: Job) -> list[str]:
+    """Reasons to re-evaluate (empty: the record is up to date)."""
+    if record is None:
+        return ["no record yet"]
+    old = record.get("inputs")
+    if not old:
+        return ["the record has no input fingerprint"]
+    reasons = []
+    if old.get("weights_sha256") != inputs["weights_sha256"]:
+        reasons.append("model weights changed")
+    if old.get("data_sha256") != inputs["data_sha256"]:
+        reasons.append("evaluated data changed")
+    if old.get("code_sha256") != inputs["code_sha256"]:
+        before, now = old.get("code_files", {}), inputs["code_files"]
+        changed = sorted(f for f in set(before) | set(now) if before.get(f) != now.get(f))
+        reasons.append(f"code changed: {', '.join(changed) or '?'}")
+    diff = protocol_differences(record, job_protocol(job))
+    if diff or old.get("protocol_sha256") != inputs["protocol_sha256"]:
+        reasons.append(f"configuration changed: {', '.join(diff) or 'protocol'}")
+    return reasons
+
+
+def plan(jobs: list[Job], root: Path, force: bool = False) -> list[Planned]:
+    """What to run and why, without evaluating anything."""
+    from .leaderboard import read_record, record_path
+
+    out = []
+    for job in jobs:
+        path = record_path(root, {"dataset": {"name": job.dataset}, "model": {"name": job.model},
+                                  "threat_model": {"norm": job.norm, "eps": job.eps}})
+        try:
+            inputs = job_inputs(job, current_weights_sha256(job.model), current_data_sha256(job))
+        except RobustBenchLiteError as err:
+            out.append(Planned(job, path, UNAVAILABLE, [str(err)]))
+            continue
+        try:
+            record = read_record(path) if path.exists() else None
+        except CorruptFileError as err:
+            out.append(Planned(job, path, ERROR, [str(err)], inputs))
+            continue
+        reasons = why_run(record, inputs, job)
+        if force:
+            reasons = ["forced"] + reasons
+        out.append(Planned(job, path, RUN if reasons else SKIP, reasons or ["up to date"], inputs))
+    return out
+
+
+def run_job(job: Job, root: Path, inputs: dict[str, Any], resume: bool = True,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Evaluate one job (resumably) and return its record with ``inputs``; writes nothing."""
+    from .data import load_dataset
+    from .evaluate import evaluate
+    from .leaderboard import build_record
+    from .resume import resume_runner_for
+    from .threat import ThreatModel
+    from .zoo import load_model_with_info
+
+    model, info = load_model_with_info(job.model)
+    dataset = load_dataset(job.dataset, job.split)
+    runner = None
+    if resume:
+        runner = resume_runner_for(root, job.dataset, job.norm, job.eps, info.name,
+                                   f"{inputs['fingerprint']}:{job.batch_size}")
+    result = evaluate(model, dataset, ThreatModel(job.norm, job.eps), attacks=job.plugins("attack"),
+                      certifiers=job.plugins("certifier"), n_examples=job.n_examples, batch_size=job.batch_size,
+                      seed=job.seed, individual=job.mode == "individual", progress=progress, runner=runner)
+    record = build_record(result, info, model)
+    record["inputs"] = inputs
+    if runner is not None:
+        runner.clear()
+    return record
+
+
+def regenerate(root: str | Path, registry: str | Path | None = None, only: str | None = None,
+               force: bool = False, dry_run: bool = False, resume: bool = True, group: Group | None = None,
+               on_job: Callable[[Planned], None] | None = None) -> Report:
+    """Plan, run this rank's share of the jobs to run, and (rank 0) write the records and re-render."""
+    from .leaderboard import write_record
+    from .render import render_all
+
+    started = time.perf_counter()
+    root = Path(root)
+    group = group or Group()
+    jobs = select(load_registry(registry or root / "registry.toml"), only)
+    report = Report(plan(jobs, root, force))
+    if dry_run:
+        return report
+    todo = [p for p in report.planned if p.action == RUN]
+    produced: dict[str, Any] = {}
+    for planned in shard(todo, group):
+        if on_job is not None:
+            on_job(planned)
+        try:
+            produced[planned.job.key] = run_job(planned.job, root, planned.inputs or {}, resume)
+        except RobustBenchLiteError as err:  # one broken job must not stop (or deadlock) the others
+            produced[planned.job.key] = {"error": " ".join(str(err).split())}
+    for part in all_gather(produced, group):
+        for key, rec in part.items():
+            if "error" in rec:
+                report.failed[key] = rec["error"]
+            elif group.is_main:
+                write_record(rec, root, replace=True)
+                report.ran.append(key)
+    if group.is_main and not any(p.action == ERROR for p in report.planned):  # a corrupt record cannot render
+        report.rendered = render_all(root)
+    report.seconds = time.perf_counter() - started
+    return report

@@ -1,0 +1,99 @@
+"""Leaderboard plots (matplotlib, Agg backend, PNG).
+
+- ``robust_vs_eps_<dataset>_<norm>.png``: robust accuracy against eps for every model of a dataset
+  (eps = 0 is the clean accuracy), one line per model, from the eligible records.
+- ``min_norm_<dataset>_<norm>-<eps>.png``: when a minimum-norm attack ran (the record holds
+  ``per_example.distances``), the empirical distribution of the per-example minimal perturbations
+  it found, one curve per model (the fraction of examples broken within a radius).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .tables import Table
+
+log = logging.getLogger(__name__)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plot_robust_vs_eps(tables: list[Table], out_dir: Path) -> list[Path]:
+    """One figure per (dataset, norm): robust accuracy (%) against eps, a line per model."""
+    plt = _pyplot()
+    series: dict[tuple[str, str], dict[str, dict[float, float]]] = {}
+    clean: dict[tuple[str, str], dict[str, float]] = {}
+    for t in tables:
+        for r in t.rows:
+            name = r["model"]["name"]
+            series.setdefault((t.dataset, t.norm), {}).setdefault(name, {})[t.eps] = 100 * r["robust_acc"]
+            clean.setdefault((t.dataset, t.norm), {})[name] = 100 * r["clean_acc"]
+    paths = []
+    for (dataset, norm), models in sorted(series.items()):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, points in sorted(models.items()):
+            xs = [0.0] + sorted(points)
+            ys = [clean[(dataset, norm)][name]] + [points[e] for e in sorted(points)]
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set(xlabel=f"{norm} eps", ylabel="robust accuracy (%)", ylim=(-2, 102),
+               title=f"{dataset}: robust accuracy against eps ({norm})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir / f"robust_vs_eps_{dataset}_{norm}.png"))
+        plt.close(fig)
+    return paths
+
+
+def min_norm_distances(record: dict[str, Any]) -> dict[str, list[float]]:
+    """Finite per-example minimal perturbations of each minimum-norm attack in a record."""
+    per = record.get("per_example", {}).get("distances") or {}
+    return {name: [float(d) for d in values if d is not None] for name, values in per.items()}
+
+
+def plot_min_norm(tables: list[Table], out_dir: Path) -> list[Path]:
+    """One figure per table whose records hold minimal perturbations: the fraction of examples
+    broken within radius r, against r, per model and attack."""
+    plt = _pyplot()
+    paths = []
+    for t in tables:
+        curves = {(r["model"]["name"], a): sorted(d) for r in t.rows for a, d in min_norm_distances(r).items() if d}
+        if not curves:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (model, attack), dists in sorted(curves.items()):
+            n = next(r["dataset"]["n_examples"] for r in t.rows if r["model"]["name"] == model)
+            ax.step(dists, [100 * (i + 1) / n for i in range(len(dists))], where="post", label=f"{model} ({attack})")
+        ax.axvline(t.eps, color="grey", linestyle="--", linewidth=1, label=f"eps = {t.eps:g}")
+        ax.set(xlabel=f"minimal {t.norm} perturbation found", ylabel="examples broken within it (%)",
+               title=f"{t.title}: minimal perturbations")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir / f"min_norm_{t.dataset}_{t.norm}-{t.eps:g}.png"))
+        plt.close(fig)
+    return paths

@@ -1,0 +1,146 @@
+"""Resumable evaluation: every settled batch is persisted, so a killed run resumes where it stopped.
+
+``ResumeRunner(state_dir, key)`` writes one safetensors shard per batch (for a leaderboard record,
+under ``<leaderboard dir>/.state/<dataset>/<norm>-<eps>/<model>/``, see :func:`state_dir_for`),
+``batch-<start>-<stop>.safetensors`` (temporary file in the same folder, fsync, ``os.replace``:
+a shard is complete or absent, never half-written), next to a ``manifest.json`` holding ``key``,
+the sha256 of everything that decides the numbers (weights, data, threat model, plug-in configs,
+seed, batch size, mode). A folder whose manifest names another key is stale: it is cleared before
+the run. Batches found are loaded instead of computed; since seeds are per example and batches are
+cut the same way, a resumed run gives exactly the numbers of an uninterrupted one (AutoAttack's
+resumable ``state.py`` idea, at batch granularity).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from .outcome import BatchOutcome, Bounds, Compute, Done
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ResumeRunner:
+    """Load batches already in ``state_dir`` (for the same ``key``), compute and persist the others.
+
+    :meth:`settle` handles one batch, so :class:`robustbench_lite.distributed.DistributedRunner` can
+    resume a rank's share through it.
+    """
+
+    def __init__(self, state_dir: str | Path, key: str, prune_below: str | Path | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.key = str(key)
+        self.prune_below = None if prune_below is None else Path(prune_below)
+        self.loaded = 0
+        self.computed = 0
+        self._ready = False  # the folder is touched on the first batch, not before
+
+    def _prepare(self) -> None:
+        if self._ready:
+            return
+        self._ready = True
+        manifest = self.state_dir / MANIFEST
+        if manifest.exists():
+            try:
+                stored = json.loads(manifest.read_text("utf-8")).get("key")
+            except (OSError, ValueError):
+                stored = None
+            if stored == self.key:
+                return
+            log.info("%s holds another evaluation's batches: clearing it", self.state_dir)
+            self.clear()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(manifest, json.dumps({"key": self.key}).encode())
+
+    def shard_path(self, start: int, stop: int) -> Path:
+        return self.state_dir / f"batch-{start:07d}-{stop:07d}.safetensors"
+
+    def load(self, start: int, stop: int) -> BatchOutcome | None:
+        """The stored outcome of rows start:stop, or None (absent or unreadable: recomputed)."""
+        path = self.shard_path(start, stop)
+        if not path.exists():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            return BatchOutcome.from_tensors(tensors, meta)
+        except (OSError, SafetensorError, KeyError, ValueError) as exc:
+            log.warning("ignoring unreadable shard %s (%s): recomputing it", path, exc)
+            return None
+
+    def save(self, outcome: BatchOutcome) -> None:
+        tensors, meta = outcome.to_tensors()
+        _atomic_write_bytes(self.shard_path(outcome.start, outcome.stop), st_save(tensors, metadata=meta))
+
+    def settle(self, i: int, bounds: tuple[int, int], compute: Compute) -> BatchOutcome:
+        """Batch ``i`` (rows ``bounds``): loaded if stored, else computed and stored."""
+        self._prepare()
+        outcome = self.load(*bounds)
+        if outcome is not None:
+            self.loaded += 1
+            return outcome
+        outcome = compute(i)
+        self.save(outcome)
+        self.computed += 1
+        return outcome
+
+    def run(self, bounds: Bounds, compute: Compute, done: Done | None = None) -> list[BatchOutcome]:
+        out = []
+        for i in range(len(bounds)):
+            out.append(self.settle(i, bounds[i], compute))
+            if done is not None:
+                done(i)
+        log.info("resume: %d batch(es) loaded from %s, %d computed", self.loaded, self.state_dir, self.computed)
+        return out
+
+    def clear(self) -> None:
+        """Remove the state folder (after a successful run, or when it is stale), and its parents
+        below ``prune_below`` that it leaves empty."""
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        if self.prune_below is None:
+            return
+        for parent in self.state_dir.parents:
+            if parent == self.prune_below or self.prune_below not in parent.parents:
+                break
+            try:
+                parent.rmdir()  # only when empty
+            except OSError:
+                break
+
+
+STATE_FOLDER = ".state"
+
+
+def state_dir_for(root: str | Path, dataset: str, norm: str, eps: float, model: str) -> Path:
+    """``<root>/.state/<dataset>/<norm>-<eps>/<model>``: the resume folder of one record."""
+    from .leaderboard import safe_name
+
+    return Path(root) / STATE_FOLDER / safe_name(dataset) / f"{norm}-{eps:g}" / safe_name(model)
+
+
+def resume_runner_for(root: str | Path, dataset: str, norm: str, eps: float, model: str, key: str) -> ResumeRunner:
+    """A :class:`ResumeRunner` in the record's resume folder that prunes ``<root>/.state`` when done."""
+    return ResumeRunner(state_dir_for(root, dataset, norm, eps, model), key, prune_below=root)

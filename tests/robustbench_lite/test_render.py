@@ -1,0 +1,181 @@
+"""Rendered leaderboards: tables per (dataset, threat), README.md, index.html (parser and headless
+Chromium), plots, and `leaderboard show` printing the README's rows."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import torch
+from test_evaluate import toy_dataset, toy_model
+
+from robustbench_lite import cli
+from robustbench_lite.evaluate import evaluate
+from robustbench_lite.leaderboard import build_record, write_record
+from robustbench_lite.protocol import record_protocol
+from robustbench_lite.render import build_tables, render_all, render_html, render_markdown, render_text
+from robustbench_lite.threat import ThreatModel
+
+INFO = {"name": "toy", "architecture": "linear", "defense": "none", "dataset": "toy", "weights_sha256": "ab" * 32,
+        "parameter_count": 51, "normalization": None, "source": "test", "card": None}
+
+
+def weak_model() -> torch.nn.Sequential:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+
+
+def make_record(name: str, model=None, eps: float = 0.05, n: int = 24, attacks=("fgsm",), defense="none"):
+    model = toy_model() if model is None else model
+    result = evaluate(model, toy_dataset(n), ThreatModel("Linf", eps), attacks=list(attacks), certifiers=[])
+    return build_record(result, dict(INFO, name=name, defense=defense), model)
+
+
+def board(tmp_path: Path) -> Path:
+    """strong > weak at two eps, plus a quick run (fewer examples) that is not eligible."""
+    for eps in (0.05, 0.1):
+        write_record(make_record("strong", eps=eps, defense="pgd-at"), tmp_path)
+        write_record(make_record("weak", weak_model(), eps=eps), tmp_path)
+    write_record(make_record("quick", eps=0.05, n=12), tmp_path)
+    return tmp_path
+
+
+class TableReader(HTMLParser):
+    """Collects every <table id=...> as a list of rows of cell texts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self._id = None
+        self._row: list[str] | None = None
+        self._cell: list[str] | None = None
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._id = a.get("id")
+            self.tables[self._id] = []
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell = []
+        for key in ("src", "href"):
+            if a.get(key) and ("://" in a[key] or a[key].startswith("//")):
+                self.external.append(a[key])
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None and self._row is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[self._id].append(self._row)
+            self._row = None
+
+
+def test_tables_group_sort_and_set_apart_other_protocols(tmp_path):
+    from robustbench_lite.leaderboard import load_records
+
+    tables = build_tables(load_records(board(tmp_path)))
+    assert [(t.dataset, t.norm, t.eps) for t in tables] == [("toy", "Linf", 0.05), ("toy", "Linf", 0.1)]
+    first = tables[0]
+    assert [r["model"]["name"] for r in first.rows] == ["strong", "weak"]
+    assert first.rows[0]["robust_acc"] > first.rows[1]["robust_acc"]
+    assert [(r["model"]["name"], diff) for r, diff in first.apart] == [("quick", ["n_examples", "subset"])]
+    assert not first.registered
+    # with the registry's protocol being the quick one, the full runs are the ones set apart
+    quick = next(r for r, _ in first.apart)
+    tables = build_tables(load_records(tmp_path), {("toy", "Linf", 0.05): record_protocol(quick)})
+    assert [r["model"]["name"] for r in tables[0].rows] == ["quick"] and tables[0].registered
+    assert sorted(r["model"]["name"] for r, _ in tables[0].apart) == ["strong", "weak"]
+
+
+def test_markdown_text_and_html_show_the_same_rows(tmp_path):
+    from robustbench_lite.leaderboard import load_records
+
+    tables = build_tables(load_records(board(tmp_path)))
+    md = render_markdown(tables)
+    assert md.count("## toy, Linf eps = ") == 2 and "| rank | model | defense | clean % | robust % |" in md
+    strong = tables[0].rows[0]
+    assert f"| 1 | strong | pgd-at | {100 * strong['clean_acc']:.1f} | {100 * strong['robust_acc']:.1f} |" in md
+    assert "Not eligible (other protocol):" in md and "| quick |" in md
+    text = render_text(tables)
+    assert text.index("strong") < text.index("weak") < text.index("quick")
+    reader = TableReader()
+    reader.feed(render_html(tables))
+    main = reader.tables["toy-linf-0_05"]
+    assert main[0][:5] == ["rank", "model", "defense", "clean %", "robust %"]
+    assert [row[1] for row in main[1:]] == ["strong", "weak"]
+    assert [row[0] for row in reader.tables["toy-linf-0_05-apart"][1:]] == ["quick"]
+    assert reader.external == []
+
+
+def test_render_all_writes_readme_page_and_plots_and_drops_stale_plots(tmp_path):
+    board(tmp_path)
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "stale.png").write_bytes(b"old")
+    written = render_all(tmp_path)
+    names = sorted(p.name for p in written)
+    assert names == ["README.md", "index.html", "robust_vs_eps_toy_Linf.png"]
+    png = tmp_path / "plots" / "robust_vs_eps_toy_Linf.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "plots" / "stale.png").exists()
+    assert "![robust_vs_eps_toy_Linf](plots/robust_vs_eps_toy_Linf.png)" in (tmp_path / "README.md").read_text()
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_min_norm_distribution_plot_when_distances_are_recorded(tmp_path):
+    rec = make_record("strong")
+    n = rec["dataset"]["n_examples"]
+    rec["per_example"]["distances"] = {"fmn": [0.01 * i if i % 3 else None for i in range(n)]}
+    write_record(rec, tmp_path)
+    written = render_all(tmp_path)
+    assert "min_norm_toy_Linf-0.05.png" in [p.name for p in written]
+
+
+def test_leaderboard_show_prints_the_readme_rows(tmp_path, capsys):
+    board(tmp_path)
+    assert cli.main(["leaderboard", "show", "--leaderboard-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== toy, Linf eps = 0.05 ==" in out and "robust %" in out and "not eligible" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("1 ", "2 "))]
+    assert [r[1] for r in rows[:2]] == ["strong", "weak"]
+
+
+def chromium() -> str:
+    """Headless Chromium for the page test: $RBL_CHROMIUM, else chromium on PATH (apt-get install -y chromium)."""
+    exe = os.environ.get("RBL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, ("this test needs headless Chromium: apt-get install -y chromium (or set RBL_CHROMIUM); "
+                 "test_markdown_text_and_html_show_the_same_rows checks the same page with a parser")
+    return exe
+
+
+def test_index_html_in_headless_chromium_renders_and_sorts(tmp_path):
+    board(tmp_path)
+    render_all(tmp_path)
+    page = tmp_path / "index.html"
+    # a click on the "model" header (script appended to a copy) must re-sort the rows by name
+    clicked = tmp_path / "clicked.html"
+    clicked.write_text(page.read_text().replace(
+        "</body>", "<script>document.addEventListener('DOMContentLoaded',function(){"
+        "document.querySelector('#toy-linf-0_05 th:nth-child(2)').click();"
+        "document.querySelector('#toy-linf-0_05 th:nth-child(2)').click();});</script></body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom"]
+    doms = {}
+    for f in (page, clicked):
+        out = subprocess.run([chromium(), *flags, f.as_uri()], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        doms[f.name] = out.stdout
+    reader = TableReader()
+    reader.feed(doms["index.html"])
+    assert 'data-ready="1"' in doms["index.html"]  # the inline script ran
+    assert [row[1] for row in reader.tables["toy-linf-0_05"][1:]] == ["strong", "weak"]
+    reader = TableReader()
+    reader.feed(doms["clicked.html"])
+    assert [row[1] for row in reader.tables["toy-linf-0_05"][1:]] == ["weak", "strong"]  # sorted by name, descending
