@@ -39,6 +39,9 @@ class AugMix(Defense):
         lam: weight of the Jensen-Shannon consistency term (12, the paper's lambda).
         severity, width, depth, alpha: torchvision ``AugMix`` settings (3, 3, -1 = random 1..3, 1.0).
         all_ops: also use brightness / contrast / color / sharpness (False, as in the paper).
+        chain_group: consecutive images of a batch that share one draw of the chains' operations
+            (their mixing weights stay per image); 1 = every image its own chains (the paper).
+            torchvision applies an op to a whole tensor at once, so 8 is about 8x faster on CPU.
 
     ``loss(model, x, y)``: scalar, x (N, C, H, W) in [0, 1], y (N,). ``augment(x)`` gives one view.
     """
@@ -46,7 +49,7 @@ class AugMix(Defense):
     name = "augmix"
 
     def __init__(self, *, lam: float = 12.0, severity: int = 3, width: int = 3, depth: int = -1, alpha: float = 1.0,
-                 all_ops: bool = False, seed: int = 0) -> None:
+                 all_ops: bool = False, chain_group: int = 1, seed: int = 0) -> None:
         super().__init__(seed=seed)
         if not lam >= 0:
             raise UserInputError(f"lam must be >= 0, got {lam!r}")
@@ -56,30 +59,34 @@ class AugMix(Defense):
             raise UserInputError(f"width must be >= 1, got {width!r}")
         if not alpha > 0:
             raise UserInputError(f"alpha must be > 0, got {alpha!r}")
+        if int(chain_group) < 1:
+            raise UserInputError(f"chain_group must be >= 1, got {chain_group!r}")
         self.lam = float(lam)
         self.severity = int(severity)
         self.width = int(width)
         self.depth = int(depth)
         self.alpha = float(alpha)
         self.all_ops = bool(all_ops)
+        self.chain_group = int(chain_group)
         self._augmix = TorchvisionAugMix(severity=self.severity, mixture_width=self.width, chain_depth=self.depth,
                                          alpha=self.alpha, all_ops=self.all_ops)
 
     def augment(self, x: Tensor, indices: Tensor | None = None, view: int = 0) -> Tensor:
         """One AugMix view per image: x (N, C, H, W) in [0, 1] -> (N, C, H, W) in [0, 1].
 
-        Image i's chains depend only on (seed, epoch, ``indices[i]``, ``view``); indices default to
-        positions. torchvision's ops (posterize, solarize, ...) work on 8-bit images, so x is
+        With ``chain_group`` 1, image i's chains depend only on (seed, epoch, ``indices[i]``, ``view``);
+        a group's draw is seeded by its first image's index. Indices default to positions. torchvision's ops (posterize, solarize, ...) work on 8-bit images, so x is
         quantised to 256 levels first (lossless for MNIST and other 8-bit data).
         """
         as_bytes = (x.detach() * 255).round().clamp(0, 255).to(torch.uint8).cpu()
-        index_list = range(x.shape[0]) if indices is None else torch.as_tensor(indices).tolist()
+        index_list = list(range(x.shape[0])) if indices is None else torch.as_tensor(indices).tolist()
         views = []
         with torch.random.fork_rng(devices=[]):
-            for img, index in zip(as_bytes, index_list):
-                torch.manual_seed(mix(self.seed, self.epoch, int(index), view))
-                views.append(self._augmix(img))
-        return (torch.stack(views).float() / 255).to(x.device)
+            for start in range(0, x.shape[0], self.chain_group):
+                torch.manual_seed(mix(self.seed, self.epoch, int(index_list[start]), view))
+                group = as_bytes[start:start + self.chain_group]
+                views.append(self._augmix(group[0]) if self.chain_group == 1 else self._augmix(group))
+        return (torch.cat(views) if self.chain_group > 1 else torch.stack(views)).float().div(255).to(x.device)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, **batch) -> Tensor:
         n = x.shape[0]
@@ -92,7 +99,10 @@ class AugMix(Defense):
     def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
         add_option(parser, "--jsd-lambda", type=float, default=12.0, help="AugMix weight of the Jensen-Shannon term (12)")
         add_option(parser, "--augmix-severity", type=int, default=3, help="AugMix operation severity 1..10 (3)")
+        add_option(parser, "--augmix-chain-group", type=int, default=1,
+                   help="AugMix: images sharing one draw of chain operations (1 = per image, the paper)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AugMix":
-        return cls(lam=args.jsd_lambda, severity=args.augmix_severity, seed=args.seed)
+        return cls(lam=args.jsd_lambda, severity=args.augmix_severity, chain_group=args.augmix_chain_group,
+                   seed=args.seed)

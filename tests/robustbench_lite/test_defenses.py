@@ -128,6 +128,17 @@ def test_augmix_views_are_per_example_deterministic_and_in_range():
     assert not torch.allclose(a, (x * 255).round() / 255)
 
 
+def test_augmix_chain_groups_share_operations_but_not_mixing_weights():
+    x, _, _ = blobs(6)
+    grouped = AugMix(chain_group=3).augment(x, torch.arange(6), view=1)
+    assert grouped.shape == x.shape and grouped.min() >= 0 and grouped.max() <= 1
+    # the first group is seeded by its first index whatever follows it
+    again = AugMix(chain_group=3).augment(x[:3], torch.arange(3), view=1)
+    assert torch.equal(grouped[:3], again)
+    with pytest.raises(UserInputError):
+        AugMix(chain_group=0)
+
+
 def test_jensen_shannon_by_hand():
     z = torch.randn(4, 3)
     assert jensen_shannon(z, z, z).abs().item() < 1e-6  # identical predictions agree
