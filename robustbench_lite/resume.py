@@ -14,32 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
+from .leaderboard import atomic_write_bytes, safe_name
 from .outcome import BatchOutcome, Bounds, Compute, Done
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ResumeRunner:
@@ -72,7 +58,7 @@ class ResumeRunner:
             log.info("%s holds another evaluation's batches: clearing it", self.state_dir)
             self.clear()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(manifest, json.dumps({"key": self.key}).encode())
+        atomic_write_bytes(manifest, json.dumps({"key": self.key}).encode())
 
     def shard_path(self, start: int, stop: int) -> Path:
         return self.state_dir / f"batch-{start:07d}-{stop:07d}.safetensors"
@@ -93,7 +79,7 @@ class ResumeRunner:
 
     def save(self, outcome: BatchOutcome) -> None:
         tensors, meta = outcome.to_tensors()
-        _atomic_write_bytes(self.shard_path(outcome.start, outcome.stop), st_save(tensors, metadata=meta))
+        atomic_write_bytes(self.shard_path(outcome.start, outcome.stop), st_save(tensors, metadata=meta))
 
     def settle(self, i: int, bounds: tuple[int, int], compute: Compute) -> BatchOutcome:
         """Batch ``i`` (rows ``bounds``): loaded if stored, else computed and stored."""
@@ -136,8 +122,6 @@ STATE_FOLDER = ".state"
 
 def state_dir_for(root: str | Path, dataset: str, norm: str, eps: float, model: str) -> Path:
     """``<root>/.state/<dataset>/<norm>-<eps>/<model>``: the resume folder of one record."""
-    from .leaderboard import safe_name
-
     return Path(root) / STATE_FOLDER / safe_name(dataset) / f"{norm}-{eps:g}" / safe_name(model)
 
 
