@@ -173,9 +173,9 @@ def corruption_accuracy(model: nn.Module, dataset: Any, n_examples: int | None =
     seeds_all = example_seeds(seed, indices[:n])
     clean = torch.zeros(n, dtype=torch.bool)
     correct = {name: torch.zeros(5, n, dtype=torch.bool) for name in names}
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    from attacks.base import frozen  # eval mode, the caller's mode restored afterwards
+
+    with frozen(model):
         for start in range(0, n, int(batch_size)):
             sl = slice(start, min(n, start + int(batch_size)))
             x = dataset.x[sl].to(device).float()
@@ -185,9 +185,6 @@ def corruption_accuracy(model: nn.Module, dataset: Any, n_examples: int | None =
                 for sev in range(1, 6):
                     xc = corrupt(x, name, sev, seeds_all[sl])
                     correct[name][sev - 1, sl] = (_predict(model, xc) == y).cpu()
-    finally:
-        for m, mode in modes:
-            m.training = mode
     accuracy = {name: [float(f.float().mean()) for f in correct[name]] for name in names}
     result = {
         "metric": "mean_corruption_acc",
