@@ -193,7 +193,12 @@ class ConvexCertifier(Certifier):
         self._bounds = bounds or crown_bounds
         self._problems: dict[tuple, Any] = {}
         self.crown_first = bool(crown_first)
-        self.builds = 0  # how many cvxpy problems were built (each is compiled once, then re-solved)
+        self._builds = 0
+
+    @property
+    def builds(self) -> int:
+        """How many cvxpy problems were built (each is compiled once, then re-solved)."""
+        return self._builds
 
     def check_supported(self, model: nn.Module) -> None:
         from .graph import check_supported
@@ -201,8 +206,8 @@ class ConvexCertifier(Certifier):
         check_supported(model)
 
     # --- subclasses --------------------------------------------------------------------------
-    def build(self, net: DenseReLUNet, norm: str) -> Any:
-        """A reusable (DPP) problem for ``net`` and the ball's norm."""
+    def build(self, net: DenseReLUNet, norm: str, rel: Relaxation) -> Any:
+        """A reusable (DPP) problem for ``net`` and the ball's norm (``rel``: one example, for scaling)."""
         raise NotImplementedError
 
     def solve(self, problem: Any, net: DenseReLUNet, rel: Relaxation, c: np.ndarray, warm: bool) -> Solved:
@@ -219,11 +224,11 @@ class ConvexCertifier(Certifier):
         with torch.no_grad():
             return CROWN().bound_margins(model, x, y, threat).double().cpu().numpy()
 
-    def _problem(self, net: DenseReLUNet, norm: str) -> Any:
+    def _problem(self, net: DenseReLUNet, norm: str, rel: Relaxation) -> Any:
         key = (net.fingerprint(), norm)
         if key not in self._problems:
-            self._problems = {key: self.build(net, norm)}  # keep only the latest network's problem
-            self.builds += 1
+            self._problems = {key: self.build(net, norm, rel)}  # keep only the latest network's problem
+            self._builds += 1
         return self._problems[key]
 
     def _skip_reason(self, model: nn.Module, x: Tensor) -> tuple[str | None, DenseReLUNet | None]:
@@ -253,7 +258,7 @@ class ConvexCertifier(Certifier):
             raise UserInputError(f"intermediate bounds of sizes {[p[0].shape[1] for p in pre]} do not match "
                                  f"the network's ReLU layers {net.hidden}")
         rels = make_relaxations(net, xs, threat, pre)
-        problem = self._problem(net, threat.norm)
+        problem = self._problem(net, threat.norm, rels[0])
         logits = net.preactivations(xs)[-1]
         crown = self._crown_margins(model, x, y, threat)
         problems: list[dict] = []

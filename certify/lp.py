@@ -131,7 +131,7 @@ class LP(ConvexCertifier):
             raise UserInputError(f"LP solver must be one of {', '.join(_TIME_OPTION)}, got {solver!r}")
         self.solver = solver
 
-    def build(self, net: DenseReLUNet, norm: str) -> LPProblem:
+    def build(self, net: DenseReLUNet, norm: str, rel: Relaxation) -> LPProblem:
         if norm == "L2" and self.solver == "HIGHS":
             raise UserInputError("the L2 ball needs a conic solver: use solver='CLARABEL' or 'SCS'")
         return LPProblem(net, norm)

@@ -31,7 +31,7 @@ from robustbench_lite.errors import UserInputError
 
 from .convex import BoundsFn, ConvexCertifier, DenseReLUNet, Relaxation, Solved
 from .dual import sdp_bound
-from .lp import ReluLayerParams, duals_of, relu_constraints
+from .lp import LP, LPProblem, ReluLayerParams, duals_of, relu_constraints
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,16 @@ log = logging.getLogger(__name__)
 class SDPProblem:
     """The SDP relaxation of one network and one ball norm, with per-example cvxpy Parameters."""
 
-    def __init__(self, net: DenseReLUNet, norm: str) -> None:
+    def __init__(self, net: DenseReLUNet, norm: str, scale: np.ndarray | None = None) -> None:
         sizes = [net.input_dim, *net.hidden]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         n = int(offsets[-1])
+        # the solver's variable is P-hat with v = scale * v-hat: every coordinate of order one, which
+        # SCS needs to converge (a PSD cone cannot be equilibrated per coordinate); the constraints
+        # are the same functions of v, so their multipliers feed certify.dual unchanged
+        sc = np.ones(n) if scale is None else np.asarray(scale, dtype=np.float64)
         self.P = cp.Variable((n + 1, n + 1), PSD=True)
-        v, diag = self.P[0, 1:], cp.diag(self.P)[1:]
+        v, diag = cp.multiply(sc, self.P[0, 1:]), cp.multiply(sc ** 2, cp.diag(self.P)[1:])
         blocks = [v[offsets[b]:offsets[b + 1]] for b in range(len(sizes))]
         diags = [diag[offsets[b]:offsets[b + 1]] for b in range(len(sizes))]
         self.layers = [ReluLayerParams.create(k) for k in net.hidden]
@@ -64,7 +68,8 @@ class SDPProblem:
         for i in range(len(net.hidden)):
             prev = slice(1 + offsets[i], 1 + offsets[i + 1])
             cur = slice(1 + offsets[i + 1], 1 + offsets[i + 2])
-            cross = cp.sum(cp.multiply(net.weights[i].T, self.P[prev, cur]), axis=0)  # diag(W V_{prev,cur})
+            w = net.weights[i] * sc[cur.start - 1:cur.stop - 1, None] * sc[None, prev.start - 1:prev.stop - 1]
+            cross = cp.sum(cp.multiply(w.T, self.P[prev, cur]), axis=0)  # diag(W V_{prev,cur})
             fam["relu_eq"].append(diags[i + 1] - cross - cp.multiply(net.biases[i], blocks[i + 1]) == 0)
         self.center = self.radius_sq = self.center_sq = None
         if norm == "L2":
@@ -117,17 +122,23 @@ class SDP(ConvexCertifier):
                 raise UserInputError(f"{name} must be a positive integer, got {v!r}")
         self.eps, self.max_iters, self.chunk_iters = float(eps), max_iters, chunk_iters
         self.warm_start = bool(warm_start)
+        self._lp = LP(time_limit=time_limit, bounds=bounds)
 
-    def build(self, net: DenseReLUNet, norm: str) -> SDPProblem:
-        return SDPProblem(net, norm)
+    def build(self, net: DenseReLUNet, norm: str, rel: Relaxation) -> tuple[SDPProblem, LPProblem]:
+        return SDPProblem(net, norm, scale=coordinate_scale(rel)), self._lp.build(net, norm, rel)
 
-    def solve(self, problem: SDPProblem, net: DenseReLUNet, rel: Relaxation, c: np.ndarray, warm: bool) -> Solved:
-        """SCS in chunks of ``chunk_iters`` iterations (warm-started); stops once the verified bound is
-        positive, SCS converges, or the iteration/time budget is spent. Returns the best verified bound."""
-        problem.set(net, rel, c)
+    def solve(self, problem: tuple[SDPProblem, LPProblem], net: DenseReLUNet, rel: Relaxation, c: np.ndarray,
+              warm: bool) -> Solved:
+        """The triangle LP first (its verified bound is a floor: the SDP contains its constraints and
+        SCS may stop short of them); then SCS in chunks of ``chunk_iters`` iterations (warm-started)
+        until the verified bound is positive (``early_stop``), SCS converges, or the iteration/time
+        budget is spent. Returns the best verified bound."""
+        sdp, lp = problem
         start = time.perf_counter()
-        done, best, raw = 0, -math.inf, "not run"
-        while done < self.max_iters:
+        floor = self._lp.solve(lp, net, rel, c, warm)
+        best, done, raw = floor.bound, 0, f"lp {floor.solver_status}"
+        sdp.set(net, rel, c)
+        while done < self.max_iters and not (best > 0 and self.early_stop):
             left = self.time_limit - (time.perf_counter() - start)
             if left <= 0:
                 raw = "time limit"
@@ -135,18 +146,29 @@ class SDP(ConvexCertifier):
             chunk = min(self.chunk_iters, self.max_iters - done)
             with warnings.catch_warnings():  # "may be inaccurate": the verified bound accounts for it
                 warnings.simplefilter("ignore", UserWarning)
-                problem.problem.solve(solver=cp.SCS, eps_abs=self.eps, eps_rel=self.eps, max_iters=chunk,
-                                      time_limit_secs=left, warm_start=self.warm_start and (warm or done > 0))
-            stats = problem.problem.solver_stats
+                sdp.problem.solve(solver=cp.SCS, eps_abs=self.eps, eps_rel=self.eps, max_iters=chunk,
+                                  time_limit_secs=left, warm_start=self.warm_start and (warm or done > 0))
+            stats = sdp.problem.solver_stats
             done += int(getattr(stats, "num_iters", None) or chunk)
-            raw = _scs_status(problem.problem)
-            bound = sdp_bound(net, rel, c, duals_of(problem.families))
+            raw = _scs_status(sdp.problem)
+            bound = sdp_bound(net, rel, c, duals_of(sdp.families))
             best = max(best, bound) if math.isfinite(bound) else best
-            if (best > 0 and self.early_stop) or raw == "solved":
+            if raw == "solved":
                 break
         seconds = time.perf_counter() - start
         timed_out = raw != "solved" and best <= 0 and (seconds >= 0.95 * self.time_limit or "time" in raw)
-        return Solved(best, f"{raw} ({done} iterations)", seconds, timed_out)
+        raw = f"{raw} ({done} iterations; lp floor {floor.bound:.6g})"
+        return Solved(best, raw, seconds, timed_out)
+
+
+def coordinate_scale(rel: Relaxation) -> np.ndarray:
+    """Typical magnitude of every coordinate of v (from one example's bounds), for conditioning only."""
+    out = []
+    for lo, hi in zip([rel.input_lower, *rel.act_lower], [rel.input_upper, *rel.act_upper]):
+        mag = np.maximum(np.abs(lo), np.abs(hi))
+        floor = 0.1 * float(np.median(mag[mag > 0])) if (mag > 0).any() else 1.0
+        out.append(np.maximum(mag, floor))
+    return np.concatenate(out)
 
 
 def _scs_status(problem: cp.Problem) -> str:
