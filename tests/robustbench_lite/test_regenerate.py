@@ -47,7 +47,7 @@ def test_the_shipped_registry_lists_the_zoo_models_and_one_protocol_per_table():
         for eps in ("0.1", "0.2", "0.3"):
             assert f"mnist5k/Linf-{eps}/{model}" in keys
     assert any(j.model == "digits-mlp-standard" and j.dataset == "digits" for j in jobs)
-    assert all(j.n_examples >= 360 and [a for a, _ in j.attacks] == ["pgd"] for j in jobs)
+    assert all(j.n_examples >= 360 and [a for a, _ in j.attacks][:1] == ["pgd"] for j in jobs)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -179,3 +179,21 @@ def test_index_html_in_headless_chromium_renders_and_sorts(tmp_path):
     reader = TableReader()
     reader.feed(doms["clicked.html"])
     assert [row[1] for row in reader.tables["toy-linf-0_05"][1:]] == ["weak", "strong"]  # sorted by name, descending
+
+
+def test_minimum_norm_distances_flow_from_the_attack_into_the_record(tmp_path):
+    from attacks import FMN
+
+    result = evaluate(toy_model(), toy_dataset(12), ThreatModel("Linf", 0.05), attacks=["pgd", FMN(steps=10)],
+                      certifiers=[], individual=True)
+    rec = build_record(result, INFO, toy_model())
+    dist = rec["per_example"]["distances"]["fmn"]
+    assert set(rec["per_example"]["distances"]) == {"fmn"} and len(dist) == 12
+    assert any(d is not None for d in dist)
+    for d, correct, broken in zip(dist, rec["per_example"]["correct"], rec["per_example"]["attack_success"]["fmn"]):
+        if not correct:
+            assert d is None  # misclassified points are not attacked
+        if broken:
+            assert d is not None and d <= 0.05 + 1e-6
+    write_record(rec, tmp_path)
+    assert "min_norm_toy_Linf-0.05.png" in [p.name for p in render_all(tmp_path)]
