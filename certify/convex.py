@@ -291,8 +291,8 @@ class ConvexCertifier(Certifier):
             except Exception as exc:  # a solver failure is recorded, never read as certified
                 log.warning("%s: example %d class %d: solver failed: %s", self.name, index, j, exc)
                 res = Solved(-math.inf, f"error: {type(exc).__name__}: {exc}", 0.0)
-            problems.append({"example": index, "class": j, "bound": res.bound, "solver_status": res.solver_status,
-                             "seconds": round(res.seconds, 4), "timeout": res.timed_out})
+            problems.append({"example": index, "class": j, "bound": float(res.bound), "solver_status": res.solver_status,
+                             "seconds": round(float(res.seconds), 4), "timeout": bool(res.timed_out)})
             bound[j] = max(bound[j], res.bound)
             if bound[j] <= 0:
                 failed, timed_out = True, timed_out or res.timed_out
