@@ -150,16 +150,28 @@ def run_job(job: Job, root: Path, inputs: dict[str, Any], resume: bool = True,
                       seed=job.seed, individual=job.mode == "individual", progress=progress, runner=runner)
     record = build_record(result, info, model)
     record["inputs"] = inputs
-    if runner is not None:
-        runner.clear()
-    return record
+    return record  # the resume state stays until the record is written (see _write)
+
+
+def _write(record: dict[str, Any], root: Path) -> None:
+    """Replace the job's record (it holds exactly the registry's protocol), then drop its resume state."""
+    from .leaderboard import write_record
+    from .resume import resume_runner_for
+
+    write_record(record, root, replace=True)
+    threat = record["threat_model"]
+    resume_runner_for(root, record["dataset"]["name"], threat["norm"], threat["eps"], record["model"]["name"],
+                      "").clear()
 
 
 def regenerate(root: str | Path, registry: str | Path | None = None, only: str | None = None,
                force: bool = False, dry_run: bool = False, resume: bool = True, group: Group | None = None,
                on_job: Callable[[Planned], None] | None = None) -> Report:
-    """Plan, run this rank's share of the jobs to run, and (rank 0) write the records and re-render."""
-    from .leaderboard import write_record
+    """Plan, run this rank's share of the jobs to run, and (rank 0) write the records and re-render.
+
+    One process writes each record as soon as its job is done; under torchrun the ranks' records
+    are gathered and rank 0 writes them all (a killed run resumes from the batches kept on disk).
+    """
     from .render import render_all
 
     started = time.perf_counter()
@@ -175,15 +187,21 @@ def regenerate(root: str | Path, registry: str | Path | None = None, only: str |
         if on_job is not None:
             on_job(planned)
         try:
-            produced[planned.job.key] = run_job(planned.job, root, planned.inputs or {}, resume)
+            record = run_job(planned.job, root, planned.inputs or {}, resume)
         except RobustBenchLiteError as err:  # one broken job must not stop (or deadlock) the others
             produced[planned.job.key] = {"error": " ".join(str(err).split())}
-    for part in all_gather(produced, group):
+            continue
+        if group.active:
+            produced[planned.job.key] = record
+        else:
+            _write(record, root)
+            report.ran.append(planned.job.key)
+    for part in all_gather(produced, group) if group.active else [produced]:
         for key, rec in part.items():
             if "error" in rec:
                 report.failed[key] = rec["error"]
             elif group.is_main:
-                write_record(rec, root, replace=True)
+                _write(rec, root)
                 report.ran.append(key)
     if group.is_main and not any(p.action == ERROR for p in report.planned):  # a corrupt record cannot render
         report.rendered = render_all(root)
