@@ -27,18 +27,14 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> Path:
-    import os
-    import tempfile
+    """The figure as PNG, written atomically (no timestamped metadata, so unchanged plots stay byte-equal)."""
+    import io
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ..leaderboard import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
