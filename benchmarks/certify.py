@@ -75,7 +75,7 @@ def part1(repeats: int) -> None:
     digits = load_dataset("digits", "test")
     cases = [("mnist5k-cnn-standard", "mnist-cnn", test, 0.1), ("mnist5k-cnn-pgd-at", "mnist-cnn", test, 0.1),
              ("digits-mlp-standard", "digits-mlp", digits, 0.05), (None, "mnist-lenet", test, 0.02)]
-    print("part 1: bounds per second (one thread), margins of N examples")
+    print("part 1: bounds per CPU second (one thread, best of repeats), margins of N examples")
     print(f"{'model':34s} {'eps':>5s} {'N':>4s} {'forward/s':>10s} {'IBP/s':>9s} {'IBP in fwd':>10s} "
           f"{'CROWN/s':>8s} {'CROWN in fwd':>12s} {'IBP cert':>8s} {'CROWN cert':>10s}")
     for name, arch, data, eps in cases:

@@ -208,3 +208,25 @@ def test_residual_and_functional_relu_networks_are_bounded():
         with torch.no_grad():
             z = model(pt)
         assert (bound <= z.gather(1, y[:, None]) - z + 1e-5).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), sign=st.sampled_from([-1.0, 1.0]), eps=st.floats(0.01, 0.3))
+def test_max_pool_network_against_its_closed_form_minimum(seed, sign, eps):
+    # margin = sum_k c_k max(window_k) + const over disjoint windows: its exact minimum over the box is
+    # sum_k c_k * (max_k l if c_k > 0 else max_k u). With c > 0 and equal widths CROWN is exact.
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        net[2].weight.copy_(torch.stack([sign * torch.rand(4, generator=g), torch.zeros(4)]))
+        net[2].bias.zero_()
+    x = 0.3 + 0.4 * torch.rand(1, 1, 4, 4, generator=g)
+    lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
+    pool = nn.MaxPool2d(2)
+    c = net[2].weight[0]
+    exact = (c * torch.where(c > 0, pool(lo).flatten(), pool(hi).flatten())).sum()
+    for cert in (CROWN(), AlphaCROWN(alpha_steps=3), IBP()):
+        bound = cert(net, x, torch.tensor([0]), ThreatModel("Linf", eps)).margin_lower[0, 1]
+        assert bound <= exact + 1e-5, cert.name
+        if sign > 0 and eps <= 0.3:  # no clipping (x in [0.3, 0.7]): the selected entry has the largest l
+            assert torch.isclose(bound, exact, atol=1e-5), cert.name
