@@ -28,6 +28,16 @@ def add_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *flags
     parser.add_argument(*flags, **kwargs)
 
 
+def add_threat_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, inner_attack: bool) -> None:
+    """The training threat model's options (``--eps``, ``--norm``) and, for defenses that attack
+    inside the loss (PGD-AT, TRADES), the inner PGD's ``--attack-steps`` / ``--attack-step-size``."""
+    add_option(parser, "--eps", type=float, default=0.3, help="training threat radius (pixel units)")
+    add_option(parser, "--norm", default="Linf", choices=["Linf", "L2"], help="training threat norm")
+    if inner_attack:
+        add_option(parser, "--attack-steps", type=int, default=40, help="inner PGD steps")
+        add_option(parser, "--attack-step-size", type=float, default=0.01, help="inner PGD step at full eps")
+
+
 class Defense(abc.ABC):
     """Base class: subclasses set ``name`` and implement :meth:`loss`.
 

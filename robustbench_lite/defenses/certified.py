@@ -19,7 +19,7 @@ from certify.ibp import ibp_margins
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
 
-from .base import Defense, add_option
+from .base import Defense, add_option, add_threat_options
 
 
 class IBPTraining(Defense):
@@ -111,8 +111,7 @@ class IBPTraining(Defense):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-        add_option(parser, "--eps", type=float, default=0.3, help="training threat radius (pixel units)")
-        add_option(parser, "--norm", default="Linf", choices=["Linf", "L2"], help="training threat norm")
+        add_threat_options(parser, inner_attack=False)
         add_option(parser, "--kappa-final", type=float, default=0.5, help="IBP: final weight of the clean loss (0.5)")
         add_option(parser, "--ibp-warmup", type=float, default=0.1, help="IBP: fraction of training before the ramp (0.1)")
         add_option(parser, "--ibp-ramp", type=float, default=0.5, help="IBP: fraction of training for the eps/kappa ramp (0.5)")

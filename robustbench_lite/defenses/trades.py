@@ -18,7 +18,7 @@ from robustbench_lite.errors import UserInputError
 from robustbench_lite.seeding import ExampleRNG, example_seeds, mix
 from robustbench_lite.threat import ThreatModel
 
-from .base import Defense, add_option
+from .base import Defense, add_option, add_threat_options
 
 
 def kl_from_clean(logits_adv: Tensor, logits_clean: Tensor, reduction: str = "batchmean") -> Tensor:
@@ -83,10 +83,7 @@ class TRADES(Defense):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-        add_option(parser, "--eps", type=float, default=0.3, help="training threat radius (pixel units)")
-        add_option(parser, "--norm", default="Linf", choices=["Linf", "L2"], help="training threat norm")
-        add_option(parser, "--attack-steps", type=int, default=40, help="inner PGD steps")
-        add_option(parser, "--attack-step-size", type=float, default=0.01, help="inner PGD step at full eps")
+        add_threat_options(parser, inner_attack=True)
         add_option(parser, "--beta", type=float, default=6.0, help="TRADES: weight of the KL term (6)")
 
     @classmethod
