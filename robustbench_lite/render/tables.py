@@ -80,14 +80,19 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
+def _certified(record: dict[str, Any]) -> str:
+    """'-' when no certifier ran: 0 % certified would claim a certifier tried and failed."""
+    return _pct(record["certified_acc"]) if record.get("certifiers") else "-"
+
+
 def row_cells(record: dict[str, Any], rank: int) -> list[str]:
     return [str(rank), record["model"]["name"], record["model"].get("defense") or "-", _pct(record["clean_acc"]),
-            _pct(record["robust_acc"]), _pct(record["certified_acc"]), _pct(record.get("autoattack_acc"))]
+            _pct(record["robust_acc"]), _certified(record), _pct(record.get("autoattack_acc"))]
 
 
 def apart_cells(record: dict[str, Any], diff: list[str]) -> list[str]:
     return [record["model"]["name"], record["model"].get("defense") or "-", _pct(record["clean_acc"]),
-            _pct(record["robust_acc"]), _pct(record["certified_acc"]), str(record["dataset"]["n_examples"]),
+            _pct(record["robust_acc"]), _certified(record), str(record["dataset"]["n_examples"]),
             ", ".join(diff)]
 
 
