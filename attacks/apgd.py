@@ -187,11 +187,16 @@ class APGD(Attack):
             group = torch.arange(todo.numel(), device=x.device).repeat_interleave(k)
             out_x, out_hit, z, b = apgd_rows(model, row_x0, row_y, row_t, row_t if goal_is_target else None,
                                              group, rows, threat, loss, self.steps, self.rho, self.eot_iter)
-            order = torch.argsort(out_hit.to(torch.int8), stable=True)  # successful rows written last
-            best[todo[group[order]]] = out_x[order]
-            done[todo] = torch.zeros_like(done[todo]).index_put_((group,), out_hit, accumulate=True)
-            zero[todo] |= torch.zeros_like(zero[todo]).index_put_((group,), z, accumulate=True)
-            bad[todo] |= torch.zeros_like(bad[todo]).index_put_((group,), b, accumulate=True)
+            # Rows are laid out example-major (row = example * k + j), so per-example reductions are
+            # plain reshapes. (Scattering rows with duplicate indices - index_put_ with accumulate on
+            # bools, or "successful rows written last" - is a data race under intra-op threads.)
+            n = todo.numel()
+            hit = out_hit.view(n, k)
+            pick = hit.to(torch.int8).argmax(dim=1)  # the first successful target, else target 0
+            best[todo] = out_x.view(n, k, *out_x.shape[1:])[torch.arange(n, device=x.device), pick]
+            done[todo] = hit.any(dim=1)
+            zero[todo] |= z.view(n, k).any(dim=1)
+            bad[todo] |= b.view(n, k).any(dim=1)
         return AttackResult(x_adv=best, success=done, flags=health_flags(zero, bad))
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, rng: ExampleRNG,
