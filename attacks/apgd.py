@@ -23,7 +23,8 @@ from robustbench_lite.seeding import ExampleRNG
 from robustbench_lite.threat import ThreatModel
 
 from .base import Attack, AttackResult
-from .losses import AttackLoss, dlr_loss, get_loss, gradient_health, health_flags, loss_and_grad
+from .losses import (AttackLoss, dlr_loss, get_loss, gradient_health, health_flags, loss_and_grad,
+                     top_other_classes)
 from .pgd import goal_reached
 
 _TINY = 1e-12
@@ -226,12 +227,5 @@ class APGDT(APGD):
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, rng: ExampleRNG,
             target: Tensor | None, clean_logits: Tensor | None = None) -> AttackResult:
         """As :meth:`Attack.run`; a cascade that already has ``clean_logits`` (N, K) passes them."""
-        if clean_logits is None:
-            with torch.no_grad():
-                clean_logits = model(x)
-        k = min(self.n_target_classes, clean_logits.shape[1] - 1)
-        if k < 1:
-            raise UserInputError("APGD-T needs a model with at least 2 classes")
-        others = clean_logits.detach().scatter(1, y[:, None], float("-inf"))
-        targets = others.topk(k, dim=1).indices
+        targets = top_other_classes(model, x, y, self.n_target_classes, clean_logits, "APGD-T")
         return self._restarts(model, x, y, threat, rng, dlr_loss, targets, goal_is_target=False)

@@ -25,7 +25,7 @@ from robustbench_lite.seeding import ExampleRNG
 from robustbench_lite.threat import ThreatModel
 
 from .base import Attack, AttackResult
-from .losses import cw_margin_loss, gradient_health, health_flags, loss_and_grad
+from .losses import cw_margin_loss, gradient_health, health_flags, loss_and_grad, top_other_classes
 from .pgd import goal_reached
 
 _TINY = 1e-12
@@ -174,10 +174,4 @@ class FMNT(FMN):
 
     def _targets(self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
                  clean_logits: Tensor | None) -> Tensor | None:
-        if clean_logits is None:
-            with torch.no_grad():
-                clean_logits = model(x)
-        k = min(self.n_target_classes, clean_logits.shape[1] - 1)
-        if k < 1:
-            raise UserInputError("FMN-T needs a model with at least 2 classes")
-        return clean_logits.detach().scatter(1, y[:, None], float("-inf")).topk(k, dim=1).indices
+        return top_other_classes(model, x, y, self.n_target_classes, clean_logits, "FMN-T")

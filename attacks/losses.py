@@ -126,3 +126,16 @@ def health_flags(zero: Tensor, bad: Tensor) -> dict[str, int]:
     if bool(bad.any()):
         flags["nan_gradient"] = int(bad.sum())
     return flags
+
+
+def top_other_classes(model: nn.Module, x: Tensor, y: Tensor, k: int, clean_logits: Tensor | None,
+                      attack: str) -> Tensor:
+    """(N, min(k, K - 1)) the highest-scoring classes other than y at the clean input: the targets
+    of APGD-T and FMN-T. A cascade that already has ``clean_logits`` (N, K) passes them."""
+    if clean_logits is None:
+        with torch.no_grad():
+            clean_logits = model(x)
+    k = min(k, clean_logits.shape[1] - 1)
+    if k < 1:
+        raise UserInputError(f"{attack} needs a model with at least 2 classes")
+    return clean_logits.detach().scatter(1, y[:, None], float("-inf")).topk(k, dim=1).indices
