@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import RobustBenchLiteError, SoundnessError, UserInputError
+from .render.terminal import format_corruptions, format_result
 
 PROG = "robustbench-lite"
 DEFAULTS = {"model": "mnist5k-cnn-pgd-at", "dataset": "mnist5k", "norm": "Linf", "eps": 0.3,
@@ -61,10 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--arch", default=None, help="architecture of a state-dict file")
     ev.add_argument("--dataset", default=DEFAULTS["dataset"], help="dataset name")
     ev.add_argument("--split", default="test", help="split of the dataset")
+    ev.add_argument("--threat", choices=("lp", "corruptions"), default="lp",
+                    help="lp: the --norm/--eps ball with --attacks/--certifiers; corruptions: accuracy under every "
+                         "common corruption at five severities (docs/metrics.md)")
+    ev.add_argument("--corruptions", default=None, help="with --threat corruptions: comma-separated corruption names "
+                                                        "(default: all)")
     ev.add_argument("--norm", default=DEFAULTS["norm"], help="Linf or L2")
     ev.add_argument("--eps", type=_eps, default=DEFAULTS["eps"], help="radius in pixel units of [0, 1] images, e.g. 0.3 or 8/255")
-    ev.add_argument("--attacks", default=DEFAULTS["attacks"], help="comma-separated attack names, or none")
-    ev.add_argument("--certifiers", default=DEFAULTS["certifiers"], help="comma-separated certifier names, or none")
+    ev.add_argument("--attacks", default=None, help=f"comma-separated attack names, or none (default {DEFAULTS['attacks']})")
+    ev.add_argument("--certifiers", default=None,
+                    help=f"comma-separated certifier names, or none (default {DEFAULTS['certifiers']})")
     ev.add_argument("--n-examples", type=int, default=DEFAULTS["n_examples"], help="the first N of the split")
     ev.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="examples per batch")
     ev.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="run seed (mixed with each example's index)")
@@ -80,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-resume", action="store_true",
                     help="do not keep per-batch results under <leaderboard-dir>/.state (kept by default while "
                          "writing, so an interrupted run resumes where it stopped)")
+    ev.add_argument("--no-defense-metrics", action="store_true",
+                    help="skip the WRM certificate of models whose card says defense wrm (group accuracies are always kept)")
     ev.add_argument("--masking-checks", action="store_true",
                     help="also run the gradient-masking checks that re-run small attacks (checks.ATTACK_CHECKS)")
     ev.set_defaults(handler=cmd_evaluate)
@@ -100,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     regen.add_argument("--force", action="store_true", help="re-run every selected entry")
     regen.add_argument("--no-resume", action="store_true", help="do not resume from or keep per-batch results")
     regen.add_argument("--registry", type=Path, default=None, help="default: <leaderboard-dir>/registry.toml")
-    regen.add_argument("--leaderboard-dir", type=Path, default=None)
+    regen.add_argument("--leaderboard-dir", "--root", type=Path, default=None, dest="leaderboard_dir",
+                       help="where the records, README.md and index.html go (default: the checkout's leaderboards/)")
     regen.set_defaults(handler=cmd_leaderboard_regenerate)
     render = board.add_parser("render", help="re-render README.md, index.html and plots from the JSON records")
     render.add_argument("--leaderboard-dir", type=Path, default=None)
@@ -131,8 +141,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .zoo import load_model_with_info
 
     started = time.perf_counter()
+    if args.threat == "corruptions":
+        return _evaluate_corruptions(args, started)
+    if args.corruptions is not None:
+        raise UserInputError("--corruptions needs --threat corruptions")
     threat = ThreatModel(args.norm, args.eps)
-    attacks, certifiers = _names(args.attacks), _names(args.certifiers)
+    attacks = _names(DEFAULTS["attacks"] if args.attacks is None else args.attacks)
+    certifiers = _names(DEFAULTS["certifiers"] if args.certifiers is None else args.certifiers)
     _check_plugins(attacks, certifiers)
     resolve_device(args.device)
     dataset = load_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download)
@@ -169,13 +184,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not group.is_main:
         return 0
     record = build_record(result, info, model)
+    if not args.no_defense_metrics:
+        from .reports import attach_defense_metrics
+
+        attach_defense_metrics(record, model, info, dataset)
     path = None if args.no_write else write_record(record, args.leaderboard_dir, replace=args.replace)
     if store is not None:
         store.clear()
     if args.json:
         print(json.dumps(read_record(path) if path else record, indent=1))
     else:
-        print(format_result(result, record["model"]["name"], path, time.perf_counter() - started))
+        print(format_result(result, record["model"]["name"], path, time.perf_counter() - started, record))
+    return 0
+
+
+def _evaluate_corruptions(args: argparse.Namespace, started: float) -> int:
+    """``evaluate --threat corruptions``: accuracy per corruption and severity, written as a record."""
+    from .corruption_eval import corruption_names, evaluate_corruptions
+    from .data import load_dataset
+    from .evaluate import resolve_device
+    from .leaderboard import build_record, read_record, write_record
+    from .zoo import load_model_with_info
+
+    for option in ("attacks", "certifiers"):
+        if getattr(args, option) is not None:
+            raise UserInputError(f"--{option} does not apply to --threat corruptions (the corruptions are the threat)")
+    if args.corruptions is not None and not args.corruptions.strip():
+        raise UserInputError("--corruptions is empty: name at least one corruption or leave the option out")
+    names = corruption_names(args.corruptions)
+    resolve_device(args.device)
+    dataset = load_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download)
+    model, info = load_model_with_info(args.model, arch=args.arch, device=args.device)
+    result = evaluate_corruptions(model, dataset, corruptions=names, n_examples=args.n_examples,
+                                  batch_size=args.batch_size, seed=args.seed, device=args.device)
+    record = build_record(result, info, model)
+    path = None if args.no_write else write_record(record, args.leaderboard_dir, replace=args.replace)
+    if args.json:
+        print(json.dumps(read_record(path) if path else record, indent=1))
+        return 0
+    print(format_corruptions(record, path, time.perf_counter() - started))
     return 0
 
 
@@ -227,34 +274,6 @@ class _Bar:
 
 def _progress_bar(args: argparse.Namespace) -> _Bar | None:
     return None if args.no_progress or args.json else _Bar()
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:6.1f}"
-
-
-def format_result(result: Any, model_name: str, path: Path | None, wall: float) -> str:
-    """The terminal table of one evaluation: accuracies, per plug-in accuracy and cost, flags."""
-    t = result.threat
-    lines = [f"model {model_name} on {result.dataset}/{result.split} ({result.n_examples} examples), "
-             f"{t.norm} eps={t.eps:g}, seed {result.seed}, {result.mode} attacks",
-             f"  {'':<22}{'acc %':>7}{'seconds':>10}{'fwd':>10}{'bwd':>10}{'queries':>9}",
-             f"  {'clean':<22}{_pct(result.clean_acc):>7}"]
-    for r in result.attacks:
-        lines.append(f"  {'attack ' + r.name:<22}{_pct(r.accuracy):>7}{r.seconds:>10.2f}{r.forward:>10}"
-                     f"{r.backward:>10}{r.queries:>9}")
-    lines.append(f"  {'robust (worst case)':<22}{_pct(result.robust_acc):>7}")
-    for r in result.certifiers:
-        lines.append(f"  {'certifier ' + r.name:<22}{_pct(r.accuracy):>7}{r.seconds:>10.2f}")
-    lines.append(f"  {'certified (any)':<22}{_pct(result.certified_acc):>7}")
-    if result.flags:
-        lines.append("flags:")
-        lines += [f"  [{f['severity']}] {f['name']}: {f['explanation']}" for f in result.flags]
-    else:
-        lines.append("flags: none")
-    lines.append(f"wrote {path}" if path else "leaderboard: not written")
-    lines.append(f"wall time {wall:.1f} s")
-    return "\n".join(lines)
 
 
 def cmd_zoo_list(args: argparse.Namespace) -> int:

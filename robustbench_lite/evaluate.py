@@ -61,7 +61,9 @@ class EvaluationResult:
     ``attack_success[name]``: the attack broke the example (False where it did not run);
     ``certified_by[name]``: the certifier certified it; ``violations``: dataset indices where
     certified <= robust <= correct failed; ``flags``: checks' flags (see :mod:`robustbench_lite.checks`);
-    ``distances[name]``: (N,) minimal perturbations a minimum-norm attack found (NaN where none / not run).
+    ``distances[name]``: (N,) minimal perturbations a minimum-norm attack found (NaN where none / not run);
+    ``groups``: (N,) int64 group id of each example when the dataset has groups (``group_names[id]``);
+    ``corruption_correct[name]``: (5, N) bool, correct under a corruption at severity 1..5 (corruption runs).
     """
 
     dataset: str
@@ -82,6 +84,9 @@ class EvaluationResult:
     seconds: float = 0.0
     clean_forward: int = 0
     distances: dict[str, Tensor] = field(default_factory=dict)
+    groups: Tensor | None = None
+    group_names: list[str] | None = None
+    corruption_correct: dict[str, Tensor] | None = None
 
     @property
     def n_examples(self) -> int:
@@ -344,7 +349,8 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
         mode="individual" if individual else "cascade", correct=correct, attack_success=success,
         certified_by=certified, attacks=[reports[n_] for n_, _ in attack_list],
         certifiers=[reports[n_] for n_, _ in cert_list], seconds=time.perf_counter() - started,
-        clean_forward=n, distances=distances,
+        clean_forward=n, distances=distances, groups=_groups(dataset),
+        group_names=list(dataset.group_names) if _groups(dataset) is not None else None,
     )
     ctx = checks_module.CheckContext(
         model=model, x=x_all.to(dev), y=y_all.to(dev), indices=indices, clean_logits=torch.cat(logits_all),
@@ -354,6 +360,14 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
                 "seeds": seeds_all},
     )
     return result, ctx
+
+
+def _groups(dataset: Any) -> Tensor | None:
+    """The dataset's (N,) group ids on the CPU, or None when it has no groups."""
+    groups = getattr(dataset, "groups", None)
+    if groups is None or getattr(dataset, "group_names", None) is None:
+        return None
+    return torch.as_tensor(groups).cpu().to(torch.int64)
 
 
 class _CallableModule(types.ModuleType):

@@ -31,8 +31,11 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import CorruptFileError, SoundnessError, UserInputError
+from .errors import CorruptFileError, UserInputError
 from .evaluate import EvaluationResult
+from .merge import merge_records
+from .protocol import threat_folder
+from .reports import add_sections
 from .zoo.cards import normalization_of, parameter_count
 
 log = logging.getLogger(__name__)
@@ -62,9 +65,9 @@ def safe_name(name: str) -> str:
 
 
 def record_path(root: str | Path, record: dict[str, Any]) -> Path:
-    """``root/<dataset>/<norm>-<eps:g>/<model>.json`` for a record."""
+    """``root/<dataset>/<norm>-<eps:g>/<model>.json`` (``<dataset>/corruptions/...``) for a record."""
     threat = record["threat_model"]
-    return (Path(root) / safe_name(record["dataset"]["name"]) / f"{threat['norm']}-{threat['eps']:g}"
+    return (Path(root) / safe_name(record["dataset"]["name"]) / threat_folder(threat["norm"], threat["eps"])
             / f"{safe_name(record['model']['name'])}.json")
 
 
@@ -225,6 +228,7 @@ def build_record(result: EvaluationResult, model_info: Any = None, model: nn.Mod
         record["per_example"]["distances"] = {k: [float(d) if d == d and abs(d) != float("inf") else None
                                                   for d in v.tolist()] for k, v in distances.items()}
     _set_autoattack_acc(record)
+    add_sections(record, result)  # groups (datasets with groups), corruptions (that threat model)
     validate_record(record)
     return record
 
@@ -241,64 +245,7 @@ def _set_autoattack_acc(record: dict[str, Any]) -> None:
             return
 
 
-# --- merging and writing --------------------------------------------------------------------------
-def _same_evaluation(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    return (old["model"].get("weights_sha256") == new["model"].get("weights_sha256")
-            and old["dataset"] == new["dataset"] and old["threat_model"] == new["threat_model"])
-
-
-def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``new`` into ``old`` (same model, data and threat): plug-ins of the same name are
-    replaced, others kept, and the aggregates are recomputed from the merged per-example flags
-    (robust = correct and broken by no attack of either run). Different weights or examples:
-    the new record replaces the old one."""
-    if not _same_evaluation(old, new):
-        if (old["model"].get("weights_sha256") == new["model"].get("weights_sha256")
-                and old["threat_model"] == new["threat_model"]
-                and old["dataset"]["n_examples"] > new["dataset"]["n_examples"]):
-            raise UserInputError(
-                f"the existing record of {new['model']['name']} covers {old['dataset']['n_examples']} examples and "
-                f"this run {new['dataset']['n_examples']}: not replacing it with a smaller evaluation "
-                "(use --no-write, another --leaderboard-dir, or --replace)")
-        log.info("replacing %s: the weights or the evaluated examples changed", new["model"]["name"])
-        return new
-    merged = copy.deepcopy(new)
-    per, old_per = merged["per_example"], old["per_example"]
-    new_attacks = {a["name"] for a in new["attacks"]}
-    new_certs = {c["name"] for c in new["certifiers"]}
-    kept_attacks = [a for a in old["attacks"] if a["name"] not in new_attacks]
-    kept_certs = [c for c in old["certifiers"] if c["name"] not in new_certs]
-    merged["attacks"] = kept_attacks + new["attacks"]
-    merged["certifiers"] = kept_certs + new["certifiers"]
-    for a in kept_attacks:
-        per["attack_success"][a["name"]] = old_per["attack_success"][a["name"]]
-        if a["name"] in old_per.get("distances", {}):
-            per.setdefault("distances", {})[a["name"]] = old_per["distances"][a["name"]]
-    for c in kept_certs:
-        per["certified_by"][c["name"]] = old_per["certified_by"][c["name"]]
-    n = len(per["correct"])
-    per["robust"] = [int(per["correct"][i] and not any(s[i] for s in per["attack_success"].values()))
-                     for i in range(n)]
-    per["certified"] = [int(any(c[i] for c in per["certified_by"].values())) for i in range(n)]
-    merged["robust_acc"] = sum(per["robust"]) / n
-    merged["certified_acc"] = sum(per["certified"]) / n
-    merged["number_forward_passes"] = n + sum(a["forward_passes"] for a in merged["attacks"])
-    merged["number_backward_passes"] = sum(a["backward_passes"] for a in merged["attacks"])
-    new_flags = {f["name"] for f in new["flags"]}
-    merged["flags"] = [f for f in old["flags"] if f["name"] not in new_flags] + new["flags"]
-    merged["created"], merged["updated"] = old["created"], new["created"]
-    merged.pop("autoattack_acc", None)
-    if "autoattack_acc" in new:
-        merged["autoattack_acc"] = new["autoattack_acc"]
-    elif "autoattack_acc" in old and kept_attacks and any(a["name"].startswith("autoattack") for a in kept_attacks):
-        merged["autoattack_acc"] = old["autoattack_acc"]
-    bad = [i for i in range(n) if per["certified"][i] and not per["robust"][i]]
-    if bad:
-        raise SoundnessError(f"merging into the existing record breaks certified <= robust on {len(bad)} "
-                             "example(s): a certifier of one run certified points an attack of the other broke")
-    return merged
-
-
+# --- writing ----------------------------------------------------------------------------------------
 _NUMBER = r"(?:-?[0-9][0-9.eE+-]*|null)"
 _NUMBER_LIST = re.compile(rf"\[(?:\s*{_NUMBER}\s*,)*\s*{_NUMBER}\s*\]")
 

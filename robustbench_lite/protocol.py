@@ -8,6 +8,10 @@ changing the protocol: the weights (sha256), the evaluated data (sha256 of the t
 source code of the plug-ins and of the evaluator (sha256 per file, found by following the
 module-level imports of each plug-in's module). A record is leaderboard-eligible when its protocol
 equals the registry's; it is up to date when its stored inputs equal the current ones.
+
+An entry with ``norm = "corruptions"`` evaluates the common-corruptions threat model
+(:mod:`robustbench_lite.corruption_eval`): no eps, no attacks or certifiers; ``corruptions`` lists the
+corruptions (default: all), which become the protocol's "attacks" with their severity parameters.
 """
 from __future__ import annotations
 
@@ -29,10 +33,18 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("robustbench_lite", "attacks", "certify")
 #: evaluator modules whose source changes every number (their own imports are followed too)
-EVALUATOR_MODULES = ("robustbench_lite.evaluate", "robustbench_lite.checks")
+EVALUATOR_MODULES = ("robustbench_lite.evaluate", "robustbench_lite.checks", "robustbench_lite.reports",
+                     "robustbench_lite.defenses.wrm")
+#: the ``norm`` of the common-corruptions threat model (its records live in ``<dataset>/corruptions/``)
+CORRUPTIONS_NORM = "corruptions"
 MODES = ("cascade", "individual")
 _ENTRY_KEYS = {"model", "dataset", "split", "norm", "eps", "attacks", "certifiers", "n_examples", "seed", "mode",
-               "batch_size"}
+               "batch_size", "corruptions"}
+
+
+def threat_folder(norm: str, eps: float) -> str:
+    """The records' folder name of a threat model: ``<norm>-<eps:g>``, or ``corruptions``."""
+    return CORRUPTIONS_NORM if norm == CORRUPTIONS_NORM else f"{norm}-{eps:g}"
 
 
 @dataclass(frozen=True)
@@ -62,12 +74,18 @@ class Job:
     @property
     def key(self) -> str:
         """``dataset/norm-eps/model``: the record's place under the leaderboard folder."""
-        return f"{self.dataset}/{self.norm}-{self.eps:g}/{self.model}"
+        return f"{self.dataset}/{threat_folder(self.norm, self.eps)}/{self.model}"
+
+    @property
+    def is_corruptions(self) -> bool:
+        return self.norm == CORRUPTIONS_NORM
 
     def plugins(self, kind: str) -> list[Any]:
         """Fresh plug-in instances (registry name + the registry's keyword arguments)."""
         from .evaluate import _registry
 
+        if self.is_corruptions:
+            return []
         registry = _registry(kind)
         specs = self.attacks if kind == "attack" else self.certifiers
         out = []
@@ -106,15 +124,22 @@ def jobs_from_entries(entries: Iterable[dict[str, Any]], defaults: dict[str, Any
         unknown = set(entry) - _ENTRY_KEYS
         if unknown:
             raise UserInputError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
-        for key in ("model", "dataset", "norm", "eps", "n_examples"):
+        for key in ("model", "dataset", "norm", "n_examples"):
             if key not in entry:
                 raise UserInputError(f"{where}: '{key}' is missing")
-        eps_values = entry["eps"] if isinstance(entry["eps"], list) else [entry["eps"]]
-        if entry.get("mode", "cascade") not in MODES:
-            raise UserInputError(f"{where}: mode must be one of {', '.join(MODES)}")
         n = entry["n_examples"]
         if not isinstance(n, int) or n < 1:
             raise UserInputError(f"{where}: n_examples must be a positive integer, got {n!r}")
+        if str(entry["norm"]).lower() == CORRUPTIONS_NORM:
+            jobs.append(_corruption_job(entry, where))
+            continue
+        if "corruptions" in entry:
+            raise UserInputError(f"{where}: 'corruptions' needs norm = \"corruptions\"")
+        if "eps" not in entry:
+            raise UserInputError(f"{where}: 'eps' is missing")
+        eps_values = entry["eps"] if isinstance(entry["eps"], list) else [entry["eps"]]
+        if entry.get("mode", "cascade") not in MODES:
+            raise UserInputError(f"{where}: mode must be one of {', '.join(MODES)}")
         for eps in eps_values:
             threat = ThreatModel(entry["norm"], float(eps))
             jobs.append(Job(model=str(entry["model"]), dataset=str(entry["dataset"]),
@@ -128,6 +153,29 @@ def jobs_from_entries(entries: Iterable[dict[str, Any]], defaults: dict[str, Any
     if dup:
         raise UserInputError(f"the registry lists {dup[0]} more than once")
     return jobs
+
+
+def _corruption_job(entry: dict[str, Any], where: str) -> Job:
+    """A ``norm = "corruptions"`` entry: every listed corruption at five severities, each example alone."""
+    from .corruption_eval import corruption_names
+
+    for key, why in (("eps", "has no eps"), ("attacks", "runs no attacks"), ("certifiers", "runs no certifiers")):
+        if entry.get(key) not in (None, []):
+            raise UserInputError(f"{where}: '{key}' does not apply: the corruptions threat model {why}")
+    if entry.get("mode", "individual") != "individual":
+        raise UserInputError(f"{where}: the corruptions threat model scores every corruption on every example "
+                             "(mode \"individual\")")
+    names = entry.get("corruptions")
+    if names is not None and not isinstance(names, list):
+        raise UserInputError(f"{where}: 'corruptions' must be a list of corruption names")
+    try:
+        names = corruption_names(names)
+    except UserInputError as err:
+        raise UserInputError(f"{where}: {err}") from None
+    return Job(model=str(entry["model"]), dataset=str(entry["dataset"]), split=str(entry.get("split", "test")),
+               norm=CORRUPTIONS_NORM, eps=0.0, attacks=tuple((name, ()) for name in names), certifiers=(),
+               n_examples=int(entry["n_examples"]), seed=int(entry.get("seed", 0)), mode="individual",
+               batch_size=int(entry.get("batch_size", 250)))
 
 
 def load_registry(path: str | Path) -> list[Job]:
@@ -152,7 +200,7 @@ def check_one_protocol_per_table(jobs: Iterable[Job]) -> dict[tuple[str, str, fl
         if job.table in seen and seen[job.table][1] != proto:
             other = seen[job.table][0]
             diff = sorted(k for k in proto if proto[k] != seen[job.table][1].get(k))
-            raise UserInputError(f"refusing to mix protocols in table {job.dataset} {job.norm}-{job.eps:g}: "
+            raise UserInputError(f"refusing to mix protocols in table {job.dataset} {threat_folder(job.norm, job.eps)}: "
                                  f"{other.model} and {job.model} differ in {', '.join(diff)}")
         seen.setdefault(job.table, (job, proto))
     return {table: proto for table, (_, proto) in seen.items()}
@@ -167,14 +215,20 @@ def _plugin_entries(pairs: Iterable[tuple[str, dict[str, Any]]]) -> list[dict[st
 def job_protocol_cached(job: Job) -> str:
     from .evaluate import _config, _resolve, indices_sha256
 
-    attacks = _resolve(job.plugins("attack"), "attack")
-    certifiers = _resolve(job.plugins("certifier"), "certifier")
+    if job.is_corruptions:
+        from .corruption_eval import corruption_config
+
+        attack_configs = [(name, corruption_config(name)) for name, _ in job.attacks]
+        cert_configs: list[tuple[str, dict[str, Any]]] = []
+    else:
+        attack_configs = [(n, _config(a)) for n, a in _resolve(job.plugins("attack"), "attack")]
+        cert_configs = [(n, _config(c)) for n, c in _resolve(job.plugins("certifier"), "certifier")]
     return json.dumps({
         "split": job.split, "n_examples": job.n_examples,
         "subset": {"start": 0, "stop": job.n_examples, "sha256": indices_sha256(range(job.n_examples))},
         "mode": job.mode, "seed": job.seed,
-        "attacks": _plugin_entries((n, _config(a)) for n, a in attacks),
-        "certifiers": _plugin_entries((n, _config(c)) for n, c in certifiers),
+        "attacks": _plugin_entries(attack_configs),
+        "certifiers": _plugin_entries(cert_configs),
     }, sort_keys=True)
 
 
@@ -255,6 +309,8 @@ def code_files(modules: Iterable[str]) -> dict[str, str]:
 def job_code_files(job: Job) -> dict[str, str]:
     """Source files a job's numbers depend on: its plug-ins' modules and the evaluator's."""
     modules = {type(p).__module__ for p in job.plugins("attack") + job.plugins("certifier")}
+    if job.is_corruptions:
+        modules.add("robustbench_lite.corruption_eval")
     return code_files(sorted(modules) + list(EVALUATOR_MODULES))
 
 

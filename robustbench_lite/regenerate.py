@@ -135,12 +135,21 @@ def run_job(job: Job, root: Path, inputs: dict[str, Any], resume: bool = True,
     from .data import load_dataset
     from .evaluate import evaluate
     from .leaderboard import build_record
+    from .reports import attach_defense_metrics
     from .resume import resume_runner_for
     from .threat import ThreatModel
     from .zoo import load_model_with_info
 
     model, info = load_model_with_info(job.model)
     dataset = load_dataset(job.dataset, job.split)
+    if job.is_corruptions:  # cheap (no gradients): not resumable
+        from .corruption_eval import evaluate_corruptions
+
+        result = evaluate_corruptions(model, dataset, corruptions=[name for name, _ in job.attacks],
+                                      n_examples=job.n_examples, batch_size=job.batch_size, seed=job.seed)
+        record = build_record(result, info, model)
+        record["inputs"] = inputs
+        return record
     runner = None
     if resume:
         runner = resume_runner_for(root, job.dataset, job.norm, job.eps, info.name,
@@ -149,6 +158,7 @@ def run_job(job: Job, root: Path, inputs: dict[str, Any], resume: bool = True,
                       certifiers=job.plugins("certifier"), n_examples=job.n_examples, batch_size=job.batch_size,
                       seed=job.seed, individual=job.mode == "individual", progress=progress, runner=runner)
     record = build_record(result, info, model)
+    attach_defense_metrics(record, model, info, dataset)  # WRM models: the certificate and measured loss
     record["inputs"] = inputs
     return record  # the resume state stays until the record is written (see _write)
 
@@ -177,7 +187,8 @@ def regenerate(root: str | Path, registry: str | Path | None = None, only: str |
     started = time.perf_counter()
     root = Path(root)
     group = group or Group()
-    jobs = select(load_registry(registry or root / "registry.toml"), only)
+    registry = Path(registry) if registry is not None else root / "registry.toml"
+    jobs = select(load_registry(registry), only)
     report = Report(plan(jobs, root, force))
     if dry_run:
         return report
@@ -204,6 +215,6 @@ def regenerate(root: str | Path, registry: str | Path | None = None, only: str |
                 _write(rec, root)
                 report.ran.append(key)
     if group.is_main and not any(p.action == ERROR for p in report.planned):  # a corrupt record cannot render
-        report.rendered = render_all(root)
+        report.rendered = render_all(root, registry)
     report.seconds = time.perf_counter() - started
     return report

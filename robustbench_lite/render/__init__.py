@@ -20,30 +20,32 @@ log = logging.getLogger(__name__)
 REGISTRY_FILE = "registry.toml"
 
 
-def registry_protocols(root: Path) -> dict[TableKey, dict[str, Any]] | None:
-    """The protocol of every table ``root/registry.toml`` lists (None without a registry)."""
+def registry_protocols(root: Path, registry: str | Path | None = None) -> dict[TableKey, dict[str, Any]] | None:
+    """The protocol of every table ``registry`` (default ``root/registry.toml``) lists (None without one)."""
     from ..protocol import check_one_protocol_per_table, load_registry
 
-    path = Path(root) / REGISTRY_FILE
+    path = Path(registry) if registry is not None else Path(root) / REGISTRY_FILE
     if not path.is_file():
         return None
     return check_one_protocol_per_table(load_registry(path))
 
 
-def tables_for(root: str | Path, dataset: str | None = None) -> list[Table]:
-    """The tables of the records under ``root`` (one dataset or all)."""
+def tables_for(root: str | Path, dataset: str | None = None, registry: str | Path | None = None) -> list[Table]:
+    """The tables of the records under ``root`` (one dataset or all), protocols from ``registry``."""
     from ..leaderboard import load_records
 
     root = Path(root)
-    return build_tables(load_records(root, dataset), registry_protocols(root))
+    return build_tables(load_records(root, dataset), registry_protocols(root, registry))
 
 
-def render_all(root: str | Path) -> list[Path]:
-    """Write README.md, index.html and plots/ under ``root``; returns the written paths."""
+def render_all(root: str | Path, registry: str | Path | None = None) -> list[Path]:
+    """Write README.md, index.html and plots/ under ``root``; returns the written paths.
+
+    ``registry``: the registry whose protocols decide eligibility (default ``root/registry.toml``)."""
     from ..leaderboard import atomic_write_text
 
     root = Path(root)
-    tables = tables_for(root)
+    tables = tables_for(root, registry=registry)
     plot_dir = root / "plots"
     plots = plot_robust_vs_eps(tables, plot_dir) + plot_min_norm(tables, plot_dir)
     for stale in set(plot_dir.glob("*.png")) - set(plots) if plot_dir.exists() else ():

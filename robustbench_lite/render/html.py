@@ -10,7 +10,8 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from .tables import APART_COLUMNS, APART_NUMERIC, COLUMNS, NUMERIC, Table, apart_cells, describe_protocol, row_cells
+from .tables import (APART_COLUMNS, APART_NUMERIC, WRM_COLUMNS, WRM_NOTE, WRM_NUMERIC, WRM_TITLE, Table, apart_cells,
+                     describe_protocol, wrm_rows)
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{padding:.25em .7em;border-bottom:1px solid #ddd}
@@ -59,10 +60,14 @@ def render_html(tables: list[Table], plots: list[Path] | None = None, base: Path
     for t in tables:
         body += [f'<h2 id="h-{t.anchor}">{html.escape(t.title)}</h2>',
                  f'<p class="protocol">{html.escape(describe_protocol(t))}</p>']
-        body += _table(COLUMNS, [row_cells(r, i) for i, r in enumerate(t.rows, 1)], NUMERIC, t.anchor)
+        body += _table(t.columns, [t.cells(r, i) for i, r in enumerate(t.rows, 1)], t.numeric, t.anchor)
         if t.apart:
             body.append("<p>Not eligible (other protocol):</p>")
             body += _table(APART_COLUMNS, [apart_cells(r, d) for r, d in t.apart], APART_NUMERIC, t.anchor + "-apart")
+    wrm = wrm_rows(tables)
+    if wrm:
+        body += [f'<h2 id="h-wrm-certificate">{html.escape(WRM_TITLE)}</h2>', f'<p class="protocol">{html.escape(WRM_NOTE)}</p>']
+        body += _table(WRM_COLUMNS, wrm, WRM_NUMERIC, "wrm-certificate")
     for p in plots or []:
         rel = p.relative_to(base) if base is not None else p
         body.append(f'<p><img src="{html.escape(rel.as_posix())}" alt="{html.escape(p.stem)}"></p>')

@@ -44,6 +44,8 @@ def plot_robust_vs_eps(tables: list[Table], out_dir: Path) -> list[Path]:
     series: dict[tuple[str, str], dict[str, dict[float, float]]] = {}
     clean: dict[tuple[str, str], dict[str, float]] = {}
     for t in tables:
+        if t.kind == "corruptions":  # no radius to plot against
+            continue
         for r in t.rows:
             name = r["model"]["name"]
             series.setdefault((t.dataset, t.norm), {}).setdefault(name, {})[t.eps] = 100 * r["robust_acc"]

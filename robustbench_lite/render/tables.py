@@ -2,7 +2,9 @@
 
 Every renderer (terminal, README.md, index.html) draws these same :class:`Table` objects, so the
 three show the same rows in the same order: sorted by robust accuracy (then clean accuracy, then
-name), as RobustBench sorts a threat model's table. A table holds only records made under its
+name), as RobustBench sorts a threat model's table; a table of a dataset with groups is sorted by
+worst-group clean accuracy and the corruptions table by mean corruption accuracy, each with its own
+columns (:data:`LAYOUTS`). A table holds only records made under its
 protocol (the registry's, or, with no registry entry, the one most of its records share); the
 others are listed apart with the fields in which they differ and are not leaderboard-eligible.
 """
@@ -13,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..protocol import protocol_differences, record_protocol
+from ..protocol import CORRUPTIONS_NORM, protocol_differences, record_protocol
 
 TableKey = tuple[str, str, float]
 
@@ -21,9 +23,15 @@ COLUMNS = ("rank", "model", "defense", "clean %", "robust %", "certified %", "AA
 APART_COLUMNS = ("model", "defense", "clean %", "robust %", "certified %", "n", "differs in")
 
 
+ADVERSARIAL, GROUPS, CORRUPTIONS = "adversarial", "groups", "corruptions"
+
+
 @dataclass
 class Table:
-    """One (dataset, norm, eps) table: ``rows`` share ``protocol``; ``apart`` = (record, differing fields)."""
+    """One (dataset, norm, eps) table: ``rows`` share ``protocol``; ``apart`` = (record, differing fields).
+
+    ``kind``: ``adversarial``, ``groups`` (its records carry a ``groups`` section) or ``corruptions``.
+    """
 
     dataset: str
     norm: str
@@ -32,18 +40,55 @@ class Table:
     registered: bool
     rows: list[dict[str, Any]] = field(default_factory=list)
     apart: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
+    kind: str = ADVERSARIAL
 
     @property
     def title(self) -> str:
-        return f"{self.dataset}, {self.norm} eps = {self.eps:g}"
+        if self.kind == CORRUPTIONS:
+            return f"{self.dataset}, common corruptions (ranked by mean corruption accuracy)"
+        suffix = " (ranked by worst-group accuracy)" if self.kind == GROUPS else ""
+        return f"{self.dataset}, {self.norm} eps = {self.eps:g}{suffix}"
 
     @property
     def anchor(self) -> str:
+        if self.kind == CORRUPTIONS:
+            return f"{self.dataset}-corruptions".lower()
         return f"{self.dataset}-{self.norm}-{self.eps:g}".lower().replace(".", "_")
+
+    @property
+    def corruption_names(self) -> list[str]:
+        return [a["name"] for a in (self.protocol or {}).get("attacks", [])]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return LAYOUTS[self.kind][0] + (tuple(self.corruption_names) if self.kind == CORRUPTIONS else ())
+
+    @property
+    def numeric(self) -> set[int]:
+        return {i for i, c in enumerate(self.columns) if c not in ("model", "defense", "worst group")}
+
+    def cells(self, record: dict[str, Any], rank: int) -> list[str]:
+        return LAYOUTS[self.kind][1](record, rank)
 
 
 def _sort_key(r: dict[str, Any]) -> tuple:
     return (-r["robust_acc"], -r["clean_acc"], r["model"]["name"])
+
+
+def _group_sort_key(r: dict[str, Any]) -> tuple:
+    worst = r["groups"]["clean"]["worst_group_acc"] if "groups" in r else -1.0
+    return (-worst, -r["robust_acc"], -r["clean_acc"], r["model"]["name"])
+
+
+def _corruption_sort_key(r: dict[str, Any]) -> tuple:
+    mean = r["corruptions"]["mean_corruption_acc"] if "corruptions" in r else -1.0
+    return (-mean, -r["clean_acc"], r["model"]["name"])
+
+
+def table_kind(norm: str, records: Iterable[dict[str, Any]]) -> str:
+    if norm == CORRUPTIONS_NORM:
+        return CORRUPTIONS
+    return GROUPS if any("groups" in r for r in records) else ADVERSARIAL
 
 
 def table_key(record: dict[str, Any]) -> TableKey:
@@ -65,8 +110,9 @@ def build_tables(records: Iterable[dict[str, Any]],
         if protocol is None:  # no registry entry: the protocol most records share
             counts = Counter(json.dumps(record_protocol(r), sort_keys=True) for r in recs)
             protocol = json.loads(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0])
-        table = Table(*key, protocol=protocol, registered=registered)
-        for r in sorted(recs, key=_sort_key):
+        kind = table_kind(key[1], recs)
+        table = Table(*key, protocol=protocol, registered=registered, kind=kind)
+        for r in sorted(recs, key=SORT_KEYS[kind]):
             diff = protocol_differences(r, protocol)
             if diff:
                 table.apart.append((r, diff))
@@ -90,6 +136,22 @@ def row_cells(record: dict[str, Any], rank: int) -> list[str]:
             _pct(record["robust_acc"]), _certified(record), _pct(record.get("autoattack_acc"))]
 
 
+def group_cells(record: dict[str, Any], rank: int) -> list[str]:
+    groups = record.get("groups") or {}
+    clean, robust = groups.get("clean") or {}, groups.get("robust") or {}
+    return [str(rank), record["model"]["name"], record["model"].get("defense") or "-", _pct(record["clean_acc"]),
+            _pct(clean.get("worst_group_acc")), clean.get("worst_group", "-"),
+            _pct(record["robust_acc"]) if record.get("attacks") else "-", _pct(robust.get("worst_group_acc")),
+            _certified(record)]
+
+
+def corruption_cells(record: dict[str, Any], rank: int) -> list[str]:
+    c = record.get("corruptions") or {}
+    means = [_pct(v) for v in (c.get("corruption_mean") or {}).values()]
+    return [str(rank), record["model"]["name"], record["model"].get("defense") or "-", _pct(record["clean_acc"]),
+            _pct(c.get("mean_corruption_acc")), _pct(record["robust_acc"]), *means]
+
+
 def apart_cells(record: dict[str, Any], diff: list[str]) -> list[str]:
     return [record["model"]["name"], record["model"].get("defense") or "-", _pct(record["clean_acc"]),
             _pct(record["robust_acc"]), _certified(record), str(record["dataset"]["n_examples"]),
@@ -102,6 +164,11 @@ def describe_protocol(table: Table) -> str:
     attacks = ", ".join(_plugin_text(a) for a in p.get("attacks", [])) or "none"
     certs = ", ".join(_plugin_text(c) for c in p.get("certifiers", [])) or "none"
     source = "registry protocol" if table.registered else "no registry entry; most records' protocol"
+    if table.kind == CORRUPTIONS:
+        return (f"{source}: first {p.get('n_examples', '?')} {p.get('split', '?')} examples, each clean and under "
+                f"{len(table.corruption_names)} corruptions at severities 1-5 (noise seeded per example, seed "
+                f"{p.get('seed')}); 'all corruptions': correct under every corruption and severity; per-corruption "
+                "columns: mean accuracy over the five severities")
     return (f"{source}: first {p.get('n_examples', '?')} {p.get('split', '?')} examples; attacks ({p.get('mode')}): "
             f"{attacks}; certifiers: {certs}; seed {p.get('seed')}")
 
@@ -113,6 +180,13 @@ def _plugin_text(entry: dict[str, Any]) -> str:
 
 
 NUMERIC = {0, 3, 4, 5, 6}
+GROUP_COLUMNS = ("rank", "model", "defense", "clean %", "worst-group clean %", "worst group", "robust %",
+                 "worst-group robust %", "certified %")
+CORRUPTION_COLUMNS = ("rank", "model", "defense", "clean %", "mean corruption %", "all corruptions %")
+#: kind -> (columns, cells of a row); the corruptions table adds one column per corruption (its mean %)
+LAYOUTS = {ADVERSARIAL: (COLUMNS, row_cells), GROUPS: (GROUP_COLUMNS, group_cells),
+           CORRUPTIONS: (CORRUPTION_COLUMNS, corruption_cells)}
+SORT_KEYS = {ADVERSARIAL: _sort_key, GROUPS: _group_sort_key, CORRUPTIONS: _corruption_sort_key}
 APART_NUMERIC = {2, 3, 4, 5}
 
 
@@ -134,9 +208,37 @@ def render_text(tables: list[Table]) -> str:
     for t in tables:
         out += [f"== {t.title} ==", describe_protocol(t)]
         if t.rows:
-            out += text_grid(COLUMNS, [row_cells(r, i) for i, r in enumerate(t.rows, 1)], NUMERIC)
+            out += text_grid(t.columns, [t.cells(r, i) for i, r in enumerate(t.rows, 1)], t.numeric)
         if t.apart:
             out += ["not eligible (other protocol):"]
             out += ["  " + line for line in text_grid(APART_COLUMNS, [apart_cells(r, d) for r, d in t.apart], APART_NUMERIC)]
         out.append("")
+    wrm = wrm_rows(tables)
+    if wrm:
+        out += [f"== {WRM_TITLE} ==", WRM_NOTE]
+        out += text_grid(WRM_COLUMNS, wrm, WRM_NUMERIC)
     return "\n".join(out).rstrip() + "\n"
+
+
+WRM_TITLE = "WRM certificate (Sinha, Namkoong & Duchi 2018)"
+WRM_NOTE = ("gamma * rho_test + mean(phi_gamma) must be >= the mean cross-entropy the Lagrangian attack reaches at "
+            "transport cost rho_test (gamma_adv = gamma is the paper's radius); see docs/metrics.md")
+WRM_COLUMNS = ("model", "gamma", "gamma_adv", "rho_test", "measured loss", "certificate", "bound holds", "n")
+WRM_NUMERIC = {1, 2, 3, 4, 5, 7}
+
+
+def wrm_rows(tables: list[Table]) -> list[list[str]]:
+    """One row per radius of every eligible record with a ``wrm_certificate`` (once per model and data)."""
+    seen, out = set(), []
+    for t in tables:
+        for r in t.rows:
+            cert = r.get("wrm_certificate")
+            key = (r["model"]["name"], r["model"].get("weights_sha256"), r["dataset"]["indices"]["sha256"])
+            if not cert or key in seen:
+                continue
+            seen.add(key)
+            out += [[r["model"]["name"], f"{cert['gamma']:g}", f"{row['gamma_adv']:.4g}", f"{row['rho_test']:.4g}",
+                     f"{row['measured_loss']:.4f}", f"{row['certificate']:.4f}",
+                     "yes" if row["bound_holds"] else "NO (violated)", str(cert["n_examples"])]
+                    for row in cert["rows"]]
+    return out

@@ -1,0 +1,170 @@
+"""What the defenses claim, in the leaderboard record (definitions in docs/metrics.md).
+
+- ``groups`` (datasets with group labels, e.g. colored-mnist5k; Sagawa et al. 2020, arXiv 1911.08731):
+  average and worst-group clean accuracy, worst-group robust accuracy when attacks ran, and every
+  group's accuracy, computed from ``per_example.correct`` / ``robust`` and ``per_example.group``.
+- ``corruptions`` (the ``corruptions`` threat model, :mod:`robustbench_lite.corruption_eval`; Hendrycks &
+  Dietterich 2019, arXiv 1903.12261): accuracy per corruption and severity and ``mean_corruption_acc``,
+  computed from ``per_example.corruption_correct``.
+- ``wrm_certificate`` (models whose card says defense ``wrm``, gamma from the card's
+  ``defense_config``; Sinha, Namkoong & Duchi 2018, arXiv 1710.10571): the certificate
+  ``gamma * rho + mean(phi_gamma)`` at the radii rho_test that the Lagrangian attack's measured
+  transport cost gives, next to the measured adversarial loss it must bound; a violated bound adds
+  the error flag ``wrm_certificate_violated`` to the record (recorded, not raised: the table shows it).
+
+The group and corruption sections are functions of stored per-example flags, so a merged record
+gets them recomputed (:func:`refresh_sections`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .checks import ERROR, make_flag
+from .errors import UserInputError
+from .metrics import group_accuracies, mean_corruption_accuracy, worst_group_accuracy, wrm_report
+
+log = logging.getLogger(__name__)
+
+DOCS = "docs/metrics.md"
+GROUP_DEFINITION = f"{DOCS}#worst-group-accuracy-worst_group_acc"
+CORRUPTION_DEFINITION = f"{DOCS}#mean-corruption-accuracy-mean_corruption_acc"
+WRM_DEFINITION = f"{DOCS}#wrm-certificate-wrm_certificate"
+#: ascent steps of phi and of the Lagrangian attack (the gradient norm at the end is recorded)
+WRM_STEPS = 100
+#: the attack's gamma_adv as multiples of the model's gamma (1: the paper's rho = the maximiser's cost)
+WRM_GAMMA_FACTORS = (2.0, 1.0, 0.5, 0.25)
+
+
+# --- groups -----------------------------------------------------------------------------------------
+def _group_block(flags: Sequence[int], groups: Sequence[int], names: Sequence[str]) -> dict[str, Any]:
+    correct, ids = torch.tensor(list(flags)).bool(), torch.tensor(list(groups), dtype=torch.int64)
+    summary = worst_group_accuracy(correct, ids)
+    per_group = group_accuracies(correct, ids)
+    return {"avg_acc": summary["avg_acc"], "worst_group_acc": summary["worst_group_acc"],
+            "worst_group": names[int(summary["worst_group"])],  # type: ignore[call-overload]
+            "group_acc": [per_group.get(g) for g in range(len(names))]}
+
+
+def group_section(per_example: dict[str, Any], names: Sequence[str], attacks_ran: bool) -> dict[str, Any]:
+    """The record's ``groups`` section from ``per_example`` (``correct``, ``robust``, ``group``)."""
+    groups = per_example["group"]
+    section = {"metric": "worst_group_acc", "definition": GROUP_DEFINITION, "names": list(names),
+               "counts": [sum(1 for g in groups if g == k) for k in range(len(names))],
+               "clean": _group_block(per_example["correct"], groups, names)}
+    if attacks_ran:
+        section["robust"] = _group_block(per_example["robust"], groups, names)
+    return section
+
+
+# --- corruptions ------------------------------------------------------------------------------------
+def corruption_section(flags: dict[str, list[list[int]]], correct: Sequence[int]) -> dict[str, Any]:
+    """The record's ``corruptions`` section from the per-severity flags ``{name: [[0/1] * N] * 5}``."""
+    accuracy = {name: [sum(row) / len(row) for row in rows] for name, rows in flags.items()}
+    return {"metric": "mean_corruption_acc", "definition": CORRUPTION_DEFINITION,
+            "mean_corruption_acc": mean_corruption_accuracy(accuracy), "clean_acc": sum(correct) / len(correct),
+            "severities": list(range(1, 1 + len(next(iter(flags.values()))))), "accuracy": accuracy,
+            "corruption_mean": {name: sum(a) / len(a) for name, a in accuracy.items()}}
+
+
+# --- building and refreshing ------------------------------------------------------------------------
+def add_sections(record: dict[str, Any], result: Any) -> None:
+    """Put the group and corruption sections (and their per-example flags) of ``result`` in ``record``."""
+    per = record["per_example"]
+    groups = getattr(result, "groups", None)
+    if groups is not None:
+        per["group"] = [int(g) for g in groups.tolist()]
+        record["groups"] = group_section(per, list(result.group_names), bool(record["attacks"]))
+    corrupted = getattr(result, "corruption_correct", None)
+    if corrupted:
+        per["corruption_correct"] = {name: [[int(b) for b in row] for row in flags.tolist()]
+                                     for name, flags in corrupted.items()}
+        record["corruptions"] = corruption_section(per["corruption_correct"], per["correct"])
+
+
+def refresh_sections(record: dict[str, Any]) -> None:
+    """Recompute the sections that depend on flags a merge changed (``robust`` after new attacks)."""
+    per = record["per_example"]
+    if "groups" in record and "group" in per:
+        record["groups"] = group_section(per, record["groups"]["names"], bool(record["attacks"]))
+    if "corruptions" in record and "corruption_correct" in per:
+        record["corruptions"] = corruption_section(per["corruption_correct"], per["correct"])
+
+
+# --- WRM certificate --------------------------------------------------------------------------------
+_WRM_CACHE: dict[str, dict[str, Any]] = {}
+
+
+def wrm_gamma(model_info: Any) -> float | None:
+    """The training gamma of a WRM model (card ``defense_config.gamma``); None for other defenses."""
+    card = model_info.get("card") if isinstance(model_info, dict) else getattr(model_info, "card", None)
+    card = card if isinstance(card, dict) else {}
+    defense = card.get("defense") or (model_info.get("defense") if isinstance(model_info, dict)
+                                      else getattr(model_info, "defense", None))
+    if defense != "wrm":
+        return None
+    gamma = (card.get("defense_config") or {}).get("gamma")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+        raise UserInputError(f"the model card says defense wrm but its defense_config.gamma is {gamma!r}, "
+                             "not a positive number")
+    return float(gamma)
+
+
+def wrm_section(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, gamma: float, steps: int = WRM_STEPS,
+                factors: Sequence[float] = WRM_GAMMA_FACTORS, cache_key: str | None = None) -> dict[str, Any]:
+    """The record's ``wrm_certificate`` section on x (N, ...) / y (N,) (see :func:`metrics.wrm_report`).
+
+    ``cache_key`` (weights and data fingerprint): the same model on the same examples is computed once
+    per process, so the tables of one model at several eps share one ascent.
+    """
+    key = None if cache_key is None else f"{cache_key}|{gamma}|{steps}|{tuple(factors)}"
+    if key is not None and key in _WRM_CACHE:
+        return dict(_WRM_CACHE[key])
+    report = wrm_report(model, x, y, gamma=gamma, gammas_adv=[gamma * f for f in factors], steps=steps)
+    rows = [{"gamma_adv": r["gamma_adv"], "rho_test": r["rho_test"], "measured_loss": r["loss"],
+             "certificate": r["certificate"], "bound_holds": bool(r["bound_holds"])} for r in report["rows"]]
+    section = {"metric": "wrm_certificate", "definition": WRM_DEFINITION, "gamma": float(gamma),
+               "gamma_source": "model card defense_config.gamma", "steps": int(steps),
+               "n_examples": int(x.shape[0]), "clean_loss": float(report["rows"][0]["clean_loss"]),
+               "mean_phi": report["mean_phi"], "ascent_grad_norm": report["ascent_grad_norm"], "rows": rows,
+               "bound_holds": all(r["bound_holds"] for r in rows)}
+    if key is not None:
+        _WRM_CACHE[key] = dict(section)
+    return section
+
+
+def attach_defense_metrics(record: dict[str, Any], model: nn.Module, model_info: Any, dataset: Any) -> None:
+    """Add the ``wrm_certificate`` section (and a flag if it fails) to the record of a WRM model.
+
+    ``dataset``: the evaluated Dataset; the record's first ``n_examples`` are used (their index
+    fingerprint must match the record's). Records of the corruptions threat model get none.
+    """
+    gamma = wrm_gamma(model_info)
+    if gamma is None or record["threat_model"]["norm"] == "corruptions":
+        return
+    from .evaluate import indices_sha256
+    from .protocol import dataset_sha256, sha256_json
+
+    n = int(record["dataset"]["n_examples"])
+    sub = dataset.subset(slice(0, n))
+    if indices_sha256(sub.indices) != record["dataset"]["indices"]["sha256"]:
+        raise UserInputError("the WRM certificate must be computed on the evaluated examples: "
+                             "the dataset given is not the one the record was made from")
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    weights = record["model"].get("weights_sha256")
+    key = None if weights is None else sha256_json([weights, dataset_sha256(sub.x, sub.y)])
+    section = wrm_section(model, sub.x.to(device), sub.y.to(device).long(), gamma=gamma, cache_key=key)
+    record["wrm_certificate"] = section
+    record["flags"] = [f for f in record["flags"] if f["name"] != "wrm_certificate_violated"]
+    if not section["bound_holds"]:
+        bad = [r for r in section["rows"] if not r["bound_holds"]]
+        record["flags"].append(make_flag(
+            "wrm_certificate_violated",
+            f"the WRM certificate gamma * rho + mean(phi) is below the measured adversarial loss at "
+            f"{len(bad)} radius(es): phi's ascent stopped short of the supremum (see {WRM_DEFINITION})",
+            severity=ERROR, gamma_adv=[r["gamma_adv"] for r in bad], certificate=[r["certificate"] for r in bad],
+            measured_loss=[r["measured_loss"] for r in bad]))
+        log.warning("WRM certificate violated for %s", record["model"]["name"])
