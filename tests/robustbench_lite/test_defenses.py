@@ -128,15 +128,55 @@ def test_augmix_views_are_per_example_deterministic_and_in_range():
     assert not torch.allclose(a, (x * 255).round() / 255)
 
 
-def test_augmix_chain_groups_share_operations_but_not_mixing_weights():
+def test_augmix_chains_are_per_image_whatever_the_batch():
     x, _, _ = blobs(6)
-    grouped = AugMix(chain_group=3).augment(x, torch.arange(6), view=1)
-    assert grouped.shape == x.shape and grouped.min() >= 0 and grouped.max() <= 1
-    # the first group is seeded by its first index whatever follows it
-    again = AugMix(chain_group=3).augment(x[:3], torch.arange(3), view=1)
-    assert torch.equal(grouped[:3], again)
-    with pytest.raises(UserInputError):
-        AugMix(chain_group=0)
+    augmix = AugMix()
+    twins = augmix.augment(torch.cat([x[:1], x[:1]]), torch.tensor([0, 1]), view=1)
+    assert not torch.equal(twins[0], twins[1])  # the same image at two indices draws its own chains
+    full = augmix.augment(x, torch.arange(6), view=1)
+    assert torch.equal(augmix.augment(x[2:5], torch.arange(2, 5), view=1), full[2:5])
+    augmix.on_epoch_start(1, 2)
+    assert not torch.equal(augmix.augment(x, torch.arange(6), view=1), full)  # new chains every epoch
+    with pytest.raises(UserInputError, match="index"):
+        augmix.augment(x, torch.arange(5))
+
+
+@pytest.mark.parametrize("all_ops", [False, True])
+def test_augmix_vectorised_chains_equal_torchvision_ops_image_by_image(all_ops):
+    """The sub-batch application gives the pixels of torchvision's ``_apply_op`` run on each image alone,
+    mixed as ``torchvision.transforms.AugMix.forward`` mixes them."""
+    from torchvision.transforms.autoaugment import _apply_op
+
+    images = torch.randint(0, 256, (24, 1, 12, 12), dtype=torch.uint8)
+    augmix = AugMix(all_ops=all_ops, severity=6)
+    plan = augmix.plan(list(range(24)), 12, 12)
+    mixed = augmix.mix_views(images, plan)
+    for m in range(24):
+        expected = plan.skip[m] * images[m].float()
+        for j in range(augmix.width):
+            chain = images[m]
+            for step in range(int(plan.depth[m, j])):
+                chain = _apply_op(chain, plan.op_names[int(plan.ops[m, j, step])], float(plan.magnitudes[m, j, step]),
+                                  interpolation=augmix._augmix.interpolation, fill=None)
+            expected = expected + plan.chain_weights[m, j] * chain.float()
+        assert torch.allclose(mixed[m], expected, atol=1e-3)
+
+
+def test_augmix_draws_follow_torchvision_and_the_paper():
+    augmix = AugMix()
+    plan = augmix.plan(list(range(400)), 28, 28)
+    # the paper's rule: no op that overlaps the test corruptions
+    assert set(plan.op_names).isdisjoint({"Brightness", "Color", "Contrast", "Sharpness"}) and len(plan.op_names) == 9
+    assert set(AugMix(all_ops=True).plan([0], 28, 28).op_names) >= {"Brightness", "Contrast"}
+    assert torch.allclose(plan.skip + plan.chain_weights.sum(1), torch.ones(400), atol=1e-5)  # convex mix
+    assert 0.4 < plan.skip.mean() < 0.6 and plan.skip.std() > 0.25  # Beta(1, 1) is uniform: std 0.29
+    assert plan.chain_weights.shape == (400, 3) and set(plan.depth.flatten().tolist()) == {1, 2, 3}
+    assert set(plan.ops.flatten().tolist()) == set(range(9))
+    rotate = plan.magnitudes[plan.ops == plan.op_names.index("Rotate")]
+    # torchvision: magnitude bin randint(severity) of linspace(0, 30, 10) degrees, random sign
+    hits = torch.isclose(rotate.abs().unsqueeze(1), torch.tensor([0.0, 30 / 9, 60 / 9]))
+    assert hits.any(1).all() and hits.any(0).all() and (rotate < 0).any()
+    assert torch.equal(AugMix(depth=2).plan(list(range(5)), 28, 28).depth, torch.full((5, 3), 2))
 
 
 def test_jensen_shannon_by_hand():
@@ -201,7 +241,7 @@ def test_ibp_certified_loss_upper_bounds_the_clean_loss():
 
 @pytest.mark.parametrize("make", [
     lambda: TRADES(eps=-0.1), lambda: TRADES(steps=0), lambda: TRADES(beta=-1), lambda: TRADES(norm="L7"),
-    lambda: AugMix(lam=-1), lambda: AugMix(severity=11), lambda: AugMix(width=0),
+    lambda: AugMix(lam=-1), lambda: AugMix(severity=11), lambda: AugMix(width=0), lambda: AugMix(depth=0),
     lambda: WRM(gamma=0), lambda: WRM(steps=0), lambda: WRM(step_size=-1.0),
     lambda: GroupDRO(num_groups=0), lambda: GroupDRO(eta_q=-1), lambda: GroupDRO(adjustment=1.0),
     lambda: GroupDRO(num_groups=2, group_counts=[3]),
@@ -224,8 +264,7 @@ def test_group_dro_needs_groups():
 def test_a_short_training_run_lowers_the_loss(name):
     model = tiny_model(activation=nn.ELU if name == "wrm" else nn.ReLU)
     x, y, groups = blobs(24)
-    # one chain of one op keeps AugMix's per-image torchvision calls cheap; the loss is the same
-    defense = AugMix(width=1, depth=1) if name == "augmix" else DEFENSE_FACTORIES[name]()
+    defense = DEFENSE_FACTORIES[name]()
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     losses = []
     epochs = 12

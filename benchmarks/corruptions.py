@@ -1,0 +1,93 @@
+"""Per-corruption accuracy of zoo models side by side (issue 5: AugMix vs standard training).
+
+    OMP_NUM_THREADS=1 python benchmarks/corruptions.py                          # standard vs augmix, 1000 images
+    OMP_NUM_THREADS=1 python benchmarks/corruptions.py --models a b DIR/c.safetensors --n 500 --json out.json
+
+Each model (a zoo name, or a weights file written by ``robustbench-lite train`` with its card) is
+evaluated by :func:`robustbench_lite.corruptions.corruption_accuracy` on the first ``--n`` test images
+of its dataset: one row per corruption (mean over the five severities, and the five values), then the
+clean accuracy and the mean corruption accuracy, and for each model after the first its difference
+in mean corruption accuracy to the first with a 95% paired bootstrap interval over test images (the
+same images and corruption draws for every model). Nothing is written to the repository.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from robustbench_lite.corruptions import CORRUPTIONS, corruption_accuracy  # noqa: E402
+from robustbench_lite.data import load_dataset  # noqa: E402
+from robustbench_lite.zoo import load_model_with_info  # noqa: E402
+
+
+def evaluate(models: list[str], dataset: str, n: int) -> dict[str, dict]:
+    """{model: corruption_accuracy(...) without the per-example flags, plus ``seconds``}."""
+    test = load_dataset(dataset, "test")
+    results = {}
+    for name in models:
+        model, _ = load_model_with_info(name)
+        began = time.perf_counter()
+        result = corruption_accuracy(model, test, n_examples=min(n, len(test)))
+        flags = torch.stack([torch.tensor(f, dtype=torch.float32) for f in result["correct"].values()])
+        result = {k: v for k, v in result.items() if k not in ("correct", "clean_correct")}
+        result["per_example"] = flags.mean((0, 1))  # (n,): each image's accuracy over corruptions x severities
+        result["seconds"] = round(time.perf_counter() - began, 1)
+        key = Path(name).name.removesuffix(".safetensors")
+        results[key if key not in results else name] = result
+    return results
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, resamples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(b - a) and its 95% percentile bootstrap interval, resampling images (a, b: (n,) per-image scores)."""
+    diff = b - a
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(diff), (resamples, len(diff)), generator=g)
+    low, high = torch.quantile(diff[idx].mean(1), torch.tensor([0.025, 0.975])).tolist()
+    return float(diff.mean()), low, high
+
+
+def table(results: dict[str, dict]) -> str:
+    """Rows: corruptions, clean, mean; columns: each model's mean over severities and its 5 values."""
+    names = list(results)
+    width = max(14, *(len(n) for n in names))
+    lines = [f"{'corruption':<15}" + "".join(f"{n:>{width}}  {'severity 1..5':<30}" for n in names)]
+    for corruption in CORRUPTIONS:
+        row = f"{corruption:<15}"
+        for n in names:
+            per = results[n]["accuracy"][corruption]
+            row += f"{results[n]['corruption_mean'][corruption]:>{width}.4f}  " + f"{' '.join(f'{a:.3f}' for a in per):<30}"
+        lines.append(row)
+    lines.append(f"{'clean':<15}" + "".join(f"{results[n]['clean_acc']:>{width}.4f}  {'':<30}" for n in names))
+    lines.append(f"{'MEAN corruption':<15}" + "".join(f"{results[n]['mean_corruption_acc']:>{width}.4f}  {'':<30}"
+                                                      for n in names))
+    for n in names[1:]:
+        diff, low, high = paired_difference(results[names[0]]["per_example"], results[n]["per_example"])
+        lines.append(f"{n} - {names[0]}: {diff:+.4f} mean corruption accuracy (95% paired bootstrap over images "
+                     f"[{low:+.4f}, {high:+.4f}])")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mnist5k-cnn-standard", "mnist5k-cnn-augmix"])
+    parser.add_argument("--dataset", default="mnist5k")
+    parser.add_argument("--n", type=int, default=1000, help="test images (the first n)")
+    parser.add_argument("--json", default=None, help="also write the numbers here (outside the repository)")
+    args = parser.parse_args()
+    results = evaluate(args.models, args.dataset, args.n)
+    print(table(results))
+    if args.json:
+        plain = {n: {k: v for k, v in r.items() if k != "per_example"} for n, r in results.items()}
+        Path(args.json).write_text(json.dumps(plain, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
