@@ -168,6 +168,8 @@ class Solved:
     solver_status: str
     seconds: float
     timed_out: bool = False
+    stage: str = ""  # which relaxation gave the bound ("lp", "sdp"); "": the certifier's own
+    extra: dict[str, float] = field(default_factory=dict)  # e.g. each stage's own bound, seconds per part
 
 
 class ConvexCertifier(Certifier):
@@ -262,24 +264,29 @@ class ConvexCertifier(Certifier):
         logits = net.preactivations(xs)[-1]
         crown = self._crown_margins(model, x, y, threat)
         problems: list[dict] = []
-        status = []
+        status, certified_by = [], []
+        cheap_stage = "interval" if crown is None else "crown"
         for i, rel in enumerate(rels):
             yi = int(y[i])
             cheap = np.array([0.0 if j == yi else interval_margin(net, rel, _spec(k, yi, j)) for j in range(k)])
             if crown is not None:
                 cheap = np.maximum(cheap, crown[i])
             clean_ok = bool(all(logits[i, yi] > logits[i, j] for j in range(k) if j != yi))
-            bound, st = self._certify_example(problem, net, rel, yi, cheap, clean_ok, problems, i)
+            bound, st, by = self._certify_example(problem, net, rel, yi, cheap, clean_ok, problems, i, cheap_stage)
             margin[i] = torch.from_numpy(bound)
             status.append(st)
+            certified_by.append(by)
         certified = torch.tensor([s == CERTIFIED for s in status], dtype=torch.bool)
         return CertResult(certified.to(x.device), round_down(margin).to(x.device), status, forward_equivalents=0.0,
-                          info={"problems": problems, "builds": self.builds})
+                          info={"problems": problems, "builds": self.builds, "certified_by": certified_by})
 
     def _certify_example(self, problem: Any, net: DenseReLUNet, rel: Relaxation, yi: int, cheap: np.ndarray,
-                         clean_ok: bool, problems: list[dict], index: int) -> tuple[np.ndarray, str]:
-        """Solve the classes not yet certified, hardest first; returns (margin bounds, status)."""
+                         clean_ok: bool, problems: list[dict], index: int,
+                         cheap_stage: str) -> tuple[np.ndarray, str, str | None]:
+        """Solve the classes not yet certified, hardest first; returns (margin bounds, status, the stage
+        that certified the example's last class: ``cheap_stage``, "lp", "sdp" or the certifier's name)."""
         bound = cheap.copy()
+        stages = {j: cheap_stage for j in range(len(cheap))}
         failed = timed_out = False
         todo = sorted((j for j in range(len(cheap)) if j != yi and (cheap[j] <= 0 or not self.early_stop)),
                       key=lambda j: cheap[j])
@@ -291,14 +298,21 @@ class ConvexCertifier(Certifier):
             except Exception as exc:  # a solver failure is recorded, never read as certified
                 log.warning("%s: example %d class %d: solver failed: %s", self.name, index, j, exc)
                 res = Solved(-math.inf, f"error: {type(exc).__name__}: {exc}", 0.0)
-            problems.append({"example": index, "class": j, "bound": float(res.bound), "solver_status": res.solver_status,
-                             "seconds": round(float(res.seconds), 4), "timeout": bool(res.timed_out)})
+            record = {"example": index, "class": j, "bound": float(res.bound), "solver_status": res.solver_status,
+                      "seconds": round(float(res.seconds), 4), "timeout": bool(res.timed_out),
+                      "stage": res.stage or self.name}
+            record.update({k: float(v) for k, v in res.extra.items()})
+            problems.append(record)
+            if res.bound > bound[j]:
+                stages[j] = res.stage or self.name
             bound[j] = max(bound[j], res.bound)
             if bound[j] <= 0:
                 failed, timed_out = True, timed_out or res.timed_out
-        if clean_ok and all(bound[j] > 0 for j in range(len(bound)) if j != yi):
-            return bound, CERTIFIED
-        return bound, TIMEOUT if timed_out else NOT_CERTIFIED
+        others = [j for j in range(len(bound)) if j != yi]
+        if clean_ok and all(bound[j] > 0 for j in others):
+            order = [cheap_stage, "lp", "sdp", self.name]
+            return bound, CERTIFIED, max((stages[j] for j in others), key=order.index, default=cheap_stage)
+        return bound, TIMEOUT if timed_out else NOT_CERTIFIED, None
 
 
 def _spec(k: int, y: int, j: int) -> np.ndarray:

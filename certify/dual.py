@@ -120,103 +120,66 @@ def interval_margin(net: DenseReLUNet, rel: Relaxation, c: np.ndarray) -> float:
     return lp_bound(net, rel, c, None)
 
 
-def _blocks(rel: Relaxation) -> tuple[np.ndarray, np.ndarray]:
-    lo = np.concatenate([rel.input_lower, *rel.act_lower])
-    hi = np.concatenate([rel.input_upper, *rel.act_upper])
-    return lo, hi
+def psd_box_bound(M: np.ndarray) -> float:
+    """Verified lower bound of min <M, P> over P = [[1, w^T], [w, W]] >= 0, -1 <= w <= 1, W_kk <= 1.
 
-
-def sdp_matrix(net: DenseReLUNet, rel: Relaxation, c: np.ndarray, duals: Duals | None) -> tuple[np.ndarray, float]:
-    """The symmetric Lagrangian matrix M (1 + n, 1 + n) with L(P) = <M, P>, and a magnitude.
-
-    Families beyond :func:`linear_terms`: ``box_lower``/``box_upper`` (v - l, u - v, per block),
-    ``box_quad`` (-(v_k^2) + (l + u) v_k - l u >= 0), ``relu_eq`` (free: z_k^2 - z_k (W z_prev + b)_k
-    = 0, as cvxpy reports equality multipliers: L = f + nu * h), ``ball`` (eps^2 - ||x - x0||^2 >= 0).
+    For a diagonal D >= 0 with R + D >= 0 (R = M[1:, 1:]; checked by lambda_min in float64, padded by
+    its rounding error), W >= w w^T and W_kk <= 1 give <M, P> >= q(w) = M_00 + 2 M_0:^T w +
+    w^T (R + D) w - trace(D). q is convex, so its minimum over the box is at least
+    q(w*) + min_box grad q(w*)^T (w - w*) for any w*: the linear part is handled exactly over the box
+    and only the PSD part is shifted. Two shifts are tried, the best bound kept: D = mu I, and
+    D = mu diag(d) with d the diagonal of R's negative part (a defect confined to a few coordinates
+    then costs only there).
     """
-    coef, const, mag = linear_terms(net, rel, c, duals)
-    sizes = [net.input_dim, *net.hidden]
-    offsets = np.concatenate([[1], 1 + np.cumsum(sizes)])
-    n = int(offsets[-1])
-    lin = np.concatenate(coef)
-    quad = np.zeros(n)  # diagonal part of Q (index 1..n-1 used)
-    M = np.zeros((n, n))
-    lows = [rel.input_lower, *rel.act_lower]
-    highs = [rel.input_upper, *rel.act_upper]
-    for b, (lo, hi) in enumerate(zip(lows, highs)):
-        sl = slice(offsets[b] - 1, offsets[b + 1] - 1)
-        lam_lo, lam_hi = _nonneg(duals, "box_lower", b, sizes[b]), _nonneg(duals, "box_upper", b, sizes[b])
-        eta = _nonneg(duals, "box_quad", b, sizes[b])
-        lin[sl] += lam_hi - lam_lo - eta * (lo + hi)
-        quad[offsets[b]:offsets[b + 1]] += eta
-        terms = (lam_lo @ lo, -lam_hi @ hi, eta @ (lo * hi))
-        const += sum(terms)
-        mag += sum(abs(t) for t in terms)
-    for i, k in enumerate(net.hidden):
-        nu = _free(duals, "relu_eq", i, k)
-        z, prev = slice(offsets[i + 1], offsets[i + 2]), slice(offsets[i], offsets[i + 1])
-        quad[z] += nu
-        cross = -(net.weights[i] * nu[:, None]) / 2  # (k, n_prev): entries of P[z, prev]
-        M[z, prev] += cross
-        M[prev, z] += cross.T
-        lin[offsets[i + 1] - 1:offsets[i + 2] - 1] -= nu * net.biases[i]
-    if rel.center is not None:
-        mu = float(_nonneg(duals, "ball", 0, 1)[0])
-        x = slice(1, offsets[1])
-        quad[x] += mu
-        lin[:net.input_dim] -= 2 * mu * rel.center
-        const += -mu * rel.radius ** 2 + mu * float(rel.center @ rel.center)
-        mag += mu * (rel.radius ** 2 + float(rel.center @ rel.center))
-    M[np.arange(n), np.arange(n)] += quad
-    M[0, 1:] += lin / 2
-    M[1:, 0] += lin / 2
-    M[0, 0] += const
-    return M, mag
-
-
-def _best_shift(A: np.ndarray, weight: np.ndarray) -> float:
-    """max_t t + min(0, lambda_min(A - t E00)) * sum(weight), verified; weight[0] = 1."""
-    total = float(weight.sum())
-    a00, a, rest = A[0, 0], A[1:, 0], A[1:, 1:]
-    lam, U = np.linalg.eigh(rest)
-    w2 = (U.T @ a) ** 2
-    lo = max(0.0, -lam[0]) if lam.size else 0.0
-
-    def slope(delta: float) -> float:  # derivative of a00 + delta (1 - R) - a^T (rest + delta I)^-1 a
-        return (1 - total) + float((w2 / (lam + delta) ** 2).sum())
-
-    # g(delta) is concave on (lo, inf): bisection on its derivative
-    left = lo + 1e-12 * (1 + abs(lo))
-    right = max(2 * left, 1.0)
-    while slope(right) > 0 and right < 1e12:
-        right *= 4
-    if slope(left) <= 0:
-        right = left
-    for _ in range(100):
-        mid = (left + right) / 2
-        left, right = (mid, right) if slope(mid) > 0 else (left, mid)
-    delta = right
-    t = a00 + delta - float((w2 / (lam + delta)).sum()) if lam.size else a00
-    if not math.isfinite(t):
+    M = np.asarray(M, dtype=np.float64)
+    if not np.isfinite(M).all():
         return -math.inf
-    S = A.copy()
-    S[0, 0] -= t
-    eig = float(np.linalg.eigvalsh(S)[0])
-    err = 8 * S.shape[0] * _EPS * float(np.linalg.norm(S))
-    return t + min(0.0, eig - err) * total
-
-
-def sdp_bound(net: DenseReLUNet, rel: Relaxation, c: np.ndarray, duals: Duals | None) -> float:
-    """Verified lower bound of c^T logits over the SDP relaxation, from any SDP multipliers."""
-    M, mag = sdp_matrix(net, rel, c, duals)
-    lo, hi = _blocks(rel)
-    r = np.concatenate([[1.0], np.maximum(lo ** 2, hi ** 2)])
-    keep = r > 0  # P_kk <= 0 forces the whole row of a PSD P to 0: those rows do not matter
-    M, r = M[np.ix_(keep, keep)], r[keep]
+    n = M.shape[0] - 1
+    if n == 0:
+        return float(M[0, 0])
+    R = (M[1:, 1:] + M[1:, 1:].T) / 2
+    lam, U = np.linalg.eigh(R)
+    negative = np.maximum(-lam, 0.0)
+    scales = [np.ones(n)]
+    if negative.any():
+        scales.append(np.sqrt((U ** 2) @ negative + 1e-9 * float(negative.max())))
     best = -math.inf
-    for s in (np.ones_like(r), np.sqrt(r)):
-        A = M * s[:, None] * s[None, :]  # D M D, D = diag(s)
-        best = max(best, _best_shift(A, r / s ** 2))
-    return best - 1e-12 * (1 + mag + float(np.abs(M).sum()) * float(r.sum()))
+    for d in scales:
+        mu = max(0.0, -float(np.linalg.eigvalsh(R / d[:, None] / d[None, :])[0]))
+        best = max(best, _shifted_box_bound(M, R, mu * d ** 2))
+    return best
 
 
-__all__ = ["interval_margin", "linear_terms", "lp_bound", "sdp_bound", "sdp_matrix"]
+def _shifted_box_bound(M: np.ndarray, R: np.ndarray, shift: np.ndarray) -> float:
+    """The bound of :func:`psd_box_bound` for one diagonal shift (made PSD-safe first)."""
+    n = len(shift)
+    Q = R + np.diag(shift)
+    err = 8 * n * _EPS * (float(np.linalg.norm(Q)) + 1e-300)
+    extra = max(0.0, err - float(np.linalg.eigvalsh(Q)[0]))
+    Q[np.diag_indices(n)] += extra
+    trace = float(shift.sum()) + extra * n
+    m00, m = float(M[0, 0]), M[0, 1:]
+    w = _box_qp(Q, m)
+    grad = 2 * (m + Q @ w)
+    value = m00 + 2 * float(m @ w) + float(w @ Q @ w) - trace
+    bound = value - float(grad @ w) - float(np.abs(grad).sum())
+    pad = 16 * (n + 1) * _EPS * (abs(m00) + 2 * float(np.abs(m).sum()) + float(np.abs(Q).sum()) + trace
+                                 + float(np.abs(grad).sum()))
+    return bound - pad
+
+
+def _box_qp(Q: np.ndarray, m: np.ndarray, iters: int = 300) -> np.ndarray:
+    """Approximate minimiser of 2 m^T w + w^T Q w over [-1, 1]^n (Q >= 0): accelerated projected
+    gradient (FISTA); only its accuracy, never the bound's soundness, depends on it."""
+    step = 1.0 / (2 * max(float(np.linalg.norm(Q, 2)), 1e-12))
+    w = prev = np.clip(-np.linalg.lstsq(Q, m, rcond=None)[0], -1, 1) if m.size else m.copy()
+    t = 1.0
+    for _ in range(iters):
+        t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        v = w + (t - 1) / t_next * (w - prev)
+        prev, w = w, np.clip(v - step * 2 * (m + Q @ v), -1, 1)
+        t = t_next
+    return w
+
+
+__all__ = ["interval_margin", "linear_terms", "lp_bound", "psd_box_bound"]
