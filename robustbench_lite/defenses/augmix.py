@@ -106,25 +106,21 @@ class AugMix(Defense):
         space = self._space(height, width)
         names = tuple(space)
         max_depth = self.depth if self.depth > 0 else 3
-        m = len(seeds)
-        skip = torch.empty(m)
-        chain_weights = torch.empty(m, self.width)
-        depth = torch.full((m, self.width), max_depth, dtype=torch.long)
-        ops = torch.empty(m, self.width, max_depth, dtype=torch.long)
-        bins = torch.empty(m, self.width, max_depth, dtype=torch.long)
-        negative = torch.empty(m, self.width, max_depth, dtype=torch.bool)
+        m, shape = len(seeds), (self.width, max_depth)
         g = torch.Generator()
         pair, chains = torch.full((2,), self.alpha), torch.full((self.width,), self.alpha)
-        for row, s in enumerate(seeds):
+        betas, dirichlets, depths, draws = [], [], [], []
+        for s in seeds:  # in torchvision's order: Beta, Dirichlet, depths, then (op, bin, sign) arrays
             g.manual_seed(int(s))
-            beta = torch._sample_dirichlet(pair, generator=g)
-            skip[row] = beta[0]
-            chain_weights[row] = torch._sample_dirichlet(chains, generator=g) * beta[1]
+            betas.append(torch._sample_dirichlet(pair, generator=g))
+            dirichlets.append(torch._sample_dirichlet(chains, generator=g))
             if self.depth <= 0:
-                depth[row] = torch.randint(1, 4, (self.width,), generator=g)
-            ops[row] = torch.randint(len(names), (self.width, max_depth), generator=g)
-            bins[row] = torch.randint(self.severity, (self.width, max_depth), generator=g)
-            negative[row] = torch.randint(2, (self.width, max_depth), generator=g).bool()
+                depths.append(torch.randint(1, 4, (self.width,), generator=g))
+            draws.append(torch.stack([torch.randint(high, shape, generator=g) for high in (len(names), self.severity, 2)]))
+        beta, draws = torch.stack(betas).view(m, 2), torch.stack(draws).view(m, 3, *shape)
+        skip, chain_weights = beta[:, 0], torch.stack(dirichlets).view(m, self.width) * beta[:, 1:]
+        depth = torch.stack(depths).view(m, self.width) if self.depth <= 0 else torch.full((m, self.width), max_depth)
+        ops, bins, negative = draws[:, 0], draws[:, 1], draws[:, 2].bool()
         magnitudes = torch.zeros(m, self.width, max_depth)
         for k, (values, signed) in enumerate(space.values()):
             if values.ndim == 0:
@@ -165,6 +161,8 @@ class AugMix(Defense):
         levels first (lossless for MNIST and other 8-bit data).
         """
         n = x.shape[0]
+        if n == 0:
+            return [x.clone() for _ in views]
         index_list = list(range(n)) if indices is None else torch.as_tensor(indices).tolist()
         if len(index_list) != n:
             raise UserInputError(f"need one index per image: {len(index_list)} indices for {n} images")
