@@ -148,9 +148,8 @@ class AugMix(Defense):
                 chains[rows] = _apply_op(chains[rows], plan.op_names[int(op)], magnitude,
                                          interpolation=self._augmix.interpolation, fill=self._augmix.fill)
         chains = chains.view(m, w, *images.shape[1:]).float()
-        shape = (m, 1) + (1,) * (images.dim() - 1)
-        mixed = plan.skip.view(shape[:1] + shape[2:]) * images.float()
-        return mixed + (plan.chain_weights.view(m, w, *shape[2:]) * chains).sum(1)
+        ones = (1,) * (images.dim() - 1)
+        return plan.skip.view(m, *ones) * images.float() + (plan.chain_weights.view(m, w, *ones) * chains).sum(1)
 
     # --- views and the loss ---------------------------------------------------------------------
     def augment_views(self, x: Tensor, indices: Tensor | None = None, views: Sequence[int] = (1, 2)) -> list[Tensor]:
