@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.required = True
     show = board.add_parser("show", help="print the leaderboard tables (as in leaderboards/README.md)")
     show.add_argument("--dataset", default=None)
-    show.add_argument("--leaderboard-dir", type=Path, default=None)
+    show.add_argument("--leaderboard-dir", "--root", type=Path, default=None, dest="leaderboard_dir")
+    show.add_argument("--registry", type=Path, default=None, help="default: <leaderboard-dir>/registry.toml")
     show.set_defaults(handler=cmd_leaderboard_show)
     regen = board.add_parser("regenerate", help="re-evaluate registry entries whose inputs changed, then re-render")
     regen.add_argument("--only", default=None, metavar="PATTERN", help="glob on the model name or dataset/norm-eps/model")
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where the records, README.md and index.html go (default: the checkout's leaderboards/)")
     regen.set_defaults(handler=cmd_leaderboard_regenerate)
     render = board.add_parser("render", help="re-render README.md, index.html and plots from the JSON records")
-    render.add_argument("--leaderboard-dir", type=Path, default=None)
+    render.add_argument("--leaderboard-dir", "--root", type=Path, default=None, dest="leaderboard_dir")
+    render.add_argument("--registry", type=Path, default=None, help="default: <leaderboard-dir>/registry.toml")
     render.set_defaults(handler=cmd_leaderboard_render)
 
     train = sub.add_parser("train", help="train a model with a defense")
@@ -298,17 +300,25 @@ def _board_dir(args: argparse.Namespace) -> Path:
     return Path(args.leaderboard_dir) if args.leaderboard_dir is not None else default_leaderboard_dir()
 
 
+def _check_registry(path: Path | None) -> None:
+    """An explicit --registry must exist (without one, a folder without registry.toml is fine)."""
+    if path is not None and not Path(path).is_file():
+        raise UserInputError(f"no leaderboard registry at {path}")
+
+
 def cmd_leaderboard_show(args: argparse.Namespace) -> int:
     from .render import render_text, tables_for
 
-    print(render_text(tables_for(_board_dir(args), args.dataset)), end="")
+    _check_registry(args.registry)
+    print(render_text(tables_for(_board_dir(args), args.dataset, args.registry)), end="")
     return 0
 
 
 def cmd_leaderboard_render(args: argparse.Namespace) -> int:
     from .render import render_all
 
-    for path in render_all(_board_dir(args)):
+    _check_registry(args.registry)
+    for path in render_all(_board_dir(args), args.registry):
         print(f"wrote {path}")
     return 0
 

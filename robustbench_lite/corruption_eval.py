@@ -96,7 +96,12 @@ def evaluate_corruptions(model: nn.Module, dataset: Any, *, corruptions: Sequenc
     reports: list[PluginReport] = []
     for name in names:
         t0 = time.perf_counter()
-        acc = corruption_accuracy(model, dataset, batch_size=int(batch_size), seed=int(seed), corruptions=[name])
+        try:
+            acc = corruption_accuracy(model, dataset, batch_size=int(batch_size), seed=int(seed), corruptions=[name])
+        except RuntimeError as exc:  # e.g. elastic's smoothing kernel is larger than an 8x8 image
+            size = "x".join(str(d) for d in dataset.x.shape[-2:])
+            raise UserInputError(f"corruption {name!r} cannot be applied to {size} images "
+                                 f"({' '.join(str(exc).split())}); choose others") from None
         correct = torch.tensor(acc["clean_correct"], dtype=torch.bool)
         flags[name] = torch.tensor(acc["correct"][name], dtype=torch.bool)  # (5, n)
         survived = correct & flags[name].all(dim=0)

@@ -131,7 +131,7 @@ def jobs_from_entries(entries: Iterable[dict[str, Any]], defaults: dict[str, Any
         if not isinstance(n, int) or n < 1:
             raise UserInputError(f"{where}: n_examples must be a positive integer, got {n!r}")
         if str(entry["norm"]).lower() == CORRUPTIONS_NORM:
-            jobs.append(_corruption_job(entry, where))
+            jobs.append(_corruption_job(entry, raw, where))
             continue
         if "corruptions" in entry:
             raise UserInputError(f"{where}: 'corruptions' needs norm = \"corruptions\"")
@@ -155,14 +155,15 @@ def jobs_from_entries(entries: Iterable[dict[str, Any]], defaults: dict[str, Any
     return jobs
 
 
-def _corruption_job(entry: dict[str, Any], where: str) -> Job:
-    """A ``norm = "corruptions"`` entry: every listed corruption at five severities, each example alone."""
+def _corruption_job(entry: dict[str, Any], raw: dict[str, Any], where: str) -> Job:
+    """A ``norm = "corruptions"`` entry (``raw``: without the defaults): the listed corruptions at five
+    severities, every one on every example (mode "individual", whatever the defaults' mode)."""
     from .corruption_eval import corruption_names
 
     for key, why in (("eps", "has no eps"), ("attacks", "runs no attacks"), ("certifiers", "runs no certifiers")):
         if entry.get(key) not in (None, []):
             raise UserInputError(f"{where}: '{key}' does not apply: the corruptions threat model {why}")
-    if entry.get("mode", "individual") != "individual":
+    if raw.get("mode", "individual") != "individual":
         raise UserInputError(f"{where}: the corruptions threat model scores every corruption on every example "
                              "(mode \"individual\")")
     names = entry.get("corruptions")

@@ -113,14 +113,17 @@ def wrm_gamma(model_info: Any) -> float | None:
     return float(gamma)
 
 
-def wrm_section(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, gamma: float, steps: int = WRM_STEPS,
-                factors: Sequence[float] = WRM_GAMMA_FACTORS, cache_key: str | None = None) -> dict[str, Any]:
+def wrm_section(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, gamma: float, steps: int | None = None,
+                factors: Sequence[float] | None = None, cache_key: str | None = None) -> dict[str, Any]:
     """The record's ``wrm_certificate`` section on x (N, ...) / y (N,) (see :func:`metrics.wrm_report`).
 
     ``cache_key`` (weights and data fingerprint): the same model on the same examples is computed once
-    per process, so the tables of one model at several eps share one ascent.
+    per process, so the tables of one model at several eps share one ascent. ``steps`` / ``factors``:
+    default :data:`WRM_STEPS` / :data:`WRM_GAMMA_FACTORS`.
     """
-    key = None if cache_key is None else f"{cache_key}|{gamma}|{steps}|{tuple(factors)}"
+    steps = WRM_STEPS if steps is None else int(steps)
+    factors = tuple(WRM_GAMMA_FACTORS if factors is None else factors)
+    key = None if cache_key is None else f"{cache_key}|{gamma}|{steps}|{factors}"
     if key is not None and key in _WRM_CACHE:
         return dict(_WRM_CACHE[key])
     report = wrm_report(model, x, y, gamma=gamma, gammas_adv=[gamma * f for f in factors], steps=steps)

@@ -130,6 +130,15 @@ def mismatched_checkpoint(tmp_path):
     (["evaluate", *FAST, "--split", "validation"], "split"),
     (["evaluate", "--model", MODEL, "--dataset", "mnist5k", "--n-examples", "5", "--no-write"], "cannot take inputs"),
     (["evaluate", "--bogus"], "unrecognized arguments"),
+    (["evaluate", *FAST, "--threat", "linf"], "invalid choice"),
+    (["evaluate", *FAST, "--corruptions", "jpeg"], "--corruptions needs --threat corruptions"),
+    (["evaluate", *FAST, "--threat", "corruptions", "--corruptions", "fog"], "unknown corruption 'fog'"),
+    (["evaluate", *FAST, "--threat", "corruptions", "--corruptions", "jpeg,jpeg"], "listed twice"),
+    (["evaluate", *FAST, "--threat", "corruptions", "--corruptions", " "], "--corruptions is empty"),
+    (["evaluate", *FAST, "--threat", "corruptions", "--attacks", "pgd"], "--attacks does not apply"),
+    (["evaluate", *FAST, "--threat", "corruptions", "--certifiers", "none"], "--certifiers does not apply"),
+    (["evaluate", *FAST, "--threat", "corruptions", "--corruptions", "elastic"], "cannot be applied to 8x8 images"),
+    (["evaluate", *FAST, "--threat", "corruptions", "--n-examples", "0"], "n_examples must be >= 1"),
     (["frobnicate"], "invalid choice"),
     ([], "choose a command"),
     (["zoo"], "required"),
@@ -222,3 +231,51 @@ def test_module_entry_point_in_a_subprocess(tmp_path):
     assert proc.stderr.startswith("robustbench-lite: error: unknown model 'no-such-model'")
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not any(p.name != "__pycache__" for p in tmp_path.iterdir())
+
+
+CORRUPT = ["evaluate", "--threat", "corruptions", "--model", "mnist5k-cnn-standard", "--dataset", "mnist5k",
+           "--n-examples", "8", "--no-progress"]
+
+
+def test_evaluate_corruptions_prints_the_table_and_writes_its_record(tmp_path, capsys):
+    assert cli.main([*CORRUPT, "--corruptions", "gaussian_noise,jpeg", "--leaderboard-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    path = tmp_path / "mnist5k" / "corruptions" / "mnist5k-cnn-standard.json"
+    rec = leaderboard.read_record(path)
+    assert f"wrote {path}" in out and list(rec["corruptions"]["accuracy"]) == ["gaussian_noise", "jpeg"]
+    assert f"mean corruption accuracy {100 * rec['corruptions']['mean_corruption_acc']:.1f} %" in out
+    assert rec["threat_model"] == {"norm": "corruptions", "eps": 0.0, "box": [0.0, 1.0]}
+    assert cli.main(["leaderboard", "show", "--leaderboard-dir", str(tmp_path)]) == 0
+    assert "common corruptions" in capsys.readouterr().out
+
+
+def test_evaluate_reports_group_accuracies_and_the_wrm_certificate(tmp_path, capsys, monkeypatch):
+    from robustbench_lite import reports
+
+    monkeypatch.setattr(reports, "WRM_STEPS", 4)
+    colored = ["evaluate", "--model", "colored-mnist5k-cnn-erm", "--dataset", "colored-mnist5k", "--eps", "0.02",
+               "--attacks", "fgsm", "--certifiers", "none", "--n-examples", "16", "--no-progress"]
+    assert cli.main([*colored, "--leaderboard-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "worst-group clean" in out and "worst-group robust" in out
+    rec = leaderboard.read_record(tmp_path / "colored-mnist5k" / "Linf-0.02" / "colored-mnist5k-cnn-erm.json")
+    assert rec["groups"]["names"] == ["y=0,red", "y=0,green", "y=1,red", "y=1,green"]
+    wrm = ["evaluate", "--model", "mnist5k-cnn-wrm", "--dataset", "mnist5k", "--norm", "L2", "--eps", "0.5",
+           "--attacks", "fgsm", "--certifiers", "none", "--n-examples", "4", "--no-progress", "--no-write"]
+    assert cli.main([*wrm, "--json"]) == 0
+    cert = json.loads(capsys.readouterr().out)["wrm_certificate"]
+    assert cert["gamma"] == 0.385 and cert["steps"] == 4 and len(cert["rows"]) == 4
+    assert cli.main(wrm) == 0 and "WRM certificate (gamma 0.385" in capsys.readouterr().out
+    assert cli.main([*wrm, "--json", "--no-defense-metrics"]) == 0
+    assert "wrm_certificate" not in json.loads(capsys.readouterr().out)
+
+
+def test_regenerate_with_a_missing_registry_is_one_line(tmp_path, capsys):
+    line = one_error_line(capsys, cli.main(["leaderboard", "regenerate", "--registry", str(tmp_path / "nope.toml"),
+                                            "--root", str(tmp_path / "out")]))
+    assert "no leaderboard registry" in line and not (tmp_path / "out").exists()
+    for action in ("show", "render"):
+        line = one_error_line(capsys, cli.main(["leaderboard", action, "--registry", str(tmp_path / "nope.toml"),
+                                                "--root", str(tmp_path)]))
+        assert "no leaderboard registry" in line
+

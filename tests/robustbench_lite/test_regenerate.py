@@ -47,7 +47,13 @@ def test_the_shipped_registry_lists_the_zoo_models_and_one_protocol_per_table():
         for eps in ("0.1", "0.2", "0.3"):
             assert f"mnist5k/Linf-{eps}/{model}" in keys
     assert any(j.model == "digits-mlp-standard" and j.dataset == "digits" for j in jobs)
-    assert all(j.n_examples >= 360 and [a for a, _ in j.attacks][:1] == ["pgd"] for j in jobs)
+    assert all(j.n_examples >= 360 and [a for a, _ in j.attacks][:1] == ["pgd"] for j in jobs if not j.is_corruptions)
+    # issue 5's comparisons: ERM vs group DRO in one colored-mnist5k table, every mnist5k CNN under corruptions
+    colored = {j.model: j.table for j in jobs if j.dataset == "colored-mnist5k"}
+    assert set(colored) == {"colored-mnist5k-cnn-erm", "colored-mnist5k-cnn-group-dro"} and len(set(colored.values())) == 1
+    corrupted = {j.model for j in jobs if j.is_corruptions and j.dataset == "mnist5k" and j.n_examples == 1000}
+    assert {"mnist5k-cnn-standard", "mnist5k-cnn-augmix", "mnist5k-cnn-pgd-at", "mnist5k-cnn-wrm"} <= corrupted
+    assert "mnist5k/L2-0.5/mnist5k-cnn-wrm" in keys
 
 
 @pytest.mark.parametrize("text, message", [
@@ -59,6 +65,17 @@ def test_the_shipped_registry_lists_the_zoo_models_and_one_protocol_per_table():
     ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "Linf"\neps = 0.1\nn_examples = 5\nmode = "x"\n', "mode"),
     ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "Linf"\neps = [0.1, 0.1]\nn_examples = 5\n', "more than once"),
     ("[[entry]\n", "not valid TOML"),
+    ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "corruptions"\neps = 0.1\nn_examples = 5\n', "'eps' does not apply"),
+    ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "corruptions"\nattacks = ["pgd"]\nn_examples = 5\n',
+     "'attacks' does not apply"),
+    ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "corruptions"\nmode = "cascade"\nn_examples = 5\n', "individual"),
+    ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "corruptions"\ncorruptions = ["fog"]\nn_examples = 5\n',
+     "unknown corruption 'fog'"),
+    ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "corruptions"\ncorruptions = "jpeg"\nn_examples = 5\n',
+     "must be a list"),
+    ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "Linf"\neps = 0.1\ncorruptions = ["jpeg"]\nn_examples = 5\n',
+     "needs norm"),
+    ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "Linf"\nn_examples = 5\n', "'eps' is missing"),
 ])
 def test_bad_registries_are_one_clear_error(tmp_path, text, message):
     (tmp_path / "registry.toml").write_text(text)
@@ -155,3 +172,91 @@ def test_code_fingerprint_follows_module_level_imports_only():
     jobs = jobs_from_entries([{"model": "m", "dataset": "digits", "norm": "Linf", "eps": [0.1], "n_examples": 3,
                                "attacks": ["fgsm"], "certifiers": []}])
     assert job_protocol(jobs[0])["attacks"][0]["name"] == "fgsm"
+
+
+DEFENSE_ENTRIES = """
+[defaults]
+mode = "cascade"
+
+[[entry]]
+model = "mnist5k-cnn-standard"
+dataset = "mnist5k"
+norm = "corruptions"
+corruptions = ["gaussian_noise", "jpeg"]
+n_examples = 8
+
+[[entry]]
+model = "mnist5k-cnn-augmix"
+dataset = "mnist5k"
+norm = "corruptions"
+corruptions = ["gaussian_noise", "jpeg"]
+n_examples = 8
+
+[[entry]]
+model = "colored-mnist5k-cnn-erm"
+dataset = "colored-mnist5k"
+norm = "Linf"
+eps = [0.02]
+attacks = [{name = "pgd", steps = 3}]
+certifiers = []
+n_examples = 24
+
+[[entry]]
+model = "colored-mnist5k-cnn-group-dro"
+dataset = "colored-mnist5k"
+norm = "Linf"
+eps = [0.02]
+attacks = [{name = "pgd", steps = 3}]
+certifiers = []
+n_examples = 24
+
+[[entry]]
+model = "mnist5k-cnn-wrm"
+dataset = "mnist5k"
+norm = "L2"
+eps = [0.5, 1.0]
+attacks = [{name = "pgd", steps = 3}]
+certifiers = []
+n_examples = 6
+"""
+
+
+def test_defense_tables_end_to_end_from_a_registry_elsewhere(tmp_path, capsys, monkeypatch):
+    """Corruptions, worst-group and WRM entries: records, README, index.html; the registry is a copy
+    outside the output root (--registry / --root), and a second run skips everything."""
+    from robustbench_lite import reports
+
+    monkeypatch.setattr(reports, "WRM_STEPS", 4)
+    monkeypatch.setattr(reports, "_WRM_CACHE", {})
+    calls = []
+    real = reports.wrm_report
+    monkeypatch.setattr(reports, "wrm_report", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (tmp_path / "copy").mkdir()
+    reg, root = tmp_path / "copy" / "registry.toml", tmp_path / "out"
+    reg.write_text(DEFENSE_ENTRIES)
+    assert cli.main(["leaderboard", "regenerate", "--registry", str(reg), "--root", str(root)]) == 0
+    assert "ran 6, skipped 0" in capsys.readouterr().out
+    assert len(calls) == 1  # one certificate for the two L2 tables of the WRM model
+    corrupt = read_record(root / "mnist5k" / "corruptions" / "mnist5k-cnn-augmix.json")
+    assert list(corrupt["corruptions"]["accuracy"]) == ["gaussian_noise", "jpeg"]
+    assert corrupt["inputs"]["registry_key"] == "mnist5k/corruptions/mnist5k-cnn-augmix"
+    assert "robustbench_lite/corruptions.py" in corrupt["inputs"]["code_files"]
+    erm, dro = (read_record(root / "colored-mnist5k" / "Linf-0.02" / f"colored-mnist5k-cnn-{m}.json")
+                for m in ("erm", "group-dro"))
+    wrm = read_record(root / "mnist5k" / "L2-1" / "mnist5k-cnn-wrm.json")
+    assert wrm["wrm_certificate"]["bound_holds"] and wrm["wrm_certificate"]["steps"] == 4
+    readme = (root / "README.md").read_text()
+    assert "registry protocol" in readme and "no registry entry" not in readme
+    assert "## mnist5k, common corruptions (ranked by mean corruption accuracy)" in readme
+    assert "## colored-mnist5k, Linf eps = 0.02 (ranked by worst-group accuracy)" in readme
+    assert "## WRM certificate" in readme and readme.count("| mnist5k-cnn-wrm | 0.385 |") == 4
+    group_table = readme.split("ranked by worst-group accuracy)")[1].split("##")[0]
+    order = sorted([erm, dro], key=lambda r: -r["groups"]["clean"]["worst_group_acc"])
+    assert group_table.index(order[0]["model"]["name"] + " |") < group_table.index(order[1]["model"]["name"] + " |")
+    page = (root / "index.html").read_text()
+    assert 'id="mnist5k-corruptions"' in page and 'id="wrm-certificate"' in page
+    assert not (root / "plots" / "robust_vs_eps_mnist5k_corruptions.png").exists()
+    assert not list(root.glob("registry.toml"))
+    assert cli.main(["leaderboard", "regenerate", "--registry", str(reg), "--root", str(root)]) == 0
+    assert "ran 0, skipped 6" in capsys.readouterr().out
+

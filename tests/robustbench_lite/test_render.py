@@ -197,3 +197,41 @@ def test_minimum_norm_distances_flow_from_the_attack_into_the_record(tmp_path):
             assert d is not None and d <= 0.05 + 1e-6
     write_record(rec, tmp_path)
     assert "min_norm_toy_Linf-0.05.png" in [p.name for p in render_all(tmp_path)]
+
+
+def test_group_tables_rank_by_worst_group_and_corruption_tables_by_mean(tmp_path):
+    """A higher average (and robust) accuracy does not win a groups table; a corruptions table has a
+    column per corruption, no plot against eps, and its own heading in README and index.html."""
+    from test_reports import INFO as GROUP_INFO, bar_model, bars, grouped
+
+    from robustbench_lite.corruption_eval import evaluate_corruptions
+
+    records = []
+    for name, worst in (("average-winner", 0.2), ("worst-group-winner", 0.6)):
+        model = toy_model() if name == "average-winner" else weak_model()
+        result = evaluate(model, grouped(), ThreatModel("Linf", 0.05), attacks=["fgsm"], certifiers=[])
+        rec = build_record(result, dict(GROUP_INFO, name=name), model)
+        rec["groups"]["clean"]["worst_group_acc"] = worst
+        records.append(rec)
+    assert records[0]["robust_acc"] > records[1]["robust_acc"]  # by robust accuracy the order would flip
+    for name, corruptions in (("two", ["jpeg", "brightness"]), ("also-two", ["jpeg", "brightness"])):
+        result = evaluate_corruptions(bar_model(), bars(), corruptions=corruptions, n_examples=6)
+        rec = build_record(result, dict(GROUP_INFO, name=name), bar_model())
+        rec["corruptions"]["mean_corruption_acc"] = 0.9 if name == "also-two" else 0.3
+        records.append(rec)
+    corrupt, groups = build_tables(records)  # sorted by dataset name: bars, toy-groups
+    assert groups.kind == "groups" and [r["model"]["name"] for r in groups.rows] == ["worst-group-winner", "average-winner"]
+    assert groups.cells(groups.rows[0], 1)[4] == "60.0" and "worst-group robust %" in groups.columns
+    assert corrupt.kind == "corruptions" and [r["model"]["name"] for r in corrupt.rows] == ["also-two", "two"]
+    assert corrupt.columns[-2:] == ("jpeg", "brightness") and corrupt.cells(corrupt.rows[0], 1)[4] == "90.0"
+    markdown, page = render_markdown([corrupt, groups]), render_html([corrupt, groups])
+    assert "## bars, common corruptions (ranked by mean corruption accuracy)" in markdown
+    assert "| 1 | worst-group-winner |" in markdown and "WRM certificate" not in markdown
+    reader = TableReader()
+    reader.feed(page)
+    assert [row[1] for row in reader.tables["bars-corruptions"][1:]] == ["also-two", "two"]
+    assert [row[1] for row in reader.tables["toy-groups-linf-0_05"][1:]] == ["worst-group-winner", "average-winner"]
+    for rec in records:
+        write_record(rec, tmp_path)
+    written = render_all(tmp_path)
+    assert not [p for p in written if "corruptions" in p.name]  # no robust-vs-eps plot for corruptions
