@@ -23,11 +23,12 @@ from torch import Tensor, nn
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
 
-from .base import Certifier, spec_matrix
+from .base import CERTIFIED, NOT_CERTIFIED, CertResult, Certifier, margins_certified, spec_matrix
 from . import patches
 from .graph import Graph, build_graph, check_supported
 from .ibp import Interval, box_lower, input_box
-from .layers import ConvOp, LinearOp, Relaxation, maxpool_relaxation, relu_relaxation
+from .layers import (ConvOp, LinearOp, Relaxation, ReluPoolRelaxation, maxpool_relaxation, pool_windows_disjoint,
+                     relu_relaxation)
 
 
 def _dot(a: Tensor, v: Tensor) -> Tensor:
@@ -38,15 +39,35 @@ def _dot(a: Tensor, v: Tensor) -> Tensor:
     return torch.einsum("nsd,nd->ns", a2, v2)
 
 
+def _selected_first(select: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of ``select`` (N, W), the indices of the True entries first (order kept), cut to the
+    largest count, and which of them are real (N, m) rather than padding."""
+    counts = select.sum(1)
+    rows = int(counts.max()) if select.shape[0] else 0
+    order = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :rows]
+    return order, torch.arange(rows, device=select.device)[None, :] < counts[:, None]
+
+
+def _tighten(lo: Tensor, hi: Tensor, idx: Tensor, keep: Tensor, low: Tensor, up: Tensor) -> Interval:
+    """Intersect the flat bounds (N, W) at ``idx`` (N, m) with (low, up) where ``keep``."""
+    cur_lo, cur_hi = lo.gather(1, idx), hi.gather(1, idx)
+    lo = lo.scatter(1, idx, torch.where(keep, torch.maximum(cur_lo, low), cur_lo))
+    hi = hi.scatter(1, idx, torch.where(keep, torch.minimum(cur_hi, up), cur_hi))
+    return lo, hi
+
+
 class Propagator:
     """CROWN bounds for one batch of examples: the graph, the input set, every node's bounds."""
 
-    def __init__(self, graph: Graph, x: Tensor, threat: ThreatModel, memory_mb: float = 1024.0) -> None:
-        self.graph, self.x, self.threat = graph, x, threat
+    def __init__(self, graph: Graph, x: Tensor, threat: ThreatModel, memory_mb: float = 1024.0,
+                 plain: bool = False) -> None:
+        self.graph, self.x, self.threat, self.plain = graph, x, threat, plain
         self.input_lower, self.input_upper = input_box(x, threat)
         self.budget = max(1, int(memory_mb * 2 ** 20 / 4 / 4))  # float32 elements, 4 live copies
         self.boxes: dict[int, Interval] = {}
         self.relax: dict[int, Relaxation] = {}
+        self.fused: dict[int, ReluPoolRelaxation] = {}
+        self.macs = 0  # multiply-accumulates of the affine steps of every walk (cost in forward passes)  # max-pool node -> its ReLU and itself in one step
         nonlinear = [n for n in graph.nodes if n.kind in ("relu", "maxpool")]
         self.needed = {n.inputs[0] for n in nonlinear}
 
@@ -56,13 +77,21 @@ class Propagator:
         acc: dict[int, Tensor] = {start: a}
         bias: Tensor | float = 0.0
         for i in self.graph.ancestors(start):
+            if i not in acc:  # a ReLU folded into the max-pool after it
+                continue
             a = acc.pop(i)
             node = self.graph.nodes[i]
             if node.kind == "input":
                 return bias + self._concretize(a)
-            if node.kind == "add":
+            if i in self.fused:
+                relu = node.inputs[0]
+                a_in, b = self.fused[i].backward(a, None if alphas is None else alphas.get(relu))
+                bias = bias + b
+                targets = [(self.graph.nodes[relu].inputs[0], a_in)]
+            elif node.kind == "add":
                 targets = [(node.inputs[0], a), (node.inputs[1], a)]
             elif node.kind == "affine":
+                self.macs += a.shape[0] * a.shape[1] * node.op.macs
                 b = node.op.bias_term(a)
                 if b is not None:
                     bias = bias + b
@@ -107,6 +136,10 @@ class Propagator:
                 self.boxes[i] = (lo.clamp(min=0), hi.clamp(min=0))
             elif node.kind == "maxpool":
                 self.relax[i] = maxpool_relaxation(node.op, lo, hi)
+                relu = g.nodes[node.inputs[0]]
+                if (not self.plain and relu.kind == "relu" and relu.consumers == [i]
+                        and pool_windows_disjoint(node.op)):
+                    self.fused[i] = ReluPoolRelaxation(self.relax[relu.index], self.relax[i])
                 self.boxes[i] = (node.op.forward(lo), node.op.forward(hi))
             elif node.kind == "add":
                 lo2, hi2 = self.boxes[node.inputs[1]]
@@ -141,7 +174,7 @@ class Propagator:
         if rows == 0:
             return lo, hi
         new_lo, new_hi = lo_f.clone(), hi_f.clone()
-        if not patches.eligible(self.graph, index) and bool((counts == width).all()):
+        if (self.plain or not patches.eligible(self.graph, index)) and bool((counts == width).all()):
             # every neuron: one identity shared by all examples until the first nonlinearity
             chunk = max(1, self.budget // max(1, self._row_cost(index) * n) // 2)
             eye = torch.eye(width, dtype=lo.dtype, device=lo.device)
@@ -152,21 +185,41 @@ class Propagator:
                 new_lo[:, s:s + m] = torch.maximum(lo_f[:, s:s + m], bound[:, :m])
                 new_hi[:, s:s + m] = torch.minimum(hi_f[:, s:s + m], -bound[:, m:])
             return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
+        if not self.plain and patches.eligible(self.graph, index):
+            new_lo, new_hi = self._refine_patches(index, select, new_lo, new_hi)
+            return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
         # per example, the selected neurons first (a stable sort keeps their order); padded rows ignored
-        order = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :rows]
-        valid = torch.arange(rows, device=lo.device)[None, :] < counts[:, None]
-        if patches.eligible(self.graph, index):
-            bound_rows, cost = self._patch_rows, patches.patch_cost(self.graph, index)
-        else:
-            bound_rows, cost = self._dense_rows, self._row_cost(index)
-        chunk = max(1, self.budget // max(1, cost * n) // 2)
-        for s in range(0, rows, chunk):
+        order, valid = _selected_first(select)
+        chunk = max(1, self.budget // max(1, self._row_cost(index) * n) // 2)
+        for s in range(0, order.shape[1], chunk):
             idx, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
-            low, up = bound_rows(index, idx)
-            cur_lo, cur_hi = new_lo.gather(1, idx), new_hi.gather(1, idx)
-            new_lo = new_lo.scatter(1, idx, torch.where(ok, torch.maximum(cur_lo, low), cur_lo))
-            new_hi = new_hi.scatter(1, idx, torch.where(ok, torch.minimum(cur_hi, up), cur_hi))
+            low, up = self._dense_rows(index, idx)
+            new_lo, new_hi = _tighten(new_lo, new_hi, idx, ok, low, up)
         return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
+
+    def _refine_patches(self, index: int, select: Tensor, new_lo: Tensor, new_hi: Tensor) -> Interval:
+        """CROWN bounds of a convolutional node in patch mode, one patch per (example, position) that
+        holds a selected neuron, with all channels (both signs) of that position as its rows: the
+        relaxations are unfolded once per position and shared by its 2C rows."""
+        c, h, w = self.graph.nodes[index].shape
+        n = select.shape[0]
+        order, valid = _selected_first(select.reshape(n, c, h * w).any(1))
+        centre, radius = (self.input_upper + self.input_lower) / 2, (self.input_upper - self.input_lower) / 2
+        walk = patches.PatchWalk(self.graph, self.relax, self.fused, centre, radius,
+                                 self.x if self.threat.norm == "L2" else None, self.threat.eps)
+        eye = torch.eye(c, dtype=self.x.dtype, device=self.x.device)
+        start = torch.cat([eye, -eye]).reshape(1, 1, 2 * c, c, 1, 1)
+        channel_offset = torch.arange(c, device=select.device) * (h * w)
+        chunk = max(1, self.budget // max(1, patches.patch_cost(self.graph, index) * 2 * c * n) // 2)
+        for s in range(0, order.shape[1], chunk):
+            pos, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
+            bound = walk.bound(index, start, pos)  # (N, m, 2C)
+            idx = (pos[:, :, None] + channel_offset).reshape(n, -1)  # flat neuron of (position, channel)
+            keep = (ok[:, :, None] & select.gather(1, idx).reshape(n, -1, c)).reshape(n, -1)
+            new_lo, new_hi = _tighten(new_lo, new_hi, idx, keep, bound[..., :c].reshape(n, -1),
+                                      -bound[..., c:].reshape(n, -1))
+        self.macs += walk.macs
+        return new_lo, new_hi
 
     def _dense_rows(self, index: int, idx: Tensor) -> Interval:
         """CROWN (lower, upper) of the flat neurons ``idx`` (N, m) of node ``index``, dense A."""
@@ -176,18 +229,6 @@ class Propagator:
         e.scatter_(2, idx[:, :, None], 1.0)
         bound = self.backward(index, torch.cat([e, -e], 1).reshape(n, 2 * m, *node.shape))
         return bound[:, :m], -bound[:, m:]
-
-    def _patch_rows(self, index: int, idx: Tensor) -> Interval:
-        """As :meth:`_dense_rows` for a convolutional node, each row a patch around its neuron."""
-        c, h, w = self.graph.nodes[index].shape
-        n, m = idx.shape
-        centre, radius = (self.input_upper + self.input_lower) / 2, (self.input_upper - self.input_lower) / 2
-        walk = patches.PatchWalk(self.graph, self.relax, centre, radius,
-                                 self.x if self.threat.norm == "L2" else None, self.threat.eps)
-        channel = torch.nn.functional.one_hot(idx // (h * w), c).to(self.x.dtype)  # (N, m, C)
-        start = torch.stack([channel, -channel], 2).reshape(n, m, 2, c, 1, 1)
-        bound = walk.bound(index, start, idx % (h * w))  # (N, m, 2)
-        return bound[..., 0], -bound[..., 1]
 
     # --- margins --------------------------------------------------------------------------------
     def spec_start(self, y: Tensor) -> Tensor:
@@ -261,10 +302,21 @@ class CROWN(Certifier):
         check_supported(model)
 
     def bound_margins(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
+        return self._bound(model, x, y, threat)[0]
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
+        margin_lower, cost = self._bound(model, x, y, threat)
+        certified = margins_certified(margin_lower.detach(), y)
+        status = [CERTIFIED if c else NOT_CERTIFIED for c in certified.tolist()]
+        return CertResult(certified, margin_lower, status, forward_equivalents=cost)
+
+    def _bound(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> tuple[Tensor, float]:
+        """Margins (N, K) and their cost in forward passes of the batch (affine multiply-accumulates of
+        every backward walk over those of N forward passes; autograd's backward counts twice its walk)."""
         graph = build_graph(model, tuple(x.shape[1:]))
         y = y.to(torch.int64)
         step = _chunks(graph, x.shape[0], self.memory_mb)
-        parts = []
+        parts, macs = [], 0
         for s in range(0, x.shape[0], step):
             prop = Propagator(graph, x[s:s + step], threat, self.memory_mb)
             prop.compute_bounds()
@@ -272,9 +324,10 @@ class CROWN(Certifier):
                 parts.append(self._optimise(prop, y[s:s + step]))
             else:
                 parts.append(prop.margins(y[s:s + step]))
+            macs += prop.macs
         if not parts:
-            return x.new_zeros(0, graph.nodes[graph.output].shape[0])
-        return torch.cat(parts)
+            return x.new_zeros(0, graph.nodes[graph.output].shape[0]), 0.0
+        return torch.cat(parts), macs / max(1, x.shape[0] * graph.forward_macs)
 
     def _optimise(self, prop: Propagator, y: Tensor) -> Tensor:
         """alpha-CROWN on the final bound: Adam on slopes in [0, 1], keeping the best bound per margin."""
@@ -289,7 +342,9 @@ class CROWN(Certifier):
                       .clone().requires_grad_(True) for i in relus}
             opt = torch.optim.Adam(list(alphas.values()), lr=self.alpha_lr)
             for _ in range(self.alpha_steps):
+                before = prop.macs
                 bound = prop.margins(y, alphas)
+                prop.macs += 2 * (prop.macs - before)  # the gradient's backward pass
                 best = torch.maximum(best, bound.detach())
                 grads = torch.autograd.grad(-bound.sum(), list(alphas.values()))
                 for a, g in zip(alphas.values(), grads):

@@ -75,6 +75,11 @@ class Graph:
                 values.append(node.op.forward(values[node.inputs[0]]))
         return values
 
+    @property
+    def forward_macs(self) -> int:
+        """Multiply-accumulates of the affine layers in one forward pass of one example."""
+        return sum(node.op.macs for node in self.nodes if node.kind == "affine")
+
     def ancestors(self, index: int) -> list[int]:
         """Indices of ``index`` and every node it depends on, descending (reverse topological)."""
         seen, todo = {index}, [index]

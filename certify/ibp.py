@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from robustbench_lite.threat import ThreatModel
 
-from .base import Certifier, spec_matrix
+from .base import CertResult, Certifier, spec_matrix
 from .graph import Graph, build_graph, check_supported
 
 Interval = tuple[Tensor, Tensor]
@@ -109,3 +109,18 @@ class IBP(Certifier):
     def bound_margins(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
         graph = build_graph(model, tuple(x.shape[1:]))
         return ibp_margins(graph, x, y.to(torch.int64), threat)
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
+        result = super().run(model, x, y, threat)
+        result.forward_equivalents = ibp_cost(build_graph(model, tuple(x.shape[1:])))
+        return result
+
+
+def ibp_cost(graph: Graph) -> float:
+    """IBP's cost in forward passes: centre and radius through every affine layer (|W| r costs as
+    much as W c), the last layer instead K times backward (the specification folded into it)."""
+    out = graph.nodes[graph.output]
+    if out.kind != "affine":
+        return 2.0
+    before = sum(n.op.macs for n in graph.nodes[:graph.output] if n.kind == "affine")
+    return (2 * before + out.shape[0] * out.op.macs) / max(1, graph.forward_macs)

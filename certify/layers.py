@@ -39,6 +39,11 @@ class AffineOp:
     def bias_term(self, a: Tensor) -> Tensor | None:
         return None
 
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of ``forward`` for one example (and of ``backward`` for one row)."""
+        return 0
+
 
 def _rows(a: Tensor, shape: tuple[int, ...]) -> Tensor:
     """(B, S, *shape) viewed as (B * S, *shape)."""
@@ -52,6 +57,10 @@ class LinearOp(AffineOp):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    @property
+    def macs(self) -> int:
+        return self.weight.numel()
 
     def forward_abs(self, r: Tensor) -> Tensor:
         return F.linear(r, self.weight.abs())
@@ -82,14 +91,20 @@ class ConvOp(AffineOp):
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight.to(x), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
+    @property
+    def macs(self) -> int:
+        return self.weight.numel() * math.prod(self.out_shape[1:])
+
     def forward_abs(self, r: Tensor) -> Tensor:
         return F.conv2d(r, self.weight.to(r).abs(), None, self.stride, self.padding, self.dilation, self.groups)
 
     def backward(self, a: Tensor) -> Tensor:
         lead = a.shape[:2]
-        out = F.conv_transpose2d(_rows(a, self.out_shape), self.weight.to(a), None, self.stride, self.padding,
-                                 self._out_pad, self.groups, self.dilation)
-        return out.reshape(*lead, *self.in_shape)
+        # channels-last takes oneDNN's transposed conv: ~3x faster than the default path on CPU
+        rows = _rows(a, self.out_shape).contiguous(memory_format=torch.channels_last)
+        out = F.conv_transpose2d(rows, self.weight.to(a), None, self.stride, self.padding, self._out_pad,
+                                 self.groups, self.dilation)
+        return out.contiguous().reshape(*lead, *self.in_shape)
 
     def bias_term(self, a: Tensor) -> Tensor | None:
         return None if self.bias is None else a.sum(dim=(-1, -2)) @ self.bias
@@ -105,6 +120,10 @@ class ChannelAffineOp(AffineOp):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.scale + self.shift
+
+    @property
+    def macs(self) -> int:
+        return math.prod(self.in_shape)
 
     def forward_abs(self, r: Tensor) -> Tensor:
         return r * self.scale.abs()
@@ -178,6 +197,15 @@ def fold_windows(w: Tensor, kernel: tuple[int, int], stride: tuple[int, int], di
     return out.reshape(*lead, *out.shape[-2:])
 
 
+def _bias(a: Tensor, intercept: Tensor) -> Tensor:
+    """``min(A, 0) . intercept`` per (example, row): A (B, S, *shape), B in {1, N}; intercept (N, *shape)."""
+    neg, icpt = a.clamp(max=0).flatten(2), intercept.flatten(1)
+    if neg.shape[0] == icpt.shape[0]:
+        return torch.einsum("nsd,nd->ns", neg, icpt)
+    bias = neg @ icpt.T
+    return bias.squeeze(0).T if bias.shape[0] == 1 else bias
+
+
 class Relaxation:
     """Linear bounds of a nonlinear layer's output from its input bounds (per example).
 
@@ -196,13 +224,7 @@ class Relaxation:
         ``lower_slope`` (N, S, *out) overrides the ReLU's lower slopes on its unstable neurons
         (alpha-CROWN); it must lie in [0, 1].
         """
-        neg = a.clamp(max=0)
-        icpt = self.upper_intercept.flatten(1)
-        if neg.shape[0] == icpt.shape[0]:
-            bias = torch.einsum("nsd,nd->ns", neg.flatten(2), icpt)
-        else:
-            bias = neg.flatten(2) @ icpt.T
-            bias = bias.squeeze(0).T if bias.shape[0] == 1 else bias
+        bias = _bias(a, self.upper_intercept)
         if self.kind == "relu":
             low = self.lower_slope.unsqueeze(1)
             if lower_slope is not None:
@@ -256,3 +278,55 @@ def maxpool_relaxation(pool: MaxPoolOp, lower: Tensor, upper: Tensor) -> Relaxat
                        torch.where((best == 2).unsqueeze(-1), valid.to(lo.dtype), zero))
     up_c = torch.where(best == 0, u_max, torch.where(best == 1, c_b, c_c))
     return Relaxation("maxpool", low_w, up_w, up_c, pool=pool)
+
+
+def pool_windows_disjoint(pool: MaxPoolOp) -> bool:
+    """True when the windows tile the input without overlap or padding (LeNet's 2x2 pools)."""
+    return tuple(pool.stride) == tuple(pool.kernel) and tuple(pool.padding) == (0, 0) \
+        and tuple(pool.dilation) == (1, 1)
+
+
+class ReluPoolRelaxation:
+    """``maxpool(relu(x))`` over disjoint windows as ONE backward step (same bound, fewer passes).
+
+    The pool's relaxation weights are >= 0, so the sign of a window's coefficient decides the side of
+    both relaxations: coefficient a >= 0 takes ``a * lower_w * relu_lower`` per entry, a < 0 takes
+    ``a * upper_w * relu_upper`` and the intercept ``a * (pool_icpt + sum_k upper_w relu_icpt)``.
+    ``positive``/``negative`` (N, C, H, W) and ``negative_bias`` (N, C, Ho, Wo) hold those products.
+    """
+
+    def __init__(self, relu: Relaxation, pool: Relaxation) -> None:
+        op = pool.pool
+        self.relu, self.op = relu, op
+        self.lower_w, upper_w = op.scatter(pool.lower_slope), op.scatter(pool.upper_slope)
+        self.positive = self.lower_w * relu.lower_slope
+        self.negative = upper_w * relu.upper_slope
+        self.negative_bias = pool.upper_intercept + (pool.upper_slope * op.windows(relu.upper_intercept)).sum(-1)
+
+    def tile(self, a: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        """Coefficients at the ReLU's input: a (..., C, h, w) per window, positive/negative broadcastable
+        to (..., C, h*kh, w*kw); entries past the last window (floor mode) are 0."""
+        kh, kw = self.op.kernel
+        h, w = a.shape[-2:]
+        av = a[..., :, None, :, None]
+        pos = positive[..., :h * kh, :w * kw].unflatten(-1, (w, kw)).unflatten(-3, (h, kh))
+        neg = negative[..., :h * kh, :w * kw].unflatten(-1, (w, kw)).unflatten(-3, (h, kh))
+        shape = tuple(max(x, y) for x, y in zip(av.shape, pos.shape))  # same rank (torch's helper imports sympy)
+        if torch.is_grad_enabled() and (a.requires_grad or pos.requires_grad or neg.requires_grad):
+            out = torch.where(av >= 0, pos, neg) * av
+        else:  # written in row-major order, so the flatten below is a view, not a copy
+            out = torch.where(av >= 0, pos, neg, out=torch.empty(shape, dtype=a.dtype, device=a.device)).mul_(av)
+        out = out.reshape(*shape[:-4], h * kh, w * kw)
+        full_h, full_w = positive.shape[-2:]
+        if (full_h, full_w) != (h * kh, w * kw):
+            out = F.pad(out, (0, full_w - w * kw, 0, full_h - h * kh))
+        return out
+
+    def backward(self, a: Tensor, lower_slope: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """As :meth:`Relaxation.backward` of the pool then the ReLU: A (B, S, C, Ho, Wo) -> (A', bias)."""
+        positive = self.positive.unsqueeze(1)
+        if lower_slope is not None:  # alpha-CROWN slopes (N, S, C, H, W) on the unstable ReLUs
+            slope = torch.where(self.relu.unstable.unsqueeze(1), lower_slope, self.relu.lower_slope.unsqueeze(1))
+            positive = self.lower_w.unsqueeze(1) * slope
+        bias = _bias(a, self.negative_bias)
+        return self.tile(a, positive, self.negative.unsqueeze(1)), bias

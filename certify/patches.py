@@ -14,14 +14,17 @@ Conv2d, AvgPool2d, Normalize/BatchNorm2d, ReLU and MaxPool2d are handled here.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .graph import Graph, Node
-from .layers import ChannelAffineOp, ConvOp, MaxPoolOp, Relaxation, fold_windows
+from .layers import ChannelAffineOp, ConvOp, MaxPoolOp, Relaxation, ReluPoolRelaxation, fold_windows
 
 Geometry = tuple[tuple[int, int], tuple[int, int]]  # (stride, offset) per spatial dim
+_GEMM_LIMIT = 1 << 21  # entries of a patch-level transposed-conv matrix worth a GEMM
 
 
 def eligible(graph: Graph, start: int) -> bool:
@@ -76,21 +79,29 @@ def _unfold(t: Tensor, geometry: Geometry, size: tuple[int, int], grid: tuple[in
 class PatchWalk:
     """Lower bounds of A * node_start for rows given as patches; ``relax`` from the propagator."""
 
-    def __init__(self, graph: Graph, relax: dict[int, Relaxation], centre: Tensor, radius: Tensor,
-                 x: Tensor | None, eps: float) -> None:
-        self.graph, self.relax = graph, relax
+    def __init__(self, graph: Graph, relax: dict[int, Relaxation], fused: dict[int, ReluPoolRelaxation],
+                 centre: Tensor, radius: Tensor, x: Tensor | None, eps: float) -> None:
+        self.graph, self.relax, self.fused = graph, relax, fused
         self.centre, self.radius, self.x, self.eps = centre, radius, x, eps
+        self.macs = 0  # multiply-accumulates of the affine steps (cost in forward passes)
+        self._matrices: dict = {}  # (node, patch size) -> (transposed-conv matrix, out patch shape) or None
 
     def bound(self, start: int, a: Tensor, sel: Tensor) -> Tensor:
         """A (B, P, R, C_start, 1, 1) at positions ``sel`` (P,) or (N, P) of the start grid -> bounds (N, P, R)."""
         grid = self.graph.nodes[start].shape[1:]
         geometry: Geometry = ((1, 1), (0, 0))
         bias: Tensor | float = 0.0
+        folded = {self.graph.nodes[i].inputs[0] for i in self.fused}
         for i in self.graph.ancestors(start):
             node = self.graph.nodes[i]
-            lead = a.shape[:3]
             if node.kind == "input":
                 return bias + self._concretize(a, geometry, grid, sel)
+            if i in folded:  # done with the max-pool after it
+                continue
+            if i in self.fused:
+                a, b, geometry = self._relu_pool(self.fused[i], a, geometry, grid, sel)
+                bias = bias + b
+                continue
             if node.kind == "relu":
                 r = self.relax[i]
                 low, up, icpt = (_unfold(t, geometry, a.shape[-2:], grid, sel).unsqueeze(2)
@@ -104,18 +115,45 @@ class PatchWalk:
                 continue
             op = node.op
             if isinstance(op, ChannelAffineOp):
+                self.macs += a.numel()
                 bias = bias + (a * op.shift).flatten(3).sum(-1)
                 a = a * op.scale
                 continue
             # ConvOp
             if op.bias is not None:
                 bias = bias + a.sum(dim=(-1, -2)) @ op.bias
-            w = op.weight.to(a)
-            out = F.conv_transpose2d(a.reshape(-1, *a.shape[3:]), w, None, op.stride, 0, 0, op.groups, op.dilation)
-            a = out.reshape(*lead, *out.shape[1:])
+            a = self._conv_backward(i, op, a)
             geometry = self._shift(geometry, op.stride, op.padding)
             a = a * self._mask(node.inputs[0], geometry, a.shape[-2:], grid, sel)
         raise AssertionError("the walk never reached the input")
+
+    def _conv_backward(self, index: int, op: ConvOp, a: Tensor) -> Tensor:
+        """Transposed conv of every patch: one GEMM with the patch-level matrix when it is small
+        (tiny images per row make conv_transpose2d loop), else conv_transpose2d (channels-last)."""
+        size = tuple(a.shape[-3:])
+        key = (index, size)
+        if key not in self._matrices:
+            d_in = size[0] * size[1] * size[2]
+            w = op.weight.to(a)
+            out_size = [(s - 1) * st + d * (k - 1) + 1
+                        for s, st, d, k in zip(size[1:], op.stride, op.dilation, w.shape[2:])]
+            d_out = w.shape[1] * op.groups * out_size[0] * out_size[1]
+            if d_in * d_out <= _GEMM_LIMIT:
+                eye = torch.eye(d_in, dtype=a.dtype, device=a.device).reshape(d_in, *size)
+                m = F.conv_transpose2d(eye, w, None, op.stride, 0, 0, op.groups, op.dilation)
+                self._matrices[key] = (m.reshape(d_in, d_out), (w.shape[1] * op.groups, *out_size))
+            else:
+                self._matrices[key] = None
+        entry = self._matrices[key]
+        lead = a.shape[:-3]
+        if entry is not None:
+            m, shape = entry
+            self.macs += math.prod(lead) * m.numel()
+            return (a.reshape(*lead, -1) @ m).reshape(*lead, *shape)
+        rows = a.reshape(-1, *size).contiguous(memory_format=torch.channels_last)
+        self.macs += rows.shape[0] * op.weight.numel() * size[1] * size[2]
+        out = F.conv_transpose2d(rows, op.weight.to(a), None, op.stride, 0, 0, op.groups, op.dilation)
+        return out.contiguous().reshape(*lead, *out.shape[1:])
 
     @staticmethod
     def _shift(geometry: Geometry, stride, padding) -> Geometry:
@@ -144,6 +182,16 @@ class PatchWalk:
         out_size = tuple(a.shape[-2:])
         geometry = self._shift(geometry, pool.stride, pool.padding)
         return a * self._mask(node.inputs[0], geometry, out_size, grid, sel), bias, geometry
+
+    def _relu_pool(self, f: ReluPoolRelaxation, a: Tensor, geometry: Geometry, grid, sel):
+        """max-pool and the ReLU before it in one step (disjoint windows); no mask needed after it:
+        the unfolded products are 0 outside the image."""
+        size = tuple(a.shape[-2:])
+        bias = (a.clamp(max=0) * _unfold(f.negative_bias, geometry, size, grid, sel).unsqueeze(2)).flatten(3).sum(-1)
+        geometry = self._shift(geometry, f.op.stride, f.op.padding)
+        out_size = (size[0] * f.op.kernel[0], size[1] * f.op.kernel[1])
+        pos, neg = (_unfold(t, geometry, out_size, grid, sel).unsqueeze(2) for t in (f.positive, f.negative))
+        return f.tile(a, pos, neg), bias, geometry
 
     def _concretize(self, a: Tensor, geometry: Geometry, grid, sel) -> Tensor:
         size = tuple(a.shape[-2:])

@@ -17,7 +17,7 @@ from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
 from robustbench_lite.zoo.architectures import mnist_cnn, mnist_lenet
 from test_ibp import HAND_THREAT, HAND_X, HAND_Y, hand_net
-from test_soundness import random_net
+from test_soundness import KINDS, random_net
 
 
 def test_hand_computed_2_2_2_network():
@@ -115,6 +115,42 @@ def test_patch_walk_equals_dense_walk(norm, monkeypatch):
     for i in with_patches.boxes:
         assert torch.allclose(with_patches.boxes[i][0], dense.boxes[i][0], atol=1e-5)
         assert torch.allclose(with_patches.boxes[i][1], dense.boxes[i][1], atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 10_000), norm=st.sampled_from(["Linf", "L2"]),
+       eps=st.floats(0.01, 0.3))
+def test_optimised_walks_equal_the_plain_reference(kind, seed, norm, eps):
+    # the fast path (patches with all channels of a position as rows, ReLU + max-pool folded into one
+    # step, GEMM transposed convs) against the plain one (dense A, one row per neuron, one step per layer)
+    model, shape = random_net(kind, seed)
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(3, *shape, generator=g), torch.randint(0, 3, (3,), generator=g)
+    threat = ThreatModel(norm, eps * (3 if norm == "L2" else 1))
+    graph = build_graph(model, shape)
+    with torch.no_grad():
+        fast, plain = Propagator(graph, x, threat), Propagator(graph, x, threat, plain=True)
+        fast.compute_bounds()
+        plain.compute_bounds()
+        assert not plain.fused and (bool(fast.fused) == (kind in ("lenet", "lenet-odd")))
+        for i, (lo, hi) in plain.boxes.items():
+            assert torch.allclose(fast.boxes[i][0], lo, atol=1e-5) and torch.allclose(fast.boxes[i][1], hi, atol=1e-5)
+        assert torch.allclose(fast.margins(y), plain.margins(y), atol=1e-5)
+        # alpha-CROWN's slopes reach the folded ReLU too
+        alphas = {i: torch.rand(3, 3, *r.lower_slope.shape[1:], generator=g)
+                  for i, r in plain.relax.items() if r.kind == "relu"}
+        assert torch.allclose(fast.margins(y, alphas), plain.margins(y, alphas), atol=1e-5)
+
+
+def test_cost_in_forward_passes_is_reported():
+    torch.manual_seed(0)
+    model, x = mnist_lenet().eval(), torch.rand(3, 1, 28, 28)
+    y = torch.tensor([0, 1, 2])
+    ibp = IBP()(model, x, y, ThreatModel("Linf", 0.05)).forward_equivalents
+    crown = CROWN()(model, x, y, ThreatModel("Linf", 0.05)).forward_equivalents
+    alpha = AlphaCROWN(alpha_steps=2)(model, x, y, ThreatModel("Linf", 0.05)).forward_equivalents
+    assert 2.0 <= ibp < 3.0  # centre and radius, the spec's 10 rows through the last (small) layer
+    assert crown > 10 * ibp and alpha > crown
 
 
 def test_memory_chunking_and_batching_do_not_change_bounds():

@@ -64,6 +64,12 @@ def random_net(kind: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
             nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, K))
         shape = (1, 8, 8)
+    elif kind == "lenet-odd":  # 2x2 pools on odd sizes: the last row and column belong to no window
+        net = nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(3, 4, 2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(4, K))
+        shape = (1, 9, 9)
     elif kind == "pool":  # max-pool straight on the input: bounds nearly tight, so a slack relaxation shows
         net = nn.Sequential(Normalize((0.5,), (0.5,)), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4, K))
         shape = (1, 4, 4)
@@ -78,7 +84,7 @@ def random_net(kind: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
     return net.eval(), shape
 
 
-KINDS = ["mlp", "conv", "lenet", "residual", "pool"]
+KINDS = ["mlp", "conv", "lenet", "lenet-odd", "residual", "pool"]
 CERTIFIERS = [IBP(), CROWN(), AlphaCROWN(alpha_steps=4)]
 
 
