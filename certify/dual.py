@@ -7,12 +7,12 @@ the Lagrangian is then minimised exactly in float64:
 * LP (triangle relaxation): the Lagrangian is linear in the primal variables, minimised in closed
   form over the activation/input box (and, for an L2 ball, ``mu * (||x - x0||^2 - eps^2)`` added
   with the best ``mu >= 0`` found by a 1-D search of the concave dual function).
-* SDP (Raghunathan, Steinhardt & Liang 2018, arXiv 1811.01057): the Lagrangian is ``<M, P>`` over
-  ``P = [[1, v^T], [v, V]] >= 0``. With ``S = M - t E_00`` and the diagonal bounds ``P_kk <= r_k``
-  that every feasible P satisfies, ``<M, P> >= t + min(0, lambda_min(D S D)) * sum_k r_k / d_k^2``
-  for any t and positive diagonal scaling D: the dual PSD matrix shifted by its smallest
-  eigenvalue. t is chosen by a 1-D search; the eigenvalue is computed in float64 and padded by
-  its rounding error.
+* SDP (Raghunathan, Steinhardt & Liang 2018, arXiv 1811.01057), in the normalised coordinates of
+  :mod:`certify.sdp_problem`: the Lagrangian is ``<M, P>`` over ``P = [[1, w^T], [w, W]] >= 0`` with
+  ``-1 <= w <= 1`` and ``W_kk <= 1``. Only the PSD block ``M[1:, 1:]`` is shifted (by a diagonal
+  from its smallest eigenvalue, computed in float64 and padded by its rounding error); the linear
+  part is then minimised exactly over the box (:func:`psd_box_bound`), so a solver's small dual
+  infeasibility in the linear constraints costs nothing beyond what it changes in the minimum.
 
 Every function returns a bound of ``c^T logits`` valid for every input of the threat set, as long
 as the intermediate bounds in the :class:`~certify.convex.Relaxation` are.

@@ -33,30 +33,50 @@ log = logging.getLogger(__name__)
 
 
 class _ExampleSolver:
-    """One example's reduced SDP and its SCS workspace (factorised once, re-used for every class)."""
+    """One example's reduced SDP and its SCS workspaces (factorised once, re-used for every class):
+    a short one (``first_iters`` iterations, for classes whose verified bound is positive early) and
+    the full one, which continues from the short one's point."""
 
-    def __init__(self, net: DenseReLUNet, rel: Relaxation, settings: dict[str, Any]) -> None:
+    def __init__(self, net: DenseReLUNet, rel: Relaxation, settings: dict[str, Any], first_iters: int) -> None:
         self.rel = rel
         start = time.perf_counter()
         self.problem: ReducedSDP = build(net, rel)
         data = {"A": self.problem.A, "b": self.problem.b, "c": np.zeros(self.problem.A.shape[1])}
-        self.solver = scs.SCS(data, self.problem.cone, **settings)
+        self.full = scs.SCS(data, self.problem.cone, **settings)
+        short = min(first_iters, settings["max_iters"])
+        self.short = scs.SCS(data, self.problem.cone, **{**settings, "max_iters": short}) if short > 0 else None
         self.setup_seconds = time.perf_counter() - start
         self.solved = 0
+        self.last: dict[str, np.ndarray] | None = None
 
-    def solve(self, c: np.ndarray, warm: bool) -> tuple[float, str, dict[str, float]]:
-        """(verified bound, SCS status, details: iterations and seconds per part) for the margin c^T logits."""
-        detail = {"setup_seconds": 0.0 if self.solved else self.setup_seconds}
-        start = time.perf_counter()
-        self.solver.update(c=self.problem.objective(c))
-        out = self.solver.solve(warm_start=warm and self.solved > 0)
-        middle = time.perf_counter()
+    def solve(self, c: np.ndarray, warm: bool, early: bool) -> tuple[float, str, dict[str, float]]:
+        """(verified bound, SCS status, details: iterations and seconds per part) for the margin c^T logits;
+        ``early``: stop at the short workspace when its verified bound is already positive."""
+        detail = {"setup_seconds": 0.0 if self.solved else self.setup_seconds, "scs_seconds": 0.0,
+                  "verify_seconds": 0.0, "iterations": 0, "variables": self.problem.n}
+        objective = self.problem.objective(c)
+        best, status = -math.inf, "?"
+        if early and self.short is not None:
+            best, status = self._phase(self.short, objective, c, warm, detail)
+        if not (best > 0 or status == "solved"):  # continue from the short phase's point, if any
+            bound, status = self._phase(self.full, objective, c, warm or detail["iterations"] > 0, detail)
+            best = max(best, bound)
         self.solved += 1
-        info = out["info"]
+        return best, status, detail
+
+    def _phase(self, solver: Any, objective: np.ndarray, c: np.ndarray, warm: bool,
+               detail: dict[str, float]) -> tuple[float, str]:
+        start = time.perf_counter()
+        solver.update(c=objective)
+        point = self.last if warm and self.last is not None else {}
+        out = solver.solve(warm_start=bool(point), **point)
+        self.last = {"x": out["x"], "y": out["y"], "s": out["s"]}
+        middle = time.perf_counter()
         bound = self.problem.verified_bound(c, out["y"])
-        detail.update(scs_seconds=middle - start, verify_seconds=time.perf_counter() - middle,
-                      iterations=int(info.get("iter", 0)), variables=self.problem.n)
-        return bound, str(info.get("status", "?")), detail
+        detail["scs_seconds"] += middle - start
+        detail["verify_seconds"] += time.perf_counter() - middle
+        detail["iterations"] += int(out["info"].get("iter", 0))
+        return (bound if math.isfinite(bound) else -math.inf), str(out["info"].get("status", "?"))
 
 
 class _Problems:
@@ -66,9 +86,10 @@ class _Problems:
         self.lp = lp
         self.example: _ExampleSolver | None = None
 
-    def for_example(self, net: DenseReLUNet, rel: Relaxation, settings: dict[str, Any]) -> _ExampleSolver:
+    def for_example(self, net: DenseReLUNet, rel: Relaxation, settings: dict[str, Any],
+                    first_iters: int) -> _ExampleSolver:
         if self.example is None or self.example.rel is not rel:
-            self.example = _ExampleSolver(net, rel, settings)
+            self.example = _ExampleSolver(net, rel, settings, first_iters)
         return self.example
 
 
@@ -76,7 +97,8 @@ class SDP(ConvexCertifier):
     """SDP-cert (Raghunathan et al. 2018) with triangle cuts and a verified dual bound; ``"sdp"``.
 
     Args: ``eps`` (SCS tolerance; loose is safe, the bound is verified), ``max_iters`` (SCS
-    iterations per problem), ``time_limit`` seconds per (example, class) problem (status ``timeout``
+    iterations per problem), ``first_iters`` (with ``early_stop``: SCS iterations after which a class
+    whose verified bound is already positive stops; 0: always the full solve), ``time_limit`` seconds per (example, class) problem (status ``timeout``
     when the SCS time limit stops a problem that then fails to certify), ``max_inputs`` and
     ``max_neurons`` (larger networks are ``skipped``), ``early_stop`` (solve only what decides
     certification: a class the LP certifies gets no SDP, an example stops at its first class that
@@ -87,7 +109,7 @@ class SDP(ConvexCertifier):
 
     name = "sdp"
 
-    def __init__(self, *, eps: float = 1e-3, max_iters: int = 5000, time_limit: float = 20.0,
+    def __init__(self, *, eps: float = 1e-3, max_iters: int = 5000, first_iters: int = 100, time_limit: float = 20.0,
                  max_inputs: int = 100, max_neurons: int = 128, early_stop: bool = True,
                  warm_start: bool = True, crown_first: bool = True, bounds: BoundsFn | None = None) -> None:
         super().__init__(max_inputs=max_inputs, max_neurons=max_neurons, time_limit=time_limit,
@@ -96,7 +118,9 @@ class SDP(ConvexCertifier):
             raise UserInputError(f"eps (the SCS tolerance) must be in (0, 1), got {eps!r}")
         if not isinstance(max_iters, int) or max_iters < 1:
             raise UserInputError(f"max_iters must be a positive integer, got {max_iters!r}")
-        self.eps, self.max_iters = float(eps), max_iters
+        if not isinstance(first_iters, int) or first_iters < 0:
+            raise UserInputError(f"first_iters must be an integer >= 0, got {first_iters!r}")
+        self.eps, self.max_iters, self.first_iters = float(eps), max_iters, first_iters
         self.warm_start = bool(warm_start)
         self._lp = LP(time_limit=time_limit, bounds=bounds)
 
@@ -117,9 +141,8 @@ class SDP(ConvexCertifier):
             return Solved(floor.bound, f"lp {floor.solver_status}", seconds, stage="lp",
                           extra={"lp_bound": floor.bound, "lp_seconds": seconds})
         lp_seconds = time.perf_counter() - start
-        example = problem.for_example(net, rel, self._settings())
-        own, raw, detail = example.solve(c, self.warm_start)
-        own = own if math.isfinite(own) else -math.inf
+        example = problem.for_example(net, rel, self._settings(), self.first_iters)
+        own, raw, detail = example.solve(c, self.warm_start, self.early_stop)
         seconds = time.perf_counter() - start
         best, stage = (own, "sdp") if own > floor.bound else (floor.bound, "lp")
         timed_out = best <= 0 and ("time" in raw.lower() or seconds >= 0.95 * self.time_limit)

@@ -137,8 +137,8 @@ def build(net: DenseReLUNet, rel: Relaxation) -> ReducedSDP:
     act[:, 0] = np.where(hi > lo, (lo + hi) / 2, lo)
     act[free, 1 + np.arange(len(free))] = (hi[free] - lo[free]) / 2
     pos = 1 + len(free)
-    linear: list[np.ndarray] = [np.concatenate([[1.0], -np.eye(n)[k]]) for k in range(n)]
-    linear += [np.concatenate([[1.0], np.eye(n)[k]]) for k in range(n)]
+    ones = np.ones((n, 1))
+    linear: list[np.ndarray] = [np.hstack([ones, -np.eye(n)]), np.hstack([ones, np.eye(n)])]  # -1 <= w <= 1
     eq_rows: list[np.ndarray] = []
     zero_form = None
     for i, (w, b) in enumerate(zip(net.weights[:-1], net.biases[:-1])):
@@ -149,15 +149,16 @@ def build(net: DenseReLUNet, rel: Relaxation) -> ReducedSDP:
         lower[:, 0] -= lo_i
         upper = -pre
         upper[:, 0] += hi_i
-        linear += list(lower) + list(upper)
+        linear += [lower, upper]
         nxt = np.where((lo_i >= 0)[:, None], pre, 0.0)  # active: z = s; inactive: z = 0
         for k in unstable[i]:
             half = hi_i[k] / 2
             zf = np.zeros(dim)
             zf[0], zf[pos] = half, half  # z = u/2 (1 + w) in [0, u]
             nxt[k] = zf
-            linear.append(zf - pre[k])  # z >= s
-            linear.append(rel.slope[i][k] * pre[k] + np.eye(dim)[0] * rel.intercept[i][k] - zf)  # triangle
+            triangle = rel.slope[i][k] * pre[k] - zf
+            triangle[0] += rel.intercept[i][k]
+            linear += [(zf - pre[k])[None], triangle[None]]  # z >= s and the triangle
             d = zf - pre[k]
             G = np.zeros((dim, dim))  # sym(z (z - s)^T) / 2 ... z (z - s) = 0
             G[0] += half * d
@@ -168,7 +169,9 @@ def build(net: DenseReLUNet, rel: Relaxation) -> ReducedSDP:
     logits = net.weights[-1] @ act
     logits[:, 0] += net.biases[-1]
     width = dim * (dim + 1) // 2
-    lin = _sparse_rows([svec_of_linear(f, n) for f in linear], width)
+    forms = np.vstack(linear)  # (rows, 1 + n) affine forms >= 0: svec(sym(e_0 f^T)) lives in columns 0..n
+    lin = sp.csr_matrix(np.hstack([forms[:, :1], forms[:, 1:] / _SQRT2]))
+    lin.resize(lin.shape[0], width)
     k = np.arange(1, dim)
     diag = sp.csr_matrix((np.concatenate([np.ones(n), -np.ones(n)]),
                           (np.concatenate([np.arange(n), np.arange(n)]),
