@@ -22,7 +22,7 @@ from robustbench_lite.errors import UserInputError
 from robustbench_lite.seeding import ExampleRNG
 from robustbench_lite.threat import ThreatModel
 
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, margin_loss
 from .losses import (AttackLoss, dlr_loss, get_loss, gradient_health, health_flags, loss_and_grad,
                      top_other_classes)
 from .pgd import goal_reached
@@ -193,7 +193,13 @@ class APGD(Attack):
             # bools, or "successful rows written last" - is a data race under intra-op threads.)
             n = todo.numel()
             hit = out_hit.view(n, k)
-            pick = hit.to(torch.int8).argmax(dim=1)  # the first successful target, else target 0
+            pick = hit.to(torch.int8).argmax(dim=1)  # the first successful target, else ...
+            missed = ~hit.any(dim=1)
+            if k > 1 and bool(missed.any()):  # ... the target whose best point has the highest margin
+                rows_missed = missed.repeat_interleave(k)
+                with torch.no_grad():
+                    margin = margin_loss(model(out_x[rows_missed]), row_y[rows_missed]).view(-1, k)
+                pick[missed] = margin.argmax(dim=1)
             best[todo] = out_x.view(n, k, *out_x.shape[1:])[torch.arange(n, device=x.device), pick]
             done[todo] = hit.any(dim=1)
             zero[todo] |= z.view(n, k).any(dim=1)

@@ -26,13 +26,14 @@ from robustbench_lite.seeding import ExampleRNG, mix
 from robustbench_lite.threat import ThreatModel
 
 from .apgd import APGD, APGDT
-from .base import Attack, AttackResult, QueryOracle
+from .base import Attack, AttackResult, QueryOracle, margin_loss
 from .fmn import FMNT
 from .square import Square, settle
 
 log = logging.getLogger(__name__)
 
 STAGES = ("apgd-ce", "apgd-t", "fmn-t", "square")
+SQUARE_STARTS = ("best", "stripes")
 #: the reference's version="standard" budget (pyautoattack/autoattack.py, _set_version), Linf and L2
 STANDARD = {"steps": 100, "restarts": 1, "rho": 0.75, "n_target_classes": 9, "square_queries": 5000,
             "square_p_init": 0.8, "eot_iter": 1, "stages": list(STAGES)}
@@ -48,6 +49,9 @@ class AutoAttack(Attack):
         rho: APGD checkpoint parameter (0.75).
         n_target_classes: targets of APGD-T and FMN-T (9; fewer when the model has fewer classes).
         square_queries, square_p_init: Square's query budget and initial patch fraction (5000, 0.8).
+        square_start: "best" (default) starts Square, per example, from whichever has the higher margin
+            loss: the paper's stripes or the highest-margin point the white-box stages reached (one
+            query of the same budget); "stripes" starts from the stripes only, as the reference does.
         eot_iter: EOT gradients per APGD step, for randomized models (1).
         seed: used only when the caller passes no per-example seeds.
 
@@ -63,7 +67,8 @@ class AutoAttack(Attack):
 
     def __init__(self, *, stages: tuple[str, ...] | list[str] = STAGES, steps: int = 100, restarts: int = 1,
                  rho: float = 0.75, n_target_classes: int = 9, square_queries: int = 5000,
-                 square_p_init: float = 0.8, eot_iter: int = 1, seed: int = 0) -> None:
+                 square_p_init: float = 0.8, square_start: str = "best", eot_iter: int = 1,
+                 seed: int = 0) -> None:
         super().__init__(seed=seed)
         unknown = [s for s in stages if s not in STAGES]
         if unknown or not stages:
@@ -73,7 +78,10 @@ class AutoAttack(Attack):
         self.stages = list(stages)
         self.steps, self.restarts, self.rho = int(steps), int(restarts), float(rho)
         self.n_target_classes, self.eot_iter = int(n_target_classes), int(eot_iter)
+        if square_start not in SQUARE_STARTS:
+            raise UserInputError(f"unknown square_start {square_start!r}: choose one of {', '.join(SQUARE_STARTS)}")
         self.square_queries, self.square_p_init = int(square_queries), float(square_p_init)
+        self.square_start = square_start
         self._attacks = {  # constructed now so bad hyper-parameters fail at construction
             "apgd-ce": APGD(steps=steps, restarts=restarts, loss="ce", rho=rho, eot_iter=eot_iter),
             "apgd-t": APGDT(steps=steps, restarts=restarts, n_target_classes=n_target_classes, rho=rho,
@@ -90,14 +98,19 @@ class AutoAttack(Attack):
         cfg = super().config()
         cfg["suite"] = self.suite
         cfg["min_norm_stage"] = "fmn-t (in the reference's FAB-T slot: same 100 iterations, 9 targets)"
+        if self.square_start == "best":
+            cfg["square_start_note"] = ("best of stripes and the white-box stages' highest-margin point, one query "
+                                        "of the same budget (the reference starts from stripes only)")
         return cfg
 
     def _stage(self, stage: str, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, rng: ExampleRNG,
-               clean_logits: Tensor) -> AttackResult:
+               clean_logits: Tensor, start: Tensor) -> AttackResult:
         if stage == "square":
-            square = Square(n_queries=self.square_queries, p_init=self.square_p_init, seed=self.seed)
+            # the reference's standard Square reads the 10,000-query p-schedule unscaled (resc_schedule=False)
+            square = Square(n_queries=self.square_queries, p_init=self.square_p_init, rescale_schedule=False,
+                            seed=self.seed)
             oracle = QueryOracle(model)
-            result = square.run(oracle, x, y, threat, rng, None)
+            result = square.run(oracle, x, y, threat, rng, None, start=start if self.square_start == "best" else None)
             result.queries = oracle.queries
             return result
         attack = self._attacks[stage]
@@ -111,6 +124,8 @@ class AutoAttack(Attack):
             clean_logits = model(x)
         robust = clean_logits.argmax(dim=1) == y
         x_adv = x.clone()
+        # per example, the highest-margin point seen so far (a warm start for Square); never loses a success
+        margin_best = margin_loss(clean_logits, y)
         robust_after: dict[str, int] = {"clean": int(robust.sum())}
         flags: dict[str, Any] = {}
         queries = 0
@@ -124,13 +139,17 @@ class AutoAttack(Attack):
                 white_box_survivors = idx.numel()
             seeds = torch.tensor([mix(s, 0x5EED, number) for s in rng.subset(idx).seeds], dtype=torch.int64)
             result = self._stage(stage, model, x[idx], y[idx], threat, ExampleRNG(seeds, x.device),
-                                 clean_logits[idx])
+                                 clean_logits[idx], x_adv[idx])
             queries += result.queries
             # a fixed point of the projection, so the final re-scoring sees exactly this point
             candidate = settle(threat, result.x_adv.detach(), x[idx])
             with torch.no_grad():  # authoritative re-score of this stage's candidates
-                broken = model(candidate).argmax(dim=1) != y[idx]
-            x_adv[idx[broken]] = candidate[broken]
+                logits = model(candidate)
+            broken = logits.argmax(dim=1) != y[idx]
+            margin = margin_loss(logits, y[idx])
+            higher = broken | (margin > margin_best[idx])
+            x_adv[idx[higher]] = candidate[higher]
+            margin_best[idx[higher]] = margin[higher]
             robust[idx[broken]] = False
             robust_after[stage] = int(robust.sum())
             for key, value in result.flags.items():
@@ -139,6 +158,7 @@ class AutoAttack(Attack):
         flags["robust_after"] = robust_after
         if white_box_survivors is not None:
             flags["square_only"] = white_box_survivors - robust_after["square"]
+        # robust examples keep their highest-margin point (x where no stage raised the margin)
         return AttackResult(x_adv=x_adv, success=~robust, queries=queries, flags=flags)
 
 

@@ -43,9 +43,14 @@ _STREAM_BLOCKS = 1 << 20
 _TINY = 1e-12
 
 
-def p_fraction(iteration: int, n_queries: int, p_init: float) -> float:
-    """Fraction of pixels the window covers at ``iteration`` (schedule rescaled to ``n_queries``)."""
-    scaled = int(iteration / n_queries * 10000)
+def p_fraction(iteration: int, n_queries: int, p_init: float, rescale: bool = True) -> float:
+    """Fraction of pixels the window covers at ``iteration``.
+
+    The paper's schedule is written for 10,000 queries; ``rescale`` stretches it to ``n_queries`` (the
+    paper's code and pyautoattack's default). AutoAttack's ``standard`` version runs its Square with
+    ``resc_schedule=False``: the 10,000-query schedule read at the raw iteration, cut at ``n_queries``.
+    """
+    scaled = int(iteration / n_queries * 10000) if rescale else int(iteration)
     for bound, divisor in P_SCHEDULE:
         if scaled <= bound:
             return p_init / divisor
@@ -140,6 +145,8 @@ class Square(Attack):
             initial point count; an example stops as soon as it is misclassified (or hits the target).
         p_init: initial fraction of pixels a window covers (0.8, AutoAttack's standard for Linf and L2).
         loss: "margin" or "ce"; None takes the paper's choice (margin untargeted, CE targeted).
+        rescale_schedule: stretch the p-schedule to ``n_queries`` (True, the paper's); AutoAttack's
+            standard suite uses False (see :func:`p_fraction`).
         seed: used only when the caller passes no per-example seeds.
 
     >>> attack = Square(n_queries=1000)
@@ -151,7 +158,7 @@ class Square(Attack):
     supports_targeted = True
 
     def __init__(self, *, n_queries: int = 5000, p_init: float = 0.8, loss: str | None = None,
-                 seed: int = 0) -> None:
+                 rescale_schedule: bool = True, seed: int = 0) -> None:
         super().__init__(seed=seed)
         if isinstance(n_queries, bool) or int(n_queries) != n_queries or n_queries < 1:
             raise UserInputError(f"n_queries must be a positive integer, got {n_queries!r}")
@@ -162,6 +169,7 @@ class Square(Attack):
         self.n_queries = int(n_queries)
         self.p_init = float(p_init)
         self.loss = loss
+        self.rescale_schedule = bool(rescale_schedule)
 
     # --- scoring ----------------------------------------------------------------------------
     def _objective(self, scores: Tensor, y: Tensor, target: Tensor | None) -> Tensor:
@@ -176,7 +184,10 @@ class Square(Attack):
 
     # --- the attack -------------------------------------------------------------------------
     def run(self, model: QueryOracle, x: Tensor, y: Tensor, threat: ThreatModel, rng: ExampleRNG,
-            target: Tensor | None) -> AttackResult:
+            target: Tensor | None, start: Tensor | None = None) -> AttackResult:
+        """As :meth:`Attack.run`. ``start`` (N, ...) in the threat set, optional: a warm start (e.g. the
+        best point of earlier white-box attacks); each example then begins from whichever of ``start``
+        and the paper's initial point has the higher loss, one query more out of the same budget."""
         oracle = model
         images = as_images(x)
         n = images.shape[0]
@@ -190,33 +201,66 @@ class Square(Attack):
         used = torch.ones(n, dtype=torch.int64, device=x.device)
         done = self._fooled(scores, y, target)
         best = images.clone()
-        if threat.eps == 0 or self.n_queries < 2 or bool(done.all()):
+        n_starts = 1 if start is None else 2
+        if threat.eps == 0 or self.n_queries < 1 + n_starts or bool(done.all()):
             return AttackResult(x_adv=best.view_as(x), success=done, flags=self._flags(done, used))
 
         todo = (~done).nonzero().flatten()
-        start = self._initial_point(images[todo], threat, rng.subset(todo))
-        scores = query(start)
-        used[todo] += 1
-        best[todo] = start
-        best_loss = torch.full((n,), -math.inf, device=x.device)
-        best_loss[todo] = self._objective(scores, y[todo], None if target is None else target[todo])
-        done[todo] = self._fooled(scores, y[todo], None if target is None else target[todo])
+        goal = None if target is None else target[todo]
+        first = self._initial_point(images[todo], threat, rng.subset(todo))
+        scores = query(first)
+        best_loss = self._objective(scores, y[todo], goal)
+        fooled = self._fooled(scores, y[todo], goal)
+        if start is not None:
+            warm = as_images(start)[todo]
+            scores = query(warm)
+            warm_loss = self._objective(scores, y[todo], goal)
+            warm_fooled = self._fooled(scores, y[todo], goal)
+            take = (warm_fooled & ~fooled) | (~fooled & (warm_loss > best_loss))
+            first = torch.where(take[:, None, None, None], warm, first)
+            best_loss, fooled = torch.where(take, warm_loss, best_loss), fooled | warm_fooled
+        used[todo] += n_starts
+        best[todo] = first
+        done[todo] = fooled
+        iterations = max(self.n_queries - 1 - n_starts, 0)
+        keep = ~fooled
+        with torch.inference_mode():  # scores only: no autograd bookkeeping on 5000 forwards
+            current = self._search(query, images[todo[keep]], first[keep], best_loss[keep], y[todo[keep]],
+                                   None if goal is None else goal[keep], threat, rng.subset(todo[keep]),
+                                   iterations, used, done, todo[keep])
+        best[todo[keep]] = current
+        log.debug("square: %d/%d examples fooled, %d queries", int(done.sum()), n, int(used.sum()))
+        x_adv = settle(threat, best, images)
+        return AttackResult(x_adv=x_adv.view_as(x), success=done, flags=self._flags(done, used))
 
-        step = self._linf_step if threat.ops.name == "Linf" else self._l2_step
-        width = 2 + images.shape[1] if threat.ops.name == "Linf" else 5 + images.shape[1]
-        # compact state of the examples still being attacked, aligned with ``idx``
-        idx = (~done).nonzero().flatten()
-        clean, current, current_loss, labels = images[idx], best[idx], best_loss[idx], y[idx]
-        goal = None if target is None else target[idx]
-        noise = torch.empty(0)
-        iterations = max(self.n_queries - 2, 0)
+    def _search(self, query, clean: Tensor, current: Tensor, current_loss: Tensor, labels: Tensor,
+                goal: Tensor | None, threat: ThreatModel, rng: ExampleRNG, iterations: int, used: Tensor,
+                done: Tensor, idx: Tensor) -> Tensor:
+        """The random search on the compact set of examples still standing (rows of ``idx``).
+
+        Updates ``used`` and ``done`` in place; returns the final point of every row of ``idx`` (the
+        fooling point for the rows that succeeded).
+        """
+        out = current.clone()
+        linf = threat.ops.name == "Linf"
+        width = 2 + clean.shape[1] if linf else 5 + clean.shape[1]
+        if linf:  # the box-clipped corners of the ball, once, instead of per window
+            lo, hi = threat.box
+            extra = ((clean - threat.eps).clamp_min(lo), (clean + threat.eps).clamp_max(hi))
+            step = self._linf_step
+        else:
+            extra = (clean,)
+            step = self._l2_step
+        rows = torch.arange(idx.numel(), device=clean.device)
+        plan: tuple[Tensor, ...] = ()
+        p_at = [p_fraction(it, self.n_queries, self.p_init, self.rescale_schedule) for it in range(iterations)]
         for it in range(iterations):
-            if idx.numel() == 0:
+            if rows.numel() == 0:
                 break
-            if it % NOISE_BLOCK == 0:
-                noise = rng.subset(idx).uniform((NOISE_BLOCK, width), stream=_STREAM_BLOCKS + it // NOISE_BLOCK)
-            candidate = step(clean, current, noise[:, it % NOISE_BLOCK], p_fraction(it, self.n_queries, self.p_init),
-                             threat)
+            if it % NOISE_BLOCK == 0:  # this block's random numbers, and what can be derived from them at once
+                noise = rng.subset(rows).uniform((NOISE_BLOCK, width), stream=_STREAM_BLOCKS + it // NOISE_BLOCK)
+                plan = self._linf_plan(noise, p_at[it:it + NOISE_BLOCK], clean.shape) if linf else (noise,)
+            candidate = step(extra, current, plan, it % NOISE_BLOCK, p_at[it], threat)
             scores = query(candidate)
             loss = self._objective(scores, labels, goal)
             fooled = self._fooled(scores, labels, goal)
@@ -224,18 +268,17 @@ class Square(Attack):
             current = torch.where(better[:, None, None, None], candidate, current)
             current_loss = torch.where(better, loss, current_loss)
             if bool(fooled.any()):
-                best[idx[fooled]] = current[fooled]
-                done[idx[fooled]] = True
-                used[idx[fooled]] += it + 1
+                out[rows[fooled]] = current[fooled]
+                done[idx[rows[fooled]]] = True
+                used[idx[rows[fooled]]] += it + 1
                 stay = ~fooled
-                idx, clean, current, labels = idx[stay], clean[stay], current[stay], labels[stay]
-                current_loss, noise = current_loss[stay], noise[stay]
+                rows, current, labels = rows[stay], current[stay], labels[stay]
+                current_loss = current_loss[stay]
+                extra, plan = tuple(t[stay] for t in extra), tuple(t[stay] for t in plan)
                 goal = None if goal is None else goal[stay]
-        best[idx] = current
-        used[idx] += iterations
-        log.debug("square: %d/%d examples fooled, %d queries", int(done.sum()), n, int(used.sum()))
-        x_adv = settle(threat, best, images)
-        return AttackResult(x_adv=x_adv.view_as(x), success=done, flags=self._flags(done, used))
+        out[rows] = current
+        used[idx[rows]] += iterations
+        return out
 
     def _flags(self, done: Tensor, used: Tensor) -> dict[str, float]:
         if not bool(done.any()):
@@ -266,28 +309,45 @@ class Square(Attack):
 
     # --- one random-search step --------------------------------------------------------------
     @staticmethod
-    def _linf_step(images: Tensor, best: Tensor, u: Tensor, p: float, threat: ThreatModel) -> Tensor:
-        """Set one s x s window to a corner of the ball: +-eps per channel (Alg. 1, Linf sampler)."""
-        n, c, h, w = images.shape
-        eps, (lo, hi) = threat.eps, threat.box
-        s = min(max(int(round(math.sqrt(p * h * w))), 1), h, w)
-        index = window_index(positions(u[:, 0], h, s), positions(u[:, 1], w, s), s)
-        clean = get_window(images, index)
-        lower, upper = (clean - eps).clamp_min(lo), (clean + eps).clamp_max(hi)
-        current = get_window(best, index)
-        sign = signs(u[:, 2:2 + c])[:, :, None, None]
-        window = torch.minimum(torch.maximum(current + 2 * eps * sign, lower), upper)
-        unchanged = (window == current).flatten(1).all(dim=1)
+    def _linf_plan(u: Tensor, p_at: list[float], shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
+        """A block of Linf windows from (n, B, 2 + C) noise: rows (n, B, H) and columns (n, B, W) each
+        window covers, and the per-channel step +-2 eps direction (n, B, C), for B iterations at once."""
+        _, c, h, w = shape
+        sides = [min(max(int(round(math.sqrt(p * h * w))), 1), h, w) for p in p_at]
+        side = torch.tensor(sides + [1] * (u.shape[1] - len(sides)), device=u.device)
+
+        def covered(noise: Tensor, size: int) -> Tensor:
+            corner = torch.minimum((noise * (size - side + 1)).long(), size - side)[:, :, None]
+            along = torch.arange(size, device=u.device)
+            return (along >= corner) & (along < corner + side[:, None])
+
+        return covered(u[:, :, 0], h), covered(u[:, :, 1], w), signs(u[:, :, 2:2 + c])
+
+    @staticmethod
+    def _linf_step(bounds: tuple[Tensor, Tensor], best: Tensor, plan: tuple[Tensor, Tensor, Tensor], k: int,
+                   p: float, threat: ThreatModel) -> Tensor:
+        """Set one s x s window to a corner of the ball: +-eps per channel (Alg. 1, Linf sampler).
+
+        ``bounds`` are the box-clipped ``x -+ eps``; ``plan`` is :meth:`_linf_plan`'s block, ``k`` the
+        iteration in it. The window is a mask (a few elementwise passes over small images beat
+        gathering and scattering the window by index).
+        """
+        lower, upper = bounds
+        in_rows, in_cols, sign = plan
+        window = (in_rows[:, k, :, None] & in_cols[:, k, None, :])[:, None]  # (n, 1, h, w)
+        step = (2 * threat.eps) * sign[:, k, :, None, None]
+        candidate = torch.where(window, (best + step).clamp(lower, upper), best)
+        unchanged = ~(candidate != best).flatten(1).any(dim=1)
         if bool(unchanged.any()):  # the original resamples until the window changes: -sign always does
-            flipped = torch.minimum(torch.maximum(current - 2 * eps * sign, lower), upper)
-            window = torch.where(unchanged[:, None, None, None], flipped, window)
-        candidate = best.clone()
-        set_window(candidate, index, window)
+            flipped = torch.where(window, (best - step).clamp(lower, upper), best)
+            candidate = torch.where(unchanged[:, None, None, None], flipped, candidate)
         return candidate
 
     @staticmethod
-    def _l2_step(images: Tensor, best: Tensor, u: Tensor, p: float, threat: ThreatModel) -> Tensor:
+    def _l2_step(clean: tuple[Tensor], best: Tensor, plan: tuple[Tensor], k: int, p: float,
+                 threat: ThreatModel) -> Tensor:
         """Move L2 mass from window 2 into window 1 with the paper's pattern (Alg. 3, L2 sampler)."""
+        (images,), u = clean, plan[0][:, k]
         n, c, h, w = images.shape
         eps, (lo, hi) = threat.eps, threat.box
         s = max(int(round(math.sqrt(p * h * w))), 3)
