@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from . import train as train_module
     except ImportError as exc:  # pragma: no cover - the training module ships with the package
-        train.set_defaults(handler=lambda args: _unavailable("train", exc))
+        train.set_defaults(handler=lambda args, error=exc: _unavailable("train", error))
     else:
         train_module.add_arguments(train)
         train.set_defaults(handler=train_module.run)

@@ -176,7 +176,7 @@ def test_wrm_certificate_in_the_record_bounds_the_measured_loss(monkeypatch):
     record = wrm_record(monkeypatch, weights="01" * 32)
     cert = record["wrm_certificate"]
     assert not schema_errors(record) and cert["gamma"] == 2.0 and cert["steps"] == 15 and cert["n_examples"] == 12
-    assert [r["gamma_adv"] for r in cert["rows"]] == [4.0, 2.0, 1.0, 0.5]
+    assert [r["gamma_adv"] for r in cert["rows"]] == [4.0, 2.0, 1.0]
     assert all(r["certificate"] >= r["measured_loss"] - 1e-5 and r["bound_holds"] for r in cert["rows"])
     same = next(r for r in cert["rows"] if r["gamma_adv"] == 2.0)  # the paper's radius: both sides equal
     assert same["certificate"] == pytest.approx(same["measured_loss"], rel=1e-5)
@@ -204,7 +204,7 @@ def test_a_violated_wrm_bound_is_flagged_and_still_valid(monkeypatch):
     record = wrm_record(monkeypatch, weights="03" * 32)
     assert not schema_errors(record) and record["wrm_certificate"]["bound_holds"] is False
     flag = next(f for f in record["flags"] if f["name"] == "wrm_certificate_violated")
-    assert flag["severity"] == "error" and flag["values"]["measured_loss"] == [3.0] * 4
+    assert flag["severity"] == "error" and flag["values"]["measured_loss"] == [3.0] * 3
 
 
 def test_no_certificate_for_other_defenses_and_a_card_without_gamma_is_an_error(monkeypatch):
