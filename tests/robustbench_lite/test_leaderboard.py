@@ -247,3 +247,38 @@ def test_concurrent_writes_of_one_model_both_survive(tmp_path, monkeypatch):
     monkeypatch.undo()
     merged = read_record(record_path(tmp_path, first))
     assert sorted(a["name"] for a in merged["attacks"]) == ["apgd", "fgsm", "pgd"]
+
+
+def test_defense_sections_are_checked_by_the_schema():
+    """groups / corruptions / wrm_certificate: numbers in range, required fields, no unknown keys."""
+    import copy
+
+    from test_reports import bar_model, bars, grouped
+
+    from robustbench_lite.corruption_eval import evaluate_corruptions
+
+    grouped_rec = build_record(evaluate(toy_model(), grouped(), ThreatModel("Linf", 0.1), attacks=["fgsm"],
+                                        certifiers=[]), INFO, toy_model())
+    corrupt_rec = build_record(evaluate_corruptions(bar_model(), bars(), corruptions=["jpeg"], n_examples=4),
+                               INFO, bar_model())
+    assert not schema_errors(grouped_rec) and not schema_errors(corrupt_rec)
+    cert = {"metric": "wrm_certificate", "definition": "docs/metrics.md#x", "gamma": 1.0, "steps": 5,
+            "n_examples": 24, "mean_phi": 0.3, "bound_holds": True,
+            "rows": [{"gamma_adv": 1.0, "rho_test": 0.5, "measured_loss": 0.8, "certificate": 0.8, "bound_holds": True}]}
+    assert not schema_errors(dict(grouped_rec, wrm_certificate=cert))
+    breakages = [
+        (grouped_rec, lambda r: r["groups"]["clean"].__setitem__("worst_group_acc", 74.8)),
+        (grouped_rec, lambda r: r["groups"].pop("names")),
+        (grouped_rec, lambda r: r["groups"].__setitem__("metric", "avg_acc")),
+        (grouped_rec, lambda r: r["per_example"].__setitem__("group", [-1])),
+        (corrupt_rec, lambda r: r["corruptions"].__setitem__("mean_corruption_acc", "89%")),
+        (corrupt_rec, lambda r: r["corruptions"]["accuracy"].__setitem__("jpeg", [1.2])),
+        (corrupt_rec, lambda r: r["threat_model"].__setitem__("norm", "fog")),
+        (dict(grouped_rec, wrm_certificate=cert), lambda r: r["wrm_certificate"]["rows"][0].pop("measured_loss")),
+        (dict(grouped_rec, wrm_certificate=cert), lambda r: r["wrm_certificate"].__setitem__("gamma", 0)),
+        (dict(grouped_rec, wrm_certificate=cert), lambda r: r["wrm_certificate"].__setitem__("rows", [])),
+    ]
+    for rec, breaks in breakages:
+        broken = copy.deepcopy(rec)
+        breaks(broken)
+        assert schema_errors(broken), breaks
