@@ -68,6 +68,8 @@ class Table:
         return {i for i, c in enumerate(self.columns) if c not in ("model", "defense", "worst group")}
 
     def cells(self, record: dict[str, Any], rank: int) -> list[str]:
+        if self.kind == CORRUPTIONS:
+            return corruption_cells(record, rank, self.corruption_names)
         return LAYOUTS[self.kind][1](record, rank)
 
 
@@ -145,9 +147,11 @@ def group_cells(record: dict[str, Any], rank: int) -> list[str]:
             _certified(record)]
 
 
-def corruption_cells(record: dict[str, Any], rank: int) -> list[str]:
+def corruption_cells(record: dict[str, Any], rank: int, names: list[str] | None = None) -> list[str]:
+    """Rank, model, defense, clean, mean corruption, all-corruption worst case, then each of ``names``' mean."""
     c = record.get("corruptions") or {}
-    means = [_pct(v) for v in (c.get("corruption_mean") or {}).values()]
+    per = c.get("corruption_mean") or {}
+    means = [_pct(per.get(name)) for name in (list(per) if names is None else names)]
     return [str(rank), record["model"]["name"], record["model"].get("defense") or "-", _pct(record["clean_acc"]),
             _pct(c.get("mean_corruption_acc")), _pct(record["robust_acc"]), *means]
 
