@@ -259,7 +259,8 @@ class Square(Attack):
                 break
             if it % NOISE_BLOCK == 0:  # this block's random numbers, and what can be derived from them at once
                 noise = rng.subset(rows).uniform((NOISE_BLOCK, width), stream=_STREAM_BLOCKS + it // NOISE_BLOCK)
-                plan = self._linf_plan(noise, p_at[it:it + NOISE_BLOCK], clean.shape) if linf else (noise,)
+                plan = (self._linf_plan(noise, p_at[it:it + NOISE_BLOCK], clean.shape, threat.eps) if linf
+                        else (noise,))
             candidate = step(extra, current, plan, it % NOISE_BLOCK, p_at[it], threat)
             scores = query(candidate)
             loss = self._objective(scores, labels, goal)
@@ -309,9 +310,9 @@ class Square(Attack):
 
     # --- one random-search step --------------------------------------------------------------
     @staticmethod
-    def _linf_plan(u: Tensor, p_at: list[float], shape: torch.Size) -> tuple[Tensor, Tensor, Tensor]:
+    def _linf_plan(u: Tensor, p_at: list[float], shape: torch.Size, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         """A block of Linf windows from (n, B, 2 + C) noise: rows (n, B, H) and columns (n, B, W) each
-        window covers, and the per-channel step +-2 eps direction (n, B, C), for B iterations at once."""
+        window covers, and the per-channel step +-2 eps (n, B, C), for B iterations at once."""
         _, c, h, w = shape
         sides = [min(max(int(round(math.sqrt(p * h * w))), 1), h, w) for p in p_at]
         side = torch.tensor(sides + [1] * (u.shape[1] - len(sides)), device=u.device)
@@ -321,7 +322,7 @@ class Square(Attack):
             along = torch.arange(size, device=u.device)
             return (along >= corner) & (along < corner + side[:, None])
 
-        return covered(u[:, :, 0], h), covered(u[:, :, 1], w), signs(u[:, :, 2:2 + c])
+        return covered(u[:, :, 0], h), covered(u[:, :, 1], w), (2 * eps) * signs(u[:, :, 2:2 + c])
 
     @staticmethod
     def _linf_step(bounds: tuple[Tensor, Tensor], best: Tensor, plan: tuple[Tensor, Tensor, Tensor], k: int,
@@ -335,12 +336,12 @@ class Square(Attack):
         lower, upper = bounds
         in_rows, in_cols, sign = plan
         window = (in_rows[:, k, :, None] & in_cols[:, k, None, :])[:, None]  # (n, 1, h, w)
-        step = (2 * threat.eps) * sign[:, k, :, None, None]
+        step = sign[:, k, :, None, None]
         candidate = torch.where(window, (best + step).clamp(lower, upper), best)
-        unchanged = ~(candidate != best).flatten(1).any(dim=1)
-        if bool(unchanged.any()):  # the original resamples until the window changes: -sign always does
+        changed = (candidate != best).flatten(1).any(dim=1)
+        if not bool(changed.all()):  # the original resamples until the window changes: -sign always does
             flipped = torch.where(window, (best - step).clamp(lower, upper), best)
-            candidate = torch.where(unchanged[:, None, None, None], flipped, candidate)
+            candidate = torch.where(changed[:, None, None, None], candidate, flipped)
         return candidate
 
     @staticmethod

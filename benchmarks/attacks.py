@@ -4,12 +4,15 @@
    of 40 forward+backward passes on the same batch. Targets: ours <= 1.1x the floor, faster than
    torchattacks.
 2. ``autoattack`` vs ``autoattack-ref`` (pyautoattack, version="standard") on the same examples:
-   robust accuracy (ours must be <= theirs) and wall time (target: ours <= 0.5x theirs).
+   robust accuracy (ours must be <= theirs, and no example broken by the reference only) and time
+   (target: ours <= 0.5x theirs), wall and CPU seconds (CPU seconds are what a shared machine distorts
+   least). ``--square-starts best stripes`` also runs our cascade with the reference's Square start.
 
 Run (one core, as every check in this project)::
 
     pip install -e ".[bench]"            # torchattacks, only for this script
     OMP_NUM_THREADS=1 python benchmarks/attacks.py
+    OMP_NUM_THREADS=1 python benchmarks/attacks.py --skip-pgd --models mnist5k-cnn-pgd-at --n-autoattack 200
 
 Not part of the test run. Timings are the best of ``--repeats`` runs (PGD) to damp a shared machine.
 """
@@ -35,7 +38,7 @@ from robustbench_lite.data import load_dataset
 from robustbench_lite.threat import ThreatModel
 from robustbench_lite.zoo import list_models, load_model
 
-MODELS = ("mnist5k-cnn-standard", "mnist5k-cnn-pgd-at")
+MODELS = ("mnist5k-cnn-standard", "mnist5k-cnn-pgd-at", "mnist5k-cnn-trades")
 THREAT = ThreatModel("Linf", 0.3)
 STEPS, STEP_SIZE = 40, 0.01
 
@@ -79,29 +82,45 @@ def bench_pgd(model: nn.Module, x: Tensor, y: Tensor, repeats: int) -> None:
           f"floor {STEPS * x.shape[0]} each (ours stops on broken points)")
 
 
-def bench_autoattack(model: nn.Module, x: Tensor, y: Tensor) -> None:
-    start = time.perf_counter()
-    ours = AutoAttack()(model, x, y, THREAT)
-    t_ours = time.perf_counter() - start
-    start = time.perf_counter()
-    ref = AutoAttackRef()(model, x, y, THREAT)
-    t_ref = time.perf_counter() - start
-    acc_ours, acc_ref = float((~ours.success).float().mean()), float((~ref.success).float().mean())
-    print(f"  AA       ours {t_ours:7.1f}s robust {acc_ours:.3f} {ours.flags.get('robust_after')}"
-          f" | reference {t_ref:7.1f}s robust {acc_ref:.3f}")
-    print(f"  AA       robust ours - reference = {acc_ours - acc_ref:+.3f} (target <= 0)   "
-          f"time ours/reference = {t_ours / t_ref:.2f}x (target <= 0.50)")
-    print(f"  AA       passes: ours forward {ours.forward} backward {ours.backward}; "
-          f"reference forward {ref.forward} backward {ref.backward}")
+def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """Wall and CPU seconds of one call (CPU seconds are what a shared machine distorts least)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def bench_autoattack(model: nn.Module, x: Tensor, y: Tensor, square_starts: list[str]) -> None:
+    """Ours (each Square start asked for) and the reference, alternated in one process on the same examples."""
+    runs = {}
+    for start in square_starts:
+        runs[start] = timed(lambda: AutoAttack(square_start=start)(model, x, y, THREAT))
+    wall_r, cpu_r, ref = timed(lambda: AutoAttackRef()(model, x, y, THREAT))
+    acc_ref = float((~ref.success).float().mean())
+    print(f"  AA       {x.shape[0]} examples; reference (pyautoattack standard) robust {acc_ref:.3f}"
+          f"  wall {wall_r:6.1f}s cpu {cpu_r:6.1f}s")
+    for start, (wall_o, cpu_o, ours) in runs.items():
+        acc_ours = float((~ours.success).float().mean())
+        only_ref = int((ref.success & ~ours.success).sum())
+        only_ours = int((ours.success & ~ref.success).sum())
+        print(f"  AA       ours (square_start={start}, suite {AutoAttack(square_start=start).suite}) robust "
+              f"{acc_ours:.3f} {ours.flags.get('robust_after')}  wall {wall_o:6.1f}s cpu {cpu_o:6.1f}s")
+        print(f"  AA       robust ours - reference = {acc_ours - acc_ref:+.3f} (target <= 0); broken by the reference only:"
+              f" {only_ref} (target 0), by ours only: {only_ours};  time ours/reference = cpu {cpu_o / cpu_r:.2f}x"
+              f" wall {wall_o / wall_r:.2f}x (target <= 0.50)")
+        print(f"  AA       passes: ours forward {ours.forward} backward {ours.backward}; "
+              f"reference forward {ref.forward} backward {ref.backward}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--n-pgd", type=int, default=500, help="examples for the PGD comparison")
-    parser.add_argument("--n-autoattack", type=int, default=100, help="examples for the AutoAttack comparison")
+    parser.add_argument("--n-autoattack", type=int, default=200, help="examples for the AutoAttack comparison")
+    parser.add_argument("--square-starts", nargs="+", default=["best"], choices=["best", "stripes"],
+                        help="our cascade's Square start(s) to run next to the reference")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-autoattack", action="store_true")
+    parser.add_argument("--skip-pgd", action="store_true")
     args = parser.parse_args(argv)
     data = load_dataset("mnist5k", "test")
     shipped = {row["name"] for row in list_models()}
@@ -112,9 +131,10 @@ def main(argv: list[str] | None = None) -> None:
             continue
         model = load_model(name)
         print(f"{name}")
-        bench_pgd(model, data.x[:args.n_pgd], data.y[:args.n_pgd], args.repeats)
+        if not args.skip_pgd:
+            bench_pgd(model, data.x[:args.n_pgd], data.y[:args.n_pgd], args.repeats)
         if not args.skip_autoattack:
-            bench_autoattack(model, data.x[:args.n_autoattack], data.y[:args.n_autoattack])
+            bench_autoattack(model, data.x[:args.n_autoattack], data.y[:args.n_autoattack], args.square_starts)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_mask_window_step_equals_the_indexed_window_step(seed, c, h, w, eps):
     best = threat.project(images + eps * torch.sign(torch.randn(n, c, h, w, generator=g)), images)
     u = torch.rand(n, NOISE_BLOCK, 2 + c, generator=g)
     p_at = [p_fraction(it, 300, 0.8, rescale=False) for it in range(NOISE_BLOCK)]
-    plan = Square._linf_plan(u, p_at, images.shape)
+    plan = Square._linf_plan(u, p_at, images.shape, eps)
     bounds = ((images - eps).clamp_min(0.0), (images + eps).clamp_max(1.0))
     for k in (0, 7, 60, NOISE_BLOCK - 1):
         mine = Square._linf_step(bounds, best, plan, k, p_at[k], threat)
