@@ -7,6 +7,14 @@ stage left standing, and reuses the clean logits for the correctness mask and th
 reference's ``version="standard"`` budget (100 iterations, 1 restart, rho 0.75, 9 targets, 5000
 Square queries with p_init 0.8); any change makes it ``"custom"``.
 
+Where the cascade differs from the reference at the same budget (all recorded in ``config()``):
+FMN-T holds FAB-T's slot; Square reads the p-schedule unscaled as the reference's standard Square
+does (``resc_schedule=False``); and by default (``square_start="best"``) Square starts, per example,
+from whichever scores higher of the paper's stripes and the highest-margin point the white-box stages
+reached (the reference starts from stripes only; one query of the same 5000). Every stage's
+re-scoring pass also updates that highest-margin point, so no success and no progress is lost
+between stages; robust examples come back at it.
+
 ``autoattack-ref`` runs ``pyautoattack.AutoAttack(version="standard")`` itself on the same model and
 examples, silenced and with the caller's global RNG state restored, so both can be put side by side.
 """
@@ -98,6 +106,7 @@ class AutoAttack(Attack):
         cfg = super().config()
         cfg["suite"] = self.suite
         cfg["min_norm_stage"] = "fmn-t (in the reference's FAB-T slot: same 100 iterations, 9 targets)"
+        cfg["square_p_schedule"] = "unscaled, as the reference's standard Square (resc_schedule=False)"
         if self.square_start == "best":
             cfg["square_start_note"] = ("best of stripes and the white-box stages' highest-margin point, one query "
                                         "of the same budget (the reference starts from stripes only)")

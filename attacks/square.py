@@ -12,7 +12,15 @@ Differences from the reference (``pyautoattack/square.py``), none of which chang
 - a Linf window that would leave the point unchanged takes the opposite sign (the original code
   resamples until the window changes), so no query is spent on an unchanged point;
 - every query is counted and the budget ``n_queries`` bounds the queries of each example, the clean
-  check and the initial point included.
+  check and the initial point included;
+- ``rescale_schedule`` (True, the paper's) stretches the p-schedule to ``n_queries``; AutoAttack's
+  standard suite runs Square with it off, and so does our cascade;
+- ``run(..., start=)`` optionally adds a warm start (one more query of the same budget): an example
+  begins from whichever of it and the paper's initial point has the higher loss.
+
+Speed: the Linf window is a mask planned with the block's noise (window rows and columns, +-2 eps
+per channel), so a query costs a handful of elementwise passes next to the model's forward; the
+search runs under ``torch.inference_mode``.
 
 Shapes: x (N, C, H, W) (or (N, D) / (N, C, L), treated as images of height 1), y (N,) int64.
 """
