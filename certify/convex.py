@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
 
-from .base import CERTIFIED, NOT_CERTIFIED, TIMEOUT, CertResult, Certifier
+from .base import CERTIFIED, NOT_CERTIFIED, SKIPPED, TIMEOUT, CertResult, Certifier
 from .dual import interval_margin
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ class Solved:
     timed_out: bool = False
     stage: str = ""  # which relaxation gave the bound ("lp", "sdp"); "": the certifier's own
     extra: dict[str, float] = field(default_factory=dict)  # e.g. each stage's own bound, seconds per part
+    skipped: str = ""  # why a stage was not run for this problem (e.g. too large), if it was not
 
 
 class ConvexCertifier(Certifier):
@@ -288,6 +289,7 @@ class ConvexCertifier(Certifier):
         bound = cheap.copy()
         stages = {j: cheap_stage for j in range(len(cheap))}
         failed = timed_out = False
+        skipped = ""
         todo = sorted((j for j in range(len(cheap)) if j != yi and (cheap[j] <= 0 or not self.early_stop)),
                       key=lambda j: cheap[j])
         for j in todo if clean_ok or not self.early_stop else []:
@@ -308,10 +310,13 @@ class ConvexCertifier(Certifier):
             bound[j] = max(bound[j], res.bound)
             if bound[j] <= 0:
                 failed, timed_out = True, timed_out or res.timed_out
+                skipped = skipped or res.skipped
         others = [j for j in range(len(bound)) if j != yi]
         if clean_ok and all(bound[j] > 0 for j in others):
             order = [cheap_stage, "lp", "sdp", self.name]
             return bound, CERTIFIED, max((stages[j] for j in others), key=order.index, default=cheap_stage)
+        if skipped:
+            return bound, f"{SKIPPED}: {skipped}", None
         return bound, TIMEOUT if timed_out else NOT_CERTIFIED, None
 
 

@@ -27,7 +27,7 @@ from robustbench_lite.errors import UserInputError
 
 from .convex import BoundsFn, ConvexCertifier, DenseReLUNet, Relaxation, Solved
 from .lp import LP, LPProblem
-from .sdp_problem import ReducedSDP, build
+from .sdp_problem import ReducedSDP, build, lifted_size
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,11 @@ class SDP(ConvexCertifier):
 
     Args: ``eps`` (SCS tolerance; loose is safe, the bound is verified), ``max_iters`` (SCS
     iterations per problem), ``first_iters`` (with ``early_stop``: SCS iterations after which a class
-    whose verified bound is already positive stops; 0: always the full solve), ``time_limit`` seconds per (example, class) problem (status ``timeout``
-    when the SCS time limit stops a problem that then fails to certify), ``max_inputs`` and
-    ``max_neurons`` (larger networks are ``skipped``), ``early_stop`` (solve only what decides
+    whose verified bound is already positive stops; 0: always the full solve), ``time_limit``
+    seconds per SCS solve (status ``timeout`` when it stops a problem that then fails to certify),
+    ``max_inputs`` and ``max_neurons`` (larger networks are ``skipped``), ``max_lifted`` (an example
+    whose reduced SDP has more variables - free inputs + unstable neurons - gets no SDP: its status is
+    ``skipped: ...`` unless CROWN or the LP certify it), ``early_stop`` (solve only what decides
     certification: a class the LP certifies gets no SDP, an example stops at its first class that
     fails; False: LP and SDP for every class), ``warm_start`` (start SCS from the previous class's
     solution), ``crown_first`` (skip classes CROWN already certifies), ``bounds`` (pre-activation
@@ -110,7 +112,7 @@ class SDP(ConvexCertifier):
     name = "sdp"
 
     def __init__(self, *, eps: float = 1e-3, max_iters: int = 5000, first_iters: int = 100, time_limit: float = 20.0,
-                 max_inputs: int = 100, max_neurons: int = 128, early_stop: bool = True,
+                 max_inputs: int = 100, max_neurons: int = 512, max_lifted: int = 200, early_stop: bool = True,
                  warm_start: bool = True, crown_first: bool = True, bounds: BoundsFn | None = None) -> None:
         super().__init__(max_inputs=max_inputs, max_neurons=max_neurons, time_limit=time_limit,
                          early_stop=early_stop, crown_first=crown_first, bounds=bounds)
@@ -120,6 +122,9 @@ class SDP(ConvexCertifier):
             raise UserInputError(f"max_iters must be a positive integer, got {max_iters!r}")
         if not isinstance(first_iters, int) or first_iters < 0:
             raise UserInputError(f"first_iters must be an integer >= 0, got {first_iters!r}")
+        if not isinstance(max_lifted, int) or max_lifted < 1:
+            raise UserInputError(f"max_lifted must be a positive integer, got {max_lifted!r}")
+        self.max_lifted = max_lifted
         self.eps, self.max_iters, self.first_iters = float(eps), max_iters, first_iters
         self.warm_start = bool(warm_start)
         self._lp = LP(time_limit=time_limit, bounds=bounds)
@@ -141,6 +146,11 @@ class SDP(ConvexCertifier):
             return Solved(floor.bound, f"lp {floor.solver_status}", seconds, stage="lp",
                           extra={"lp_bound": floor.bound, "lp_seconds": seconds})
         lp_seconds = time.perf_counter() - start
+        size = lifted_size(rel)
+        if size > self.max_lifted:
+            return Solved(floor.bound, f"lp {floor.solver_status}", lp_seconds, stage="lp",
+                          extra={"lp_bound": floor.bound, "lp_seconds": lp_seconds},
+                          skipped=f"SDP of {size} variables (free inputs + unstable neurons) exceeds max_lifted={self.max_lifted}")
         example = problem.for_example(net, rel, self._settings(), self.first_iters)
         own, raw, detail = example.solve(c, self.warm_start, self.early_stop)
         seconds = time.perf_counter() - start

@@ -125,6 +125,12 @@ def _normalised(m: sp.csr_matrix) -> sp.csr_matrix:
     return sp.diags(1.0 / np.where(norms > 0, norms, 1.0)) @ m
 
 
+def lifted_size(rel: Relaxation) -> int:
+    """Variables of the reduced relaxation: free input coordinates plus unstable neurons."""
+    free = int((rel.input_upper > rel.input_lower).sum())
+    return free + sum(int(((lo < 0) & (hi > 0)).sum()) for lo, hi in zip(rel.pre_lower, rel.pre_upper))
+
+
 def build(net: DenseReLUNet, rel: Relaxation) -> ReducedSDP:
     """The reduced relaxation of one example (see the module docstring) as SCS data."""
     lo, hi = rel.input_lower, rel.input_upper
@@ -197,4 +203,4 @@ def build(net: DenseReLUNet, rel: Relaxation) -> ReducedSDP:
     return ReducedSDP(n, logits, A, b, cone, [len(u) for u in unstable])
 
 
-__all__ = ["ReducedSDP", "build", "svec", "svec_index", "unsvec"]
+__all__ = ["ReducedSDP", "build", "lifted_size", "svec", "svec_index", "unsvec"]

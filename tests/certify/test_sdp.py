@@ -241,6 +241,25 @@ def test_skipped_statuses():
     assert all(s.startswith("skipped: 4 inputs exceed") for s in res.status)
 
 
+def test_an_example_too_large_for_the_sdp_keeps_the_lp_and_says_why():
+    model = tiny_net((4, 8, 8, 3), 1)
+    x = torch.rand(6, 4, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)
+    threat = ThreatModel("Linf", 0.3)
+    small = SDP(max_lifted=4, crown_first=False)(model, x, y, threat)
+    full = SDP(crown_first=False)(model, x, y, threat)
+    lp = LP(crown_first=False)(model, x, y, threat)
+    assert all("sdp_bound" not in p for p in small.info["problems"])  # every example has > 4 variables
+    for i, status in enumerate(small.status):
+        if lp.certified[i]:
+            assert status == "certified" and small.info["certified_by"][i] in ("interval", "lp")
+        else:
+            assert status.startswith("skipped: SDP of ") and status.endswith("exceeds max_lifted=4")
+    assert small.certified.tolist() == lp.certified.tolist()
+    assert (full.certified >= lp.certified).all() and (full.certified > lp.certified).any()  # the SDP adds some
+    assert any(status.startswith("skipped: SDP") for status in small.status)
+
+
 def test_lp_compiled_once_per_network_and_scs_factorised_once_per_example():
     model = tiny_net((3, 6, 4), 0)
     cert = sdp(eps=1e-3, max_iters=500)
@@ -269,8 +288,8 @@ def test_certified_examples_are_consistent_and_registered():
     assert isinstance(CERTIFIERS.create("sdp"), SDP)
 
 
-@pytest.mark.parametrize("kw", [{"eps": 0}, {"eps": 2.0}, {"max_iters": 0}, {"max_iters": 1.5},
-                                {"time_limit": -1.0}, {"max_neurons": 0}])
+@pytest.mark.parametrize("kw", [{"eps": 0}, {"eps": 2.0}, {"max_iters": 0}, {"max_iters": 1.5}, {"first_iters": -1},
+                                {"max_lifted": 0}, {"time_limit": -1.0}, {"max_neurons": 0}])
 def test_parameter_checks(kw):
     with pytest.raises(UserInputError):
         SDP(**kw)
