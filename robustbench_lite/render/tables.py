@@ -61,7 +61,7 @@ class Table:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return LAYOUTS[self.kind][0] + (tuple(self.corruption_names) if self.kind == CORRUPTIONS else ())
+        return LAYOUTS[self.kind][0] + (tuple(f"{n} %" for n in self.corruption_names) if self.kind == CORRUPTIONS else ())
 
     @property
     def numeric(self) -> set[int]:

@@ -223,7 +223,7 @@ def test_group_tables_rank_by_worst_group_and_corruption_tables_by_mean(tmp_path
     assert groups.kind == "groups" and [r["model"]["name"] for r in groups.rows] == ["worst-group-winner", "average-winner"]
     assert groups.cells(groups.rows[0], 1)[4] == "60.0" and "worst-group robust %" in groups.columns
     assert corrupt.kind == "corruptions" and [r["model"]["name"] for r in corrupt.rows] == ["also-two", "two"]
-    assert corrupt.columns[-2:] == ("jpeg", "brightness") and corrupt.cells(corrupt.rows[0], 1)[4] == "90.0"
+    assert corrupt.columns[-2:] == ("jpeg %", "brightness %") and corrupt.cells(corrupt.rows[0], 1)[4] == "90.0"
     markdown, page = render_markdown([corrupt, groups]), render_html([corrupt, groups])
     assert "## bars, common corruptions (ranked by mean corruption accuracy)" in markdown
     assert "| 1 | worst-group-winner |" in markdown and "WRM certificate" not in markdown
