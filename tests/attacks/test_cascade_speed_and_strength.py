@@ -158,3 +158,23 @@ def test_apgdt_returns_the_highest_margin_target_where_none_succeeds():
         m_one = margin_loss(model(one.x_adv), y)[missed]
     assert bool((m_many >= m_one).all())  # the top target's point is one of the candidates
     assert bool((m_many > m_one).any())   # and another target's point is picked where it is higher
+
+
+def test_input_gradient_is_the_plain_gradient_whichever_kernel_it_keeps():
+    from attacks import losses
+    from robustbench_lite.zoo.architectures import mnist_cnn
+
+    torch.manual_seed(0)
+    model = mnist_cnn().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.rand(6, 1, 28, 28)
+    y = torch.arange(6) % 10
+    xr = x.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(losses.ce_loss(model(xr), y).sum(), xr)
+    enabled = torch.backends.mkldnn.enabled
+    for _ in range(2 * losses.KERNEL_TRIALS + 2):  # the trials of both kernels, then the kept one
+        _, _, grad = losses.loss_and_grad(model, x, y, None, losses.ce_loss)
+        assert torch.allclose(grad, plain, atol=1e-6, rtol=1e-5)
+        assert torch.backends.mkldnn.enabled == enabled  # the global switch always comes back
+    assert (id(model), (1, 28, 28)) in losses._kernel_choice or not torch.backends.mkldnn.is_available()
