@@ -161,14 +161,14 @@ def _corruption_job(entry: dict[str, Any], raw: dict[str, Any], where: str) -> J
     from .corruption_eval import corruption_names
 
     for key, why in (("eps", "has no eps"), ("attacks", "runs no attacks"), ("certifiers", "runs no certifiers")):
-        if entry.get(key) not in (None, []):
+        if raw.get(key) not in (None, []):  # the defaults' attacks and certifiers are for the Lp entries
             raise UserInputError(f"{where}: '{key}' does not apply: the corruptions threat model {why}")
     if raw.get("mode", "individual") != "individual":
         raise UserInputError(f"{where}: the corruptions threat model scores every corruption on every example "
                              "(mode \"individual\")")
     names = entry.get("corruptions")
-    if names is not None and not isinstance(names, list):
-        raise UserInputError(f"{where}: 'corruptions' must be a list of corruption names")
+    if names is not None and (not isinstance(names, list) or not names):
+        raise UserInputError(f"{where}: 'corruptions' must be a non-empty list of corruption names (leave it out for all)")
     try:
         names = corruption_names(names)
     except UserInputError as err:

@@ -72,7 +72,9 @@ def test_the_shipped_registry_lists_the_zoo_models_and_one_protocol_per_table():
     ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "corruptions"\ncorruptions = ["fog"]\nn_examples = 5\n',
      "unknown corruption 'fog'"),
     ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "corruptions"\ncorruptions = "jpeg"\nn_examples = 5\n',
-     "must be a list"),
+     "must be a non-empty list"),
+    ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "corruptions"\ncorruptions = []\nn_examples = 5\n',
+     "must be a non-empty list"),
     ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "Linf"\neps = 0.1\ncorruptions = ["jpeg"]\nn_examples = 5\n',
      "needs norm"),
     ('[[entry]]\nmodel = "m"\ndataset = "d"\nnorm = "Linf"\nn_examples = 5\n', "'eps' is missing"),
@@ -177,6 +179,7 @@ def test_code_fingerprint_follows_module_level_imports_only():
 DEFENSE_ENTRIES = """
 [defaults]
 mode = "cascade"
+attacks = ["fgsm"]
 
 [[entry]]
 model = "mnist5k-cnn-standard"
