@@ -182,6 +182,10 @@ class ConvexCertifier(Certifier):
     only what decides certification is solved: misclassified examples and classes already positive
     are not, and an example stops at its first class that the relaxation cannot certify (its other
     columns keep the cheap bound). Without it every class of every example is solved.
+    ``info["certified_by"]`` names, per example, the stage that certified its last class ("interval",
+    "crown", "lp", "sdp"; None when not certified); ``info["problems"]`` records every solve. An
+    example whose stage was skipped (e.g. too large for the SDP) and that nothing else certified reads
+    ``skipped: <reason>``.
     """
 
     def __init__(self, *, max_inputs: int, max_neurons: int, time_limit: float, early_stop: bool,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -49,11 +50,11 @@ class ReducedSDP:
     cone: dict
     unstable: list[int]
 
-    @property
+    @cached_property
     def constraint_rows(self) -> sp.csr_matrix:
         """Rows of the equality and inequality constraints but P_00 = 1 (those that enter the Lagrangian)."""
         z, l = self.cone["z"], self.cone["l"]
-        return self.A[1:z + l]
+        return self.A.tocsr()[1:z + l]
 
     def objective(self, c: np.ndarray) -> np.ndarray:
         """SCS's c for the margin ``c^T logits`` (c (K,))."""
@@ -146,7 +147,7 @@ def build(net: DenseReLUNet, rel: Relaxation) -> ReducedSDP:
     ones = np.ones((n, 1))
     linear: list[np.ndarray] = [np.hstack([ones, -np.eye(n)]), np.hstack([ones, np.eye(n)])]  # -1 <= w <= 1
     eq_rows: list[np.ndarray] = []
-    zero_form = None
+    inputs = act.copy()
     for i, (w, b) in enumerate(zip(net.weights[:-1], net.biases[:-1])):
         pre = w @ act
         pre[:, 0] += b
@@ -166,7 +167,7 @@ def build(net: DenseReLUNet, rel: Relaxation) -> ReducedSDP:
             triangle[0] += rel.intercept[i][k]
             linear += [(zf - pre[k])[None], triangle[None]]  # z >= s and the triangle
             d = zf - pre[k]
-            G = np.zeros((dim, dim))  # sym(z (z - s)^T) / 2 ... z (z - s) = 0
+            G = np.zeros((dim, dim))  # z (z - s) = 0 lifted: <sym(zf d^T), P> = 0
             G[0] += half * d
             G[pos] += half * d
             eq_rows.append(svec((G + G.T) / 2))
@@ -184,12 +185,9 @@ def build(net: DenseReLUNet, rel: Relaxation) -> ReducedSDP:
                            np.concatenate([np.zeros(n, dtype=int), svec_index(k, k, dim)]))), shape=(n, width))
     ineq = [lin, diag]
     if rel.center is not None:
-        x0 = rel.center
-        G = np.zeros((dim, dim))  # eps^2 - ||x - x0||^2 >= 0 with x = act_0 (inputs) in w
-        x_form = np.zeros((len(lo), dim))
-        x_form[:, 0] = np.where(hi > lo, (lo + hi) / 2, lo) - x0
-        x_form[free, 1 + np.arange(len(free))] = (hi[free] - lo[free]) / 2
-        G -= x_form.T @ x_form
+        offset = inputs.copy()  # x - x0 as affine forms of [1; w]
+        offset[:, 0] -= rel.center
+        G = -offset.T @ offset  # eps^2 - ||x - x0||^2 >= 0
         G[0, 0] += rel.radius ** 2
         ineq.append(sp.csr_matrix(svec(G)[None, :]))
     p00 = sp.csr_matrix(([1.0], ([0], [0])), shape=(1, width))
