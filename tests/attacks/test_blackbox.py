@@ -214,19 +214,21 @@ def test_inside_threat_set_and_rescored(name, norm):
     assert not result.success[exact > threat.eps].any()  # box inactive: nothing beyond the true minimum
 
 
+@pytest.mark.parametrize("norm", ["L2", "Linf"])
 @pytest.mark.parametrize("name", ["square", "hsja"])
-def test_query_count_is_exact(name):
+def test_query_count_is_exact(name, norm):
     model, x, y = linear_problem(n=9)
     counting = Counting(model)
     budget = 120
     attack = Square(n_queries=budget) if name == "square" else HopSkipJump(n_queries=budget)
-    result = attack(counting, x, y, ThreatModel("L2", 0.3))
+    threat = ThreatModel(norm, 0.3 if norm == "L2" else 0.08)
+    result = attack(counting, x, y, threat)
     assert result.queries + x.shape[0] == counting.rows == result.forward  # + the caller's re-scoring pass
     assert 0 < result.queries <= budget * x.shape[0]
     singles = []
     for i in range(x.shape[0]):  # per example: never over the budget, and the batch is their sum
         one = Counting(model)
-        attack(one, x[i:i + 1], y[i:i + 1], ThreatModel("L2", 0.3), seeds=example_seeds(attack.seed, [i]))
+        attack(one, x[i:i + 1], y[i:i + 1], threat, seeds=example_seeds(attack.seed, [i]))
         singles.append(one.rows - 1)
     assert max(singles) <= budget
     assert sum(singles) == result.queries

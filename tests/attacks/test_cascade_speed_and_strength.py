@@ -178,3 +178,29 @@ def test_input_gradient_is_the_plain_gradient_whichever_kernel_it_keeps():
         assert torch.allclose(grad, plain, atol=1e-6, rtol=1e-5)
         assert torch.backends.mkldnn.enabled == enabled  # the global switch always comes back
     assert (id(model), (1, 28, 28)) in losses._kernel_choice or not torch.backends.mkldnn.is_available()
+
+
+@pytest.mark.parametrize("square_start", ["best", "stripes"])
+def test_cascade_square_queries_are_counted_exactly_with_either_start(square_start):
+    model = trained_mlp()
+    x, y = held_out(n=20)
+
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows = 0
+
+        def forward(self, inputs):
+            self.rows += inputs.shape[0]
+            return model(inputs)
+
+    counting = Counting()
+    budget = 40
+    result = AutoAttack(stages=["apgd-ce", "square"], steps=3, square_queries=budget,
+                        square_start=square_start)(counting, x, y, ThreatModel("Linf", 0.05))
+    after = result.flags["robust_after"]
+    assert 0 < after["apgd-ce"] and result.queries <= budget * after["apgd-ce"]
+    # clean pass, APGD-CE's passes, its re-score, Square's queries, Square's re-score, the final re-score
+    apgd_forward = result.forward - 20 - result.queries - after["clean"] - after["apgd-ce"] - 20
+    assert counting.rows == result.forward and apgd_forward > 0
+    assert result.backward == apgd_forward  # one backward per APGD forward: none spent on anything else
