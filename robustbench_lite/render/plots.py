@@ -5,6 +5,8 @@
 - ``min_norm_<dataset>_<norm>-<eps>.png``: when a minimum-norm attack ran (the record holds
   ``per_example.distances``), the empirical distribution of the per-example minimal perturbations
   it found, one curve per model (the fraction of examples broken within a radius).
+- ``corruption_severity_<dataset>.png``: for the common-corruptions table, accuracy against severity
+  (0 = clean), averaged over the corruptions, one line per model.
 """
 from __future__ import annotations
 
@@ -95,3 +97,27 @@ def plot_min_norm(tables: list[Table], out_dir: Path) -> list[Path]:
         paths.append(_save(fig, out_dir / f"min_norm_{t.dataset}_{t.norm}-{t.eps:g}.png"))
         plt.close(fig)
     return paths
+
+
+def plot_corruption_severity(tables: list[Table], out_dir: Path) -> list[Path]:
+    """One figure per corruptions table: mean accuracy over the corruptions (%) at each severity."""
+    plt = _pyplot()
+    paths = []
+    for t in tables:
+        if t.kind != "corruptions" or not t.rows:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in t.rows:
+            acc = r["corruptions"]["accuracy"]
+            per_severity = [sum(a[s] for a in acc.values()) / len(acc) for s in range(len(r["corruptions"]["severities"]))]
+            ax.plot(range(len(per_severity) + 1), [100 * r["clean_acc"]] + [100 * a for a in per_severity], marker="o",
+                    label=f"{r['model']['name']} (mean {100 * r['corruptions']['mean_corruption_acc']:.1f})")
+        ax.set(xlabel="severity (0 = clean)", ylabel="accuracy, mean over corruptions (%)",
+               title=f"{t.dataset}: accuracy under common corruptions")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(_save(fig, out_dir / f"corruption_severity_{t.dataset}.png"))
+        plt.close(fig)
+    return paths
+
