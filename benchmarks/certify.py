@@ -5,10 +5,14 @@
 
 Part 1: bounds per second of IBP and CROWN on the zoo models (shipped weights where the zoo has
 them, else random) next to a forward pass; IBP should cost a small constant number of passes.
-Part 2: CROWN margins of 20 and 100 MNIST test images on ``mnist-lenet`` (two conv + max-pool
-blocks), trained here for two epochs of mnist5k: wall and CPU seconds and peak resident memory,
-each case in its own process so the peak is its own. For scale (issue 4): a leading verification
-library needs ~22 s and several GB for 20 images and runs out of 24 GB at 100.
+``fwd-eq`` is the certifier's own ``forward_equivalents`` (multiply-accumulates of its affine steps
+over those of a forward pass: machine-independent), next to the measured CPU-time ratio.
+Part 2: CROWN margins of 20 and 100 (``--sizes``) MNIST test images on ``mnist-lenet`` (two conv +
+max-pool blocks), trained here for two epochs of mnist5k: wall and CPU seconds and peak resident
+memory, each case in its own process so the peak is its own. For scale (issue 4): a leading
+verification library needs ~22 s and several GB for 20 images and runs out of 24 GB at 100.
+Part 3: CROWN on the zoo's IBP-trained ``mnist5k-cnn-ibp``, 1000 test images at Linf 0.1 and 0.3
+(the cost of CROWN on the mnist5k leaderboard entries), each in its own process.
 Nothing is written to the repository.
 """
 from __future__ import annotations
@@ -74,10 +78,13 @@ def part1(repeats: int) -> None:
     test = load_dataset("mnist5k", "test")
     digits = load_dataset("digits", "test")
     cases = [("mnist5k-cnn-standard", "mnist-cnn", test, 0.1), ("mnist5k-cnn-pgd-at", "mnist-cnn", test, 0.1),
-             ("digits-mlp-standard", "digits-mlp", digits, 0.05), (None, "mnist-lenet", test, 0.02)]
-    print("part 1: bounds per CPU second (one thread, best of repeats), margins of N examples")
+             ("mnist5k-cnn-ibp", "mnist-cnn", test, 0.1), ("digits-mlp-standard", "digits-mlp", digits, 0.05),
+             (None, "mnist-lenet", test, 0.02)]
+    print("part 1: bounds per CPU second (one thread, best of repeats), margins of N examples; "
+          "'in fwd': CPU-time ratio to a forward pass, 'fwd-eq': the certifier's forward_equivalents")
     print(f"{'model':34s} {'eps':>5s} {'N':>4s} {'forward/s':>10s} {'IBP/s':>9s} {'IBP in fwd':>10s} "
-          f"{'CROWN/s':>8s} {'CROWN in fwd':>12s} {'IBP cert':>8s} {'CROWN cert':>10s}")
+          f"{'IBP fwd-eq':>10s} {'CROWN/s':>8s} {'CROWN in fwd':>12s} {'CROWN fwd-eq':>12s} "
+          f"{'IBP cert':>8s} {'CROWN cert':>10s}")
     for name, arch, data, eps in cases:
         model, label = (lenet(), "mnist-lenet (trained 2 epochs)") if name is None else _zoo_model(name, arch)
         threat = ThreatModel("Linf", eps)
@@ -87,14 +94,16 @@ def part1(repeats: int) -> None:
             _, fwd = _timed(lambda: model(x), repeats * 3)
             _, ibp = _timed(lambda: IBP()(model, x, y, threat), repeats)
             _, crown = _timed(lambda: CROWN()(model, x[:20], y[:20], threat), max(1, repeats // 2))
-            ibp_cert = IBP()(model, x, y, threat).certified.float().mean().item()
-            crown_cert = CROWN()(model, x[:20], y[:20], threat).certified.float().mean().item()
+            ibp_result = IBP()(model, x, y, threat)
+            crown_result = CROWN()(model, x[:20], y[:20], threat)
         print(f"{label:34s} {eps:5.2f} {n:4d} {n / fwd:10.0f} {n / ibp:9.0f} {ibp / fwd:10.1f} "
-              f"{20 / crown:8.1f} {crown / 20 / (fwd / n):12.0f} {ibp_cert:8.2f} {crown_cert:10.2f}")
+              f"{ibp_result.forward_equivalents:10.1f} {20 / crown:8.1f} {crown / 20 / (fwd / n):12.0f} "
+              f"{crown_result.forward_equivalents:12.0f} {ibp_result.certified.float().mean().item():8.2f} "
+              f"{crown_result.certified.float().mean().item():10.2f}")
 
 
-def part2_case(n: int, eps: float, memory_mb: float) -> dict:
-    model = lenet()
+def part2_case(n: int, eps: float, memory_mb: float, zoo: str | None = None) -> dict:
+    model = lenet() if zoo is None else _zoo_model(zoo, "mnist-cnn")[0]
     test = load_dataset("mnist5k", "test")
     x, y = test.x[:n], test.y[:n]
     threat = ThreatModel("Linf", eps)
@@ -105,19 +114,35 @@ def part2_case(n: int, eps: float, memory_mb: float) -> dict:
         wall, cpu = time.perf_counter() - t, time.process_time() - c
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"n": n, "eps": eps, "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak / 1024,
-            "rss_growth_mb": (peak - before) / 1024, "certified": result.certified.float().mean().item()}
+            "rss_growth_mb": (peak - before) / 1024, "certified": result.certified.float().mean().item(),
+            "forward_equivalents": result.forward_equivalents}
 
 
-def part2(eps_list: list[float], memory_mb: float) -> None:
+def _case(n: int, eps: float, memory_mb: float, zoo: str | None = None) -> dict:
+    """One measurement in a fresh process (its own peak memory)."""
+    extra = ["--zoo", zoo] if zoo else []
+    out = subprocess.run([sys.executable, __file__, "--case", str(n), "--eps", str(eps),
+                          "--memory-mb", str(memory_mb), *extra], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def part3(memory_mb: float) -> None:
+    print("\npart 3: CROWN on mnist5k-cnn-ibp (zoo), 1000 test images, one thread")
+    print(f"{'N':>5s} {'eps':>5s} {'wall s':>8s} {'cpu s':>7s} {'peak RSS MB':>11s} {'certified':>9s} {'fwd-eq':>8s}")
+    for eps in (0.1, 0.3):
+        r = _case(1000, eps, memory_mb, "mnist5k-cnn-ibp")
+        print(f"{r['n']:5d} {eps:5.2f} {r['wall_s']:8.2f} {r['cpu_s']:7.2f} {r['peak_rss_mb']:11.0f} "
+              f"{r['certified']:9.3f} {r['forward_equivalents']:8.0f}")
+
+
+def part2(eps_list: list[float], memory_mb: float, sizes: list[int]) -> None:
     print(f"\npart 2: CROWN margins on mnist-lenet with max-pool (memory_mb={memory_mb:g}); "
           f"peer reference: {REFERENCE_SECONDS_20:g} s for 20, out of memory (24 GB) at 100")
     print(f"{'N':>4s} {'eps':>5s} {'wall s':>8s} {'cpu s':>7s} {'peak RSS MB':>11s} {'growth MB':>9s} "
           f"{'certified':>9s} {'x faster (cpu, N=20)':>20s}")
     for eps in eps_list:
-        for n in (20, 100):
-            out = subprocess.run([sys.executable, __file__, "--case", str(n), "--eps", str(eps),
-                                  "--memory-mb", str(memory_mb)], capture_output=True, text=True, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+        for n in sizes:
+            r = _case(n, eps, memory_mb)
             ratio = f"{REFERENCE_SECONDS_20 / r['cpu_s']:20.1f}" if n == 20 else f"{'':20s}"
             print(f"{n:4d} {eps:5.2f} {r['wall_s']:8.2f} {r['cpu_s']:7.2f} {r['peak_rss_mb']:11.0f} "
                   f"{r['rss_growth_mb']:9.0f} {r['certified']:9.2f} {ratio}")
@@ -128,16 +153,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one repeat per measurement")
     parser.add_argument("--eps", type=float, nargs="*", default=[0.02, 0.1], help="Linf eps of part 2")
     parser.add_argument("--memory-mb", type=float, default=1024.0, help="CROWN's memory budget")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[20, 100], help="numbers of images of part 2")
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--zoo", help=argparse.SUPPRESS)
     parser.add_argument("--skip-part1", action="store_true")
+    parser.add_argument("--skip-part3", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.case:
-        print(json.dumps(part2_case(args.case, args.eps[0], args.memory_mb)))
+        print(json.dumps(part2_case(args.case, args.eps[0], args.memory_mb, args.zoo)))
         return
     if not args.skip_part1:
         part1(1 if args.quick else 3)
-    part2(args.eps, args.memory_mb)
+    part2(args.eps, args.memory_mb, args.sizes)
+    if not args.skip_part3:
+        part3(args.memory_mb)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ the intersection of its interval bound (from the tightest bounds of its inputs) 
 Only neurons whose interval bound leaves them unstable are bounded by CROWN when nothing else
 needs their values; the first layer keeps its exact interval bound under Linf. Work is batched over
 examples and chunked over bounded neurons so memory stays within ``memory_mb``.
+
+Speed (issue 4): convolutional nodes are bounded in patch mode (:mod:`certify.patches`), with all
+channels of a position as the rows of one patch when most of them are selected; a ReLU followed by a
+max-pool over disjoint windows is ONE backward step (:class:`certify.layers.ReluPoolRelaxation`);
+everything runs without autograd unless the caller asks for gradients. ``Propagator(plain=True)`` is
+the reference path without these (dense A, one row per neuron, one step per layer); tests hold the
+two equal.
 """
 from __future__ import annotations
 
@@ -54,6 +61,10 @@ def _tighten(lo: Tensor, hi: Tensor, idx: Tensor, keep: Tensor, low: Tensor, up:
     lo = lo.scatter(1, idx, torch.where(keep, torch.maximum(cur_lo, low), cur_lo))
     hi = hi.scatter(1, idx, torch.where(keep, torch.minimum(cur_hi, up), cur_hi))
     return lo, hi
+
+
+#: patch mode groups all channels of a position when at least this fraction of them is selected
+GROUP_DENSITY = 0.65
 
 
 class Propagator:
@@ -169,11 +180,11 @@ class Propagator:
         # (the relaxation of a stable ReLU is exact; auto_LiRPA's sparse intermediate bounds do the same)
         relu_only = all(self.graph.nodes[c].kind == "relu" for c in node.consumers)
         select = ((lo_f < 0) & (hi_f > 0)) if relu_only else torch.ones_like(lo_f, dtype=torch.bool)
+        new_lo, new_hi = lo_f.clone(), hi_f.clone()
         counts = select.sum(1)
         rows = int(counts.max()) if n else 0
         if rows == 0:
-            return lo, hi
-        new_lo, new_hi = lo_f.clone(), hi_f.clone()
+            return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
         if (self.plain or not patches.eligible(self.graph, index)) and bool((counts == width).all()):
             # every neuron: one identity shared by all examples until the first nonlinearity
             chunk = max(1, self.budget // max(1, self._row_cost(index) * n) // 2)
@@ -182,8 +193,8 @@ class Propagator:
                 e = eye[s:s + chunk]
                 bound = self.backward(index, torch.cat([e, -e]).reshape(1, -1, *node.shape))
                 m = e.shape[0]
-                new_lo[:, s:s + m] = torch.maximum(lo_f[:, s:s + m], bound[:, :m])
-                new_hi[:, s:s + m] = torch.minimum(hi_f[:, s:s + m], -bound[:, m:])
+                new_lo[:, s:s + m] = torch.maximum(new_lo[:, s:s + m], bound[:, :m])
+                new_hi[:, s:s + m] = torch.minimum(new_hi[:, s:s + m], -bound[:, m:])
             return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
         if not self.plain and patches.eligible(self.graph, index):
             new_lo, new_hi = self._refine_patches(index, select, new_lo, new_hi)
@@ -198,26 +209,34 @@ class Propagator:
         return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
 
     def _refine_patches(self, index: int, select: Tensor, new_lo: Tensor, new_hi: Tensor) -> Interval:
-        """CROWN bounds of a convolutional node in patch mode, one patch per (example, position) that
-        holds a selected neuron, with all channels (both signs) of that position as its rows: the
-        relaxations are unfolded once per position and shared by its 2C rows."""
+        """CROWN bounds of a convolutional node in patch mode. Dense selections take one patch per
+        (example, position) holding a selected neuron, all channels (both signs) of that position as
+        its rows (relaxations unfolded once per position, shared by its 2C rows); sparse ones (e.g.
+        IBP-trained nets) one patch per selected neuron with its two rows."""
         c, h, w = self.graph.nodes[index].shape
         n = select.shape[0]
-        order, valid = _selected_first(select.reshape(n, c, h * w).any(1))
+        positions = select.reshape(n, c, h * w).any(1)
+        grouped = int(select.sum()) >= GROUP_DENSITY * c * int(positions.sum())
         centre, radius = (self.input_upper + self.input_lower) / 2, (self.input_upper - self.input_lower) / 2
         walk = patches.PatchWalk(self.graph, self.relax, self.fused, centre, radius,
                                  self.x if self.threat.norm == "L2" else None, self.threat.eps)
         eye = torch.eye(c, dtype=self.x.dtype, device=self.x.device)
-        start = torch.cat([eye, -eye]).reshape(1, 1, 2 * c, c, 1, 1)
-        channel_offset = torch.arange(c, device=select.device) * (h * w)
-        chunk = max(1, self.budget // max(1, patches.patch_cost(self.graph, index) * 2 * c * n) // 2)
+        order, valid = _selected_first(positions if grouped else select)
+        rows = 2 * c if grouped else 2
+        chunk = max(1, self.budget // max(1, patches.patch_cost(self.graph, index) * rows * n) // 2)
         for s in range(0, order.shape[1], chunk):
-            pos, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
-            bound = walk.bound(index, start, pos)  # (N, m, 2C)
-            idx = (pos[:, :, None] + channel_offset).reshape(n, -1)  # flat neuron of (position, channel)
-            keep = (ok[:, :, None] & select.gather(1, idx).reshape(n, -1, c)).reshape(n, -1)
-            new_lo, new_hi = _tighten(new_lo, new_hi, idx, keep, bound[..., :c].reshape(n, -1),
-                                      -bound[..., c:].reshape(n, -1))
+            at, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
+            if grouped:
+                bound = walk.bound(index, torch.cat([eye, -eye]).reshape(1, 1, 2 * c, c, 1, 1), at)  # (N, m, 2C)
+                idx = (at[:, :, None] + torch.arange(c, device=at.device) * (h * w)).reshape(n, -1)
+                keep = (ok[:, :, None] & select.gather(1, idx).reshape(n, -1, c)).reshape(n, -1)
+                low, up = bound[..., :c].reshape(n, -1), -bound[..., c:].reshape(n, -1)
+            else:
+                channel = eye[at // (h * w)]  # (N, m, C)
+                start = torch.stack([channel, -channel], 2).reshape(*at.shape, 2, c, 1, 1)
+                bound = walk.bound(index, start, at % (h * w))  # (N, m, 2)
+                idx, keep, low, up = at, ok, bound[..., 0], -bound[..., 1]
+            new_lo, new_hi = _tighten(new_lo, new_hi, idx, keep, low, up)
         self.macs += walk.macs
         return new_lo, new_hi
 

@@ -5,9 +5,12 @@ a dense coefficient tensor over the whole image, every row of A is kept as a sma
 neuron: A (B, P, R, C, h, w) for P spatial positions of the start node and R rows per position, with
 a geometry (stride, offset) that maps patch entry (i, j) of the row at position (p_h, p_w) to the
 absolute location ``(p_h * stride + offset + i, p_w * stride + offset + j)`` of the current layer.
-Conv2d and AvgPool2d go backward by a transposed convolution of each patch, MaxPool2d by folding its
-window weights, ReLU and per-channel affine layers elementwise with their tensors unfolded into the
-same patches. Entries outside the image (padding) are zeroed after each spatial step.
+Conv2d and AvgPool2d go backward by a transposed convolution of each patch (one GEMM with the
+patch-level matrix when that is small), MaxPool2d by folding its window weights (or, after a ReLU
+over disjoint windows, both in one step), ReLU and per-channel affine layers elementwise with their
+tensors unfolded into the same patches. Entries outside the image (padding) are zeroed after each
+spatial step that can reach them; rows shared by every position (the start's channels) stay shared
+until the first position-dependent tensor, so the relaxations broadcast over them.
 
 For LeNet-sized networks this is ~8x less work and memory than the dense walk. Only chains of
 Conv2d, AvgPool2d, Normalize/BatchNorm2d, ReLU and MaxPool2d are handled here.
@@ -76,6 +79,15 @@ def _unfold(t: Tensor, geometry: Geometry, size: tuple[int, int], grid: tuple[in
     return cols.permute(0, 2, 1).reshape(cols.shape[0], -1, c, *size)
 
 
+def _row_dot(a: Tensor, t: Tensor) -> Tensor:
+    """``sum(a * t)`` over each patch, a (B, P, R, *patch), t (N, P, 1, *patch) -> (N, P, R), as a matrix
+    product (no product tensor of the rows' size)."""
+    a2, t2 = a.flatten(3), t.flatten(3)
+    if a2.shape[0] == 1 and a2.shape[1] == 1:  # rows shared by every example and position
+        return t2.squeeze(2) @ a2[0, 0].T
+    return (a2 @ t2.transpose(-1, -2)).squeeze(-1)
+
+
 class PatchWalk:
     """Lower bounds of A * node_start for rows given as patches; ``relax`` from the propagator."""
 
@@ -106,7 +118,7 @@ class PatchWalk:
                 r = self.relax[i]
                 low, up, icpt = (_unfold(t, geometry, a.shape[-2:], grid, sel).unsqueeze(2)
                                  for t in (r.lower_slope, r.upper_slope, r.upper_intercept))
-                bias = bias + (a.clamp(max=0) * icpt).flatten(3).sum(-1)
+                bias = bias + _row_dot(a.clamp(max=0), icpt)
                 a = a * torch.where(a >= 0, low, up)
                 continue
             if node.kind == "maxpool":
@@ -116,7 +128,7 @@ class PatchWalk:
             op = node.op
             if isinstance(op, ChannelAffineOp):
                 self.macs += a.numel()
-                bias = bias + (a * op.shift).flatten(3).sum(-1)
+                bias = bias + a.sum(dim=(-1, -2)) @ op.shift.flatten()
                 a = a * op.scale
                 continue
             # ConvOp
@@ -124,7 +136,9 @@ class PatchWalk:
                 bias = bias + a.sum(dim=(-1, -2)) @ op.bias
             a = self._conv_backward(i, op, a)
             geometry = self._shift(geometry, op.stride, op.padding)
-            a = a * self._mask(node.inputs[0], geometry, a.shape[-2:], grid, sel)
+            mask = self._mask(node.inputs[0], geometry, a.shape[-2:], grid, sel)
+            if not bool(mask.all()):  # keeps rows shared by every position when no patch leaves the image
+                a = a * mask
         raise AssertionError("the walk never reached the input")
 
     def _conv_backward(self, index: int, op: ConvOp, a: Tensor) -> Tensor:
@@ -175,7 +189,7 @@ class PatchWalk:
             return u.reshape(n, -1, c, k, *size).unsqueeze(2)
 
         icpt = _unfold(r.upper_intercept, geometry, size, grid, sel).unsqueeze(2)
-        bias = (a.clamp(max=0) * icpt).flatten(3).sum(-1)
+        bias = _row_dot(a.clamp(max=0), icpt)
         a = a.unsqueeze(4)
         weights = a * torch.where(a >= 0, unfold_windows(r.lower_slope), unfold_windows(r.upper_slope))
         a = fold_windows(weights, pool.kernel, pool.stride, pool.dilation)
@@ -187,7 +201,7 @@ class PatchWalk:
         """max-pool and the ReLU before it in one step (disjoint windows); no mask needed after it:
         the unfolded products are 0 outside the image."""
         size = tuple(a.shape[-2:])
-        bias = (a.clamp(max=0) * _unfold(f.negative_bias, geometry, size, grid, sel).unsqueeze(2)).flatten(3).sum(-1)
+        bias = _row_dot(a.clamp(max=0), _unfold(f.negative_bias, geometry, size, grid, sel).unsqueeze(2))
         geometry = self._shift(geometry, f.op.stride, f.op.padding)
         out_size = (size[0] * f.op.kernel[0], size[1] * f.op.kernel[1])
         pos, neg = (_unfold(t, geometry, out_size, grid, sel).unsqueeze(2) for t in (f.positive, f.negative))
@@ -197,9 +211,9 @@ class PatchWalk:
         size = tuple(a.shape[-2:])
         c = _unfold(self.centre, geometry, size, grid, sel).unsqueeze(2)
         r = _unfold(self.radius, geometry, size, grid, sel).unsqueeze(2)
-        bound = (a * c).flatten(3).sum(-1) - (a.abs() * r).flatten(3).sum(-1)
+        bound = _row_dot(a, c) - _row_dot(a.abs(), r)
         if self.x is not None:  # L2: also the dual-norm bound around x; both are sound
             x = _unfold(self.x, geometry, size, grid, sel).unsqueeze(2)
-            ball = (a * x).flatten(3).sum(-1) - self.eps * a.flatten(3).norm(dim=-1)
+            ball = _row_dot(a, x) - self.eps * a.flatten(3).norm(dim=-1)
             bound = torch.maximum(bound, ball)
         return bound
