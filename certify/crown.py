@@ -55,6 +55,22 @@ def _selected_first(select: Tensor) -> tuple[Tensor, Tensor]:
     return order, torch.arange(rows, device=select.device)[None, :] < counts[:, None]
 
 
+def _count_groups(counts: Tensor, ratio: float = 1.5) -> list[Tensor]:
+    """Indices (ascending) of the examples with a count > 0, in groups whose largest count is at most
+    ``ratio`` times their smallest (largest counts first)."""
+    values, order = torch.sort(counts, descending=True)
+    groups, start = [], 0
+    values = values.tolist()
+    for i, v in enumerate(values + [0]):
+        if i == len(values) or v == 0 or v * ratio < values[start]:
+            if i > start:
+                groups.append(order[start:i].sort().values)
+            start = i
+            if i == len(values) or v == 0:
+                break
+    return groups
+
+
 def _tighten(lo: Tensor, hi: Tensor, idx: Tensor, keep: Tensor, low: Tensor, up: Tensor) -> Interval:
     """Intersect the flat bounds (N, W) at ``idx`` (N, m) with (low, up) where ``keep``."""
     cur_lo, cur_hi = lo.gather(1, idx), hi.gather(1, idx)
@@ -196,49 +212,81 @@ class Propagator:
                 new_lo[:, s:s + m] = torch.maximum(new_lo[:, s:s + m], bound[:, :m])
                 new_hi[:, s:s + m] = torch.minimum(new_hi[:, s:s + m], -bound[:, m:])
             return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
-        if not self.plain and patches.eligible(self.graph, index):
-            new_lo, new_hi = self._refine_patches(index, select, new_lo, new_hi)
+        patch = not self.plain and patches.eligible(self.graph, index)
+        if patch and self._group_positions(index, select):
+            new_lo, new_hi = self._position_rows(index, select, new_lo, new_hi)
             return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
-        # per example, the selected neurons first (a stable sort keeps their order); padded rows ignored
-        order, valid = _selected_first(select)
-        chunk = max(1, self.budget // max(1, self._row_cost(index) * n) // 2)
-        for s in range(0, order.shape[1], chunk):
-            idx, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
-            low, up = self._dense_rows(index, idx)
-            new_lo, new_hi = _tighten(new_lo, new_hi, idx, ok, low, up)
+        # one row pair per selected neuron; examples go in groups of similar counts, so that padding
+        # every example to its group's largest count wastes little (IBP-trained nets vary a lot)
+        for group in _count_groups(counts):
+            sub = self if group.numel() == n else self.subset(group)
+            low, up = sub._neuron_rows(index, select[group], new_lo[group], new_hi[group], patch)
+            new_lo[group], new_hi[group] = low, up
+            if sub is not self:
+                self.macs += sub.macs
         return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
 
-    def _refine_patches(self, index: int, select: Tensor, new_lo: Tensor, new_hi: Tensor) -> Interval:
-        """CROWN bounds of a convolutional node in patch mode. Dense selections take one patch per
-        (example, position) holding a selected neuron, all channels (both signs) of that position as
-        its rows (relaxations unfolded once per position, shared by its 2C rows); sparse ones (e.g.
-        IBP-trained nets) one patch per selected neuron with its two rows."""
+    def subset(self, index: Tensor) -> "Propagator":
+        """This propagator for the examples ``index`` only (input set and relaxations, not the boxes)."""
+        sub = Propagator(self.graph, self.x[index], self.threat, plain=self.plain)
+        sub.budget = self.budget
+        sub.relax = {i: r.select(index) for i, r in self.relax.items()}
+        sub.fused = {i: f.select(index) for i, f in self.fused.items()}
+        return sub
+
+    def _neuron_rows(self, index: int, select: Tensor, new_lo: Tensor, new_hi: Tensor, patch: bool) -> Interval:
+        """Tighten (N, W) bounds with CROWN rows of the selected neurons, dense or in patch mode."""
+        n = select.shape[0]
+        order, valid = _selected_first(select)  # per example, the selected neurons first; padding ignored
+        cost = 2 * patches.patch_cost(self.graph, index) if patch else self._row_cost(index)
+        rows = self._patch_rows if patch else self._dense_rows
+        chunk = max(1, self.budget // max(1, cost * n) // 2)
+        for s in range(0, order.shape[1], chunk):
+            idx, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
+            new_lo, new_hi = _tighten(new_lo, new_hi, idx, ok, *rows(index, idx))
+        return new_lo, new_hi
+
+    def _walk(self) -> patches.PatchWalk:
+        centre, radius = (self.input_upper + self.input_lower) / 2, (self.input_upper - self.input_lower) / 2
+        return patches.PatchWalk(self.graph, self.relax, self.fused, centre, radius,
+                                 self.x if self.threat.norm == "L2" else None, self.threat.eps)
+
+    def _group_positions(self, index: int, select: Tensor) -> bool:
+        """Patch rows by position (all channels) pay when most channels of the positions are selected."""
+        c = self.graph.nodes[index].shape[0]
+        positions = select.reshape(select.shape[0], c, -1).any(1)
+        return int(select.sum()) >= GROUP_DENSITY * c * int(positions.sum())
+
+    def _position_rows(self, index: int, select: Tensor, new_lo: Tensor, new_hi: Tensor) -> Interval:
+        """CROWN bounds of a convolutional node in patch mode, one patch per (example, position) that
+        holds a selected neuron with all channels (both signs) of that position as its rows: the
+        relaxations are unfolded once per position and shared by its 2C rows."""
         c, h, w = self.graph.nodes[index].shape
         n = select.shape[0]
-        positions = select.reshape(n, c, h * w).any(1)
-        grouped = int(select.sum()) >= GROUP_DENSITY * c * int(positions.sum())
-        centre, radius = (self.input_upper + self.input_lower) / 2, (self.input_upper - self.input_lower) / 2
-        walk = patches.PatchWalk(self.graph, self.relax, self.fused, centre, radius,
-                                 self.x if self.threat.norm == "L2" else None, self.threat.eps)
+        order, valid = _selected_first(select.reshape(n, c, h * w).any(1))
+        walk = self._walk()
         eye = torch.eye(c, dtype=self.x.dtype, device=self.x.device)
-        order, valid = _selected_first(positions if grouped else select)
-        rows = 2 * c if grouped else 2
-        chunk = max(1, self.budget // max(1, patches.patch_cost(self.graph, index) * rows * n) // 2)
+        start = torch.cat([eye, -eye]).reshape(1, 1, 2 * c, c, 1, 1)
+        chunk = max(1, self.budget // max(1, patches.patch_cost(self.graph, index) * 2 * c * n) // 2)
         for s in range(0, order.shape[1], chunk):
             at, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
-            if grouped:
-                bound = walk.bound(index, torch.cat([eye, -eye]).reshape(1, 1, 2 * c, c, 1, 1), at)  # (N, m, 2C)
-                idx = (at[:, :, None] + torch.arange(c, device=at.device) * (h * w)).reshape(n, -1)
-                keep = (ok[:, :, None] & select.gather(1, idx).reshape(n, -1, c)).reshape(n, -1)
-                low, up = bound[..., :c].reshape(n, -1), -bound[..., c:].reshape(n, -1)
-            else:
-                channel = eye[at // (h * w)]  # (N, m, C)
-                start = torch.stack([channel, -channel], 2).reshape(*at.shape, 2, c, 1, 1)
-                bound = walk.bound(index, start, at % (h * w))  # (N, m, 2)
-                idx, keep, low, up = at, ok, bound[..., 0], -bound[..., 1]
-            new_lo, new_hi = _tighten(new_lo, new_hi, idx, keep, low, up)
+            bound = walk.bound(index, start, at)  # (N, m, 2C)
+            idx = (at[:, :, None] + torch.arange(c, device=at.device) * (h * w)).reshape(n, -1)
+            keep = (ok[:, :, None] & select.gather(1, idx).reshape(n, -1, c)).reshape(n, -1)
+            new_lo, new_hi = _tighten(new_lo, new_hi, idx, keep, bound[..., :c].reshape(n, -1),
+                                      -bound[..., c:].reshape(n, -1))
         self.macs += walk.macs
         return new_lo, new_hi
+
+    def _patch_rows(self, index: int, idx: Tensor) -> Interval:
+        """As :meth:`_dense_rows` for a convolutional node, each row a patch around its neuron."""
+        c, h, w = self.graph.nodes[index].shape
+        walk = self._walk()
+        channel = torch.eye(c, dtype=self.x.dtype, device=self.x.device)[idx // (h * w)]  # (N, m, C)
+        start = torch.stack([channel, -channel], 2).reshape(*idx.shape, 2, c, 1, 1)
+        bound = walk.bound(index, start, idx % (h * w))  # (N, m, 2)
+        self.macs += walk.macs
+        return bound[..., 0], -bound[..., 1]
 
     def _dense_rows(self, index: int, idx: Tensor) -> Interval:
         """CROWN (lower, upper) of the flat neurons ``idx`` (N, m) of node ``index``, dense A."""

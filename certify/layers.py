@@ -218,6 +218,11 @@ class Relaxation:
         self.kind, self.pool, self.unstable = kind, pool, unstable
         self.lower_slope, self.upper_slope, self.upper_intercept = lower_slope, upper_slope, upper_intercept
 
+    def select(self, index: Tensor) -> "Relaxation":
+        """The relaxation of the examples ``index`` only."""
+        return Relaxation(self.kind, self.lower_slope[index], self.upper_slope[index], self.upper_intercept[index],
+                          self.pool, None if self.unstable is None else self.unstable[index])
+
     def backward(self, a: Tensor, lower_slope: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Lower bound of ``A y`` as ``A' x + bias``: A (B, S, *out) -> (A' (B', S, *in), bias (B', S)).
 
@@ -302,6 +307,14 @@ class ReluPoolRelaxation:
         self.positive = self.lower_w * relu.lower_slope
         self.negative = upper_w * relu.upper_slope
         self.negative_bias = pool.upper_intercept + (pool.upper_slope * op.windows(relu.upper_intercept)).sum(-1)
+
+    def select(self, index: Tensor) -> "ReluPoolRelaxation":
+        """The relaxation of the examples ``index`` only."""
+        out = ReluPoolRelaxation.__new__(ReluPoolRelaxation)
+        out.relu, out.op = self.relu.select(index), self.op
+        out.lower_w, out.positive, out.negative = self.lower_w[index], self.positive[index], self.negative[index]
+        out.negative_bias = self.negative_bias[index]
+        return out
 
     def tile(self, a: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
         """Coefficients at the ReLU's input: a (..., C, h, w) per window, positive/negative broadcastable
