@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from certify import CROWN, IBP, AlphaCROWN, intermediate_bounds, patches
-from certify.crown import Propagator
+from certify.crown import Propagator, _count_groups
 from certify.graph import build_graph
 from certify.layers import MaxPoolOp, maxpool_relaxation
 from robustbench_lite.errors import UserInputError
@@ -140,6 +140,17 @@ def test_optimised_walks_equal_the_plain_reference(kind, seed, norm, eps):
         alphas = {i: torch.rand(3, 3, *r.lower_slope.shape[1:], generator=g)
                   for i, r in plain.relax.items() if r.kind == "relu"}
         assert torch.allclose(fast.margins(y, alphas), plain.margins(y, alphas), atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(0, 50), min_size=1, max_size=12))
+def test_example_groups_cover_every_example_with_rows_once(counts):
+    groups = _count_groups(torch.tensor(counts))
+    members = torch.cat(groups).tolist() if groups else []
+    assert sorted(members) == [i for i, c in enumerate(counts) if c > 0]
+    for g in groups:
+        values = [counts[i] for i in g.tolist()]
+        assert max(values) <= 1.5 * min(values) and g.tolist() == sorted(g.tolist())
 
 
 def test_cost_in_forward_passes_is_reported():
