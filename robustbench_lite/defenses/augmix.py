@@ -186,7 +186,10 @@ class AugMix(Defense):
     def add_arguments(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
         add_option(parser, "--jsd-lambda", type=float, default=12.0, help="AugMix weight of the Jensen-Shannon term (12)")
         add_option(parser, "--augmix-severity", type=int, default=3, help="AugMix operation severity 1..10 (3)")
+        add_option(parser, "--augmix-width", type=int, default=3, help="AugMix chains mixed per view (3)")
+        add_option(parser, "--augmix-depth", type=int, default=-1, help="AugMix ops per chain, -1 = random 1..3 (-1)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AugMix":
-        return cls(lam=args.jsd_lambda, severity=args.augmix_severity, seed=args.seed)
+        return cls(lam=args.jsd_lambda, severity=args.augmix_severity, width=getattr(args, "augmix_width", 3),
+                   depth=getattr(args, "augmix_depth", -1), seed=args.seed)

@@ -285,10 +285,12 @@ def test_command_line_options_build_each_defense():
     parser.add_argument("--seed", type=int, default=0)
     for name in DEFENSE_FACTORIES:
         DEFENSES.get(name).add_arguments(parser)
-    args = parser.parse_args(["--eps", "0.2", "--beta", "3", "--gamma", "1.5", "--jsd-lambda", "6", "--kappa-final", "0.7"])
+    args = parser.parse_args(["--eps", "0.2", "--beta", "3", "--gamma", "1.5", "--jsd-lambda", "6", "--kappa-final", "0.7",
+                              "--augmix-width", "2", "--augmix-depth", "1"])
     assert TRADES.from_args(args).config() == {"seed": 0, "eps": 0.2, "norm": "Linf", "steps": 40, "step_size": 0.01,
                                                "beta": 3.0}
-    assert WRM.from_args(args).gamma == 1.5 and AugMix.from_args(args).lam == 6.0
+    augmix = AugMix.from_args(args)
+    assert WRM.from_args(args).gamma == 1.5 and (augmix.lam, augmix.severity, augmix.width, augmix.depth) == (6.0, 3, 2, 1)
     ibp = IBPTraining.from_args(args)
     assert (ibp.eps, ibp.kappa_final) == (0.2, 0.7)
 
