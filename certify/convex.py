@@ -188,6 +188,8 @@ class ConvexCertifier(Certifier):
     ``skipped: <reason>``.
     """
 
+    skip_refuted = True
+
     def __init__(self, *, max_inputs: int, max_neurons: int, time_limit: float, early_stop: bool,
                  crown_first: bool, bounds: BoundsFn | None) -> None:
         for name, v in (("max_inputs", max_inputs), ("max_neurons", max_neurons)):

@@ -97,6 +97,8 @@ def as_bool(t: Tensor) -> Tensor:
 
 # --- computing one batch --------------------------------------------------------------------------
 #: summed per plug-in over batches (``flags`` and ``status_counts`` are summed per key)
+#: status of an example a ``skip_refuted`` certifier was not run on: an attack already broke it
+REFUTED = "refuted"
 COST_FIELDS = ("seconds", "forward", "backward", "queries", "examples", "forward_equivalents")
 
 
@@ -178,15 +180,23 @@ def evaluate_batch(model: nn.Module, x: Tensor, y: Tensor, seeds: Tensor, start:
                 distance[name][todo] = torch.where(torch.isfinite(dist), dist, torch.full_like(dist, float("nan")))
         robust_after[name] = alive.clone() if not individual else ok & ~success[name]
     certified = {}
+    unrefuted = ~torch.stack([s for s in success.values()]).any(dim=0) if success else torch.ones(b, dtype=torch.bool)
     for name, certifier in certifiers:
-        t0 = time.perf_counter()
-        res = certifier(model, x, y, threat)
         cost = costs[name]
-        cost["seconds"] += time.perf_counter() - t0
+        rows = unrefuted.nonzero().flatten() if getattr(certifier, "skip_refuted", False) else torch.arange(b)
+        statuses = [REFUTED] * b
+        certified[name] = torch.zeros(b, dtype=torch.bool)
+        if rows.numel():
+            t0 = time.perf_counter()
+            idx = rows.to(x.device)
+            res = certifier(model, x[idx], y[idx], threat)
+            cost["seconds"] += time.perf_counter() - t0
+            cost["forward_equivalents"] += float(getattr(res, "forward_equivalents", 0.0) or 0.0)
+            certified[name][rows] = as_bool(res.certified)
+            for i, status in zip(rows.tolist(), res.status):
+                statuses[i] = status
         cost["examples"] += b
-        cost["forward_equivalents"] += float(getattr(res, "forward_equivalents", 0.0) or 0.0)
-        certified[name] = as_bool(res.certified)
-        for status in res.status:
+        for status in statuses:
             key = status.split(":")[0]
             cost["status_counts"][key] = cost["status_counts"].get(key, 0) + 1
     return BatchOutcome(start=start, stop=start + b, correct=ok, success=success, robust_after=robust_after,

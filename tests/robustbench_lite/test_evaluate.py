@@ -184,6 +184,37 @@ def test_robust_accuracy_is_the_per_example_worst_case():
             assert r.attacks[1].examples == n_correct - 3  # the cascade attacks only the survivors
 
 
+class CountingExact(LinearExact):
+    """LinearExact that is expensive enough to skip refuted examples, and records what it was given."""
+
+    name = "counting-exact"
+    skip_refuted = True
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def bound_margins(self, model, x, y, threat):
+        self.seen += (x[:, 0, 0, 0] * 1000).round().long().tolist()
+        return super().bound_margins(model, x, y, threat)
+
+
+@pytest.mark.parametrize("individual", [False, True])
+def test_an_expensive_certifier_only_sees_examples_no_attack_refuted(individual):
+    ds, model = _marked(48), toy_model()
+    threat = ThreatModel("Linf", 0.15)
+    everything = evaluate(model, ds, threat, attacks=[PGD(steps=20)], certifiers=[LinearExact()], individual=individual)
+    refuted = everything.correct & ~everything.robust
+    assert 0 < int(refuted.sum()) < 48 and int(everything.certified.sum()) > 0
+    for batch_size in (48, 7):
+        cert = CountingExact()
+        r = evaluate(model, ds, threat, attacks=[PGD(steps=20)], certifiers=[cert], batch_size=batch_size,
+                     individual=individual)
+        assert sorted(cert.seen) == (~refuted).nonzero().flatten().tolist()
+        assert r.certifiers[0].status_counts["refuted"] == int(refuted.sum()) and r.certifiers[0].examples == 48
+        # a sound certifier cannot certify a refuted example, so skipping them changes no number
+        assert torch.equal(r.certified, everything.certified) and torch.equal(r.robust, everything.robust)
+
+
 def test_unsound_certifier_is_a_soundness_error_with_the_result_attached():
     ds, model = toy_dataset(24), toy_model()
     with pytest.raises(SoundnessError, match="soundness_violation") as info:
