@@ -36,6 +36,7 @@ from .graph import Graph, build_graph, check_supported
 from .ibp import Interval, box_lower, input_box
 from .layers import (ConvOp, LinearOp, Relaxation, ReluPoolRelaxation, maxpool_relaxation, pool_windows_disjoint,
                      relu_relaxation)
+from .rows import count_groups, selected_first, tighten
 
 
 def _dot(a: Tensor, v: Tensor) -> Tensor:
@@ -44,39 +45,6 @@ def _dot(a: Tensor, v: Tensor) -> Tensor:
     if a2.shape[0] == 1 and v2.shape[0] != 1:
         return v2 @ a2[0].T
     return torch.einsum("nsd,nd->ns", a2, v2)
-
-
-def _selected_first(select: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row of ``select`` (N, W), the indices of the True entries first (order kept), cut to the
-    largest count, and which of them are real (N, m) rather than padding."""
-    counts = select.sum(1)
-    rows = int(counts.max()) if select.shape[0] else 0
-    order = torch.argsort((~select).to(torch.int8), dim=1, stable=True)[:, :rows]
-    return order, torch.arange(rows, device=select.device)[None, :] < counts[:, None]
-
-
-def _count_groups(counts: Tensor, ratio: float = 1.5) -> list[Tensor]:
-    """Indices (ascending) of the examples with a count > 0, in groups whose largest count is at most
-    ``ratio`` times their smallest (largest counts first)."""
-    values, order = torch.sort(counts, descending=True)
-    groups, start = [], 0
-    values = values.tolist()
-    for i, v in enumerate(values + [0]):
-        if i == len(values) or v == 0 or v * ratio < values[start]:
-            if i > start:
-                groups.append(order[start:i].sort().values)
-            start = i
-            if i == len(values) or v == 0:
-                break
-    return groups
-
-
-def _tighten(lo: Tensor, hi: Tensor, idx: Tensor, keep: Tensor, low: Tensor, up: Tensor) -> Interval:
-    """Intersect the flat bounds (N, W) at ``idx`` (N, m) with (low, up) where ``keep``."""
-    cur_lo, cur_hi = lo.gather(1, idx), hi.gather(1, idx)
-    lo = lo.scatter(1, idx, torch.where(keep, torch.maximum(cur_lo, low), cur_lo))
-    hi = hi.scatter(1, idx, torch.where(keep, torch.minimum(cur_hi, up), cur_hi))
-    return lo, hi
 
 
 #: patch mode groups all channels of a position when at least this fraction of them is selected
@@ -93,8 +61,8 @@ class Propagator:
         self.budget = max(1, int(memory_mb * 2 ** 20 / 4 / 4))  # float32 elements, 4 live copies
         self.boxes: dict[int, Interval] = {}
         self.relax: dict[int, Relaxation] = {}
-        self.fused: dict[int, ReluPoolRelaxation] = {}
-        self.macs = 0  # multiply-accumulates of the affine steps of every walk (cost in forward passes)  # max-pool node -> its ReLU and itself in one step
+        self.fused: dict[int, ReluPoolRelaxation] = {}  # max-pool node -> its ReLU and itself in one step
+        self.macs = 0  # multiply-accumulates of the affine steps of every walk (cost in forward passes)
         nonlinear = [n for n in graph.nodes if n.kind in ("relu", "maxpool")]
         self.needed = {n.inputs[0] for n in nonlinear}
 
@@ -218,7 +186,7 @@ class Propagator:
             return new_lo.reshape(lo.shape), new_hi.reshape(hi.shape)
         # one row pair per selected neuron; examples go in groups of similar counts, so that padding
         # every example to its group's largest count wastes little (IBP-trained nets vary a lot)
-        for group in _count_groups(counts):
+        for group in count_groups(counts):
             sub = self if group.numel() == n else self.subset(group)
             low, up = sub._neuron_rows(index, select[group], new_lo[group], new_hi[group], patch)
             new_lo[group], new_hi[group] = low, up
@@ -237,13 +205,13 @@ class Propagator:
     def _neuron_rows(self, index: int, select: Tensor, new_lo: Tensor, new_hi: Tensor, patch: bool) -> Interval:
         """Tighten (N, W) bounds with CROWN rows of the selected neurons, dense or in patch mode."""
         n = select.shape[0]
-        order, valid = _selected_first(select)  # per example, the selected neurons first; padding ignored
+        order, valid = selected_first(select)  # per example, the selected neurons first; padding ignored
         cost = 2 * patches.patch_cost(self.graph, index) if patch else self._row_cost(index)
         rows = self._patch_rows if patch else self._dense_rows
         chunk = max(1, self.budget // max(1, cost * n) // 2)
         for s in range(0, order.shape[1], chunk):
             idx, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
-            new_lo, new_hi = _tighten(new_lo, new_hi, idx, ok, *rows(index, idx))
+            new_lo, new_hi = tighten(new_lo, new_hi, idx, ok, *rows(index, idx))
         return new_lo, new_hi
 
     def _walk(self) -> patches.PatchWalk:
@@ -263,7 +231,7 @@ class Propagator:
         relaxations are unfolded once per position and shared by its 2C rows."""
         c, h, w = self.graph.nodes[index].shape
         n = select.shape[0]
-        order, valid = _selected_first(select.reshape(n, c, h * w).any(1))
+        order, valid = selected_first(select.reshape(n, c, h * w).any(1))
         walk = self._walk()
         eye = torch.eye(c, dtype=self.x.dtype, device=self.x.device)
         start = torch.cat([eye, -eye]).reshape(1, 1, 2 * c, c, 1, 1)
@@ -273,7 +241,7 @@ class Propagator:
             bound = walk.bound(index, start, at)  # (N, m, 2C)
             idx = (at[:, :, None] + torch.arange(c, device=at.device) * (h * w)).reshape(n, -1)
             keep = (ok[:, :, None] & select.gather(1, idx).reshape(n, -1, c)).reshape(n, -1)
-            new_lo, new_hi = _tighten(new_lo, new_hi, idx, keep, bound[..., :c].reshape(n, -1),
+            new_lo, new_hi = tighten(new_lo, new_hi, idx, keep, bound[..., :c].reshape(n, -1),
                                       -bound[..., c:].reshape(n, -1))
         self.macs += walk.macs
         return new_lo, new_hi

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from certify import CROWN, IBP, AlphaCROWN, intermediate_bounds, patches
-from certify.crown import Propagator, _count_groups
+from certify.crown import Propagator
+from certify.rows import count_groups
 from certify.graph import build_graph
 from certify.layers import MaxPoolOp, maxpool_relaxation
 from robustbench_lite.errors import UserInputError
@@ -145,7 +146,7 @@ def test_optimised_walks_equal_the_plain_reference(kind, seed, norm, eps):
 @settings(max_examples=30, deadline=None)
 @given(counts=st.lists(st.integers(0, 50), min_size=1, max_size=12))
 def test_example_groups_cover_every_example_with_rows_once(counts):
-    groups = _count_groups(torch.tensor(counts))
+    groups = count_groups(torch.tensor(counts))
     members = torch.cat(groups).tolist() if groups else []
     assert sorted(members) == [i for i, c in enumerate(counts) if c > 0]
     for g in groups:
