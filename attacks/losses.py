@@ -13,7 +13,6 @@ sign (no hidden assumption that logits are positive).
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Callable, Iterator
 
 import torch
@@ -104,10 +103,8 @@ def loss_and_grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
     return logits_sum / eot_iter, loss_sum / eot_iter, grad_sum / eot_iter
 
 
-#: backward passes timed per kernel choice before :func:`input_gradient` keeps the faster one
-KERNEL_TRIALS = 2
-_kernel_trials: dict[tuple[int, tuple[int, ...]], dict[bool, list[float]]] = {}
-_kernel_choice: dict[tuple[int, tuple[int, ...]], bool] = {}
+#: convolutions up to this many output channels take PyTorch's native CPU backward (see input_gradient)
+NARROW_CONV_CHANNELS = 64
 
 
 @contextlib.contextmanager
@@ -120,35 +117,31 @@ def _onednn(enabled: bool) -> Iterator[None]:
         torch.backends.mkldnn.enabled = before
 
 
-def input_gradient(total: Tensor, x: Tensor, model: nn.Module) -> Tensor:
-    """d total / d x, with the faster of two CPU backward kernels for this model and input shape.
+def native_backward_is_faster(model: nn.Module) -> bool:
+    """True when every convolution of ``model`` is narrow (<= NARROW_CONV_CHANNELS output channels).
 
     On CPU, PyTorch's oneDNN convolution backward is slower than its native one for the few-channel
     convolutions of small image models (the zoo's MNIST CNN: forward + backward about 1.3x faster with
-    the native backward; the forward stays on oneDNN), while wide networks can favour oneDNN. The
-    first ``2 * KERNEL_TRIALS`` backward passes for a (model, input shape) alternate between the two,
-    timed per example, and the faster one is kept: real passes, none spent on the choice. The
-    gradient is the same up to float rounding either way. Other devices: the plain backward.
+    the native backward), while wide networks favour oneDNN. The choice is a fixed rule on the
+    architecture, not a timing, so a run's gradients never depend on how loaded the machine was.
     """
-    if x.device.type != "cpu" or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+    convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    return bool(convs) and all(m.out_channels <= NARROW_CONV_CHANNELS for m in convs)
+
+
+def input_gradient(total: Tensor, x: Tensor, model: nn.Module) -> Tensor:
+    """d total / d x; on CPU, with the native convolution backward for narrow convolutional models.
+
+    The forward stays on oneDNN; only the backward kernel changes, and the gradient is the same up to
+    float rounding. ``torch.backends.mkldnn.enabled`` is a process-wide switch: it is set for the
+    duration of the backward and always restored (not safe if another thread runs convolutions
+    meanwhile). Other devices, or oneDNN disabled by the user: the plain backward.
+    """
+    if (x.device.type != "cpu" or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled
+            or not native_backward_is_faster(model)):
         return torch.autograd.grad(total, x)[0]
-    key = (id(model), tuple(x.shape[1:]))
-    native = _kernel_choice.get(key)
-    if native is not None:
-        with _onednn(not native):
-            return torch.autograd.grad(total, x)[0]
-    trials = _kernel_trials.setdefault(key, {True: [], False: []})
-    native = len(trials[True]) < len(trials[False])
-    start = time.perf_counter()
-    with _onednn(not native):
-        grad = torch.autograd.grad(total, x)[0]
-    trials[native].append((time.perf_counter() - start) / max(x.shape[0], 1))
-    if len(trials[True]) >= KERNEL_TRIALS:
-        if len(_kernel_choice) > 1024:  # keys of models long gone; a choice is only a speed hint
-            _kernel_choice.clear()
-        _kernel_choice[key] = min(trials[True]) < min(trials[False])
-        del _kernel_trials[key]
-    return grad
+    with _onednn(False):
+        return torch.autograd.grad(total, x)[0]
 
 
 def gradient_health(grad: Tensor, zero_check: bool = True) -> tuple[Tensor, Tensor]:
