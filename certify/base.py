@@ -64,7 +64,7 @@ class Certifier(abc.ABC):
     name: str = "certifier"
     #: True when margin_lower is differentiable w.r.t. the parameters (certified training)
     differentiable: bool = False
-    #: True for expensive certifiers (LP, SDP): the evaluator hands them only the examples that no attack
+    #: True for expensive certifiers (CROWN, LP, SDP): the evaluator hands them only the examples that no attack
     #: has refuted (a refuted example cannot be certified by a sound certifier); the others read
     #: ``not certified: refuted by an attack`` without a solve. Cheap certifiers see every example, which
     #: keeps the evaluator's certified <= robust cross-check on all of them.

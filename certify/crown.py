@@ -323,6 +323,7 @@ class CROWN(Certifier):
 
     name = "crown"
     differentiable = False
+    skip_refuted = True  # in the evaluator: IBP (cheap) still cross-checks soundness on every example
 
     def __init__(self, *, alpha_steps: int = 0, alpha_lr: float = 0.5, memory_mb: float = 1024.0) -> None:
         if not isinstance(alpha_steps, int) or alpha_steps < 0:
