@@ -9,6 +9,12 @@ of its dataset: one row per corruption (mean over the five severities, and the f
 clean accuracy and the mean corruption accuracy, and for each model after the first its difference
 in mean corruption accuracy to the first with a 95% paired bootstrap interval over test images (the
 same images and corruption draws for every model). Nothing is written to the repository.
+
+Model selection without the test split (``--val``): each recipe (defense options as on the train
+command) and standard training are trained with the same loop settings on mnist5k's ``fit`` rows
+(3,200) for every ``--seeds`` value and compared on the held-out ``val`` rows (800)::
+
+    OMP_NUM_THREADS=1 python benchmarks/corruptions.py --val "--jsd-lambda 3" "--jsd-lambda 12" --seeds 0 1
 """
 from __future__ import annotations
 
@@ -34,15 +40,50 @@ def evaluate(models: list[str], dataset: str, n: int) -> dict[str, dict]:
     results = {}
     for name in models:
         model, _ = load_model_with_info(name)
-        began = time.perf_counter()
-        result = corruption_accuracy(model, test, n_examples=min(n, len(test)))
-        flags = torch.stack([torch.tensor(f, dtype=torch.float32) for f in result["correct"].values()])
-        result = {k: v for k, v in result.items() if k not in ("correct", "clean_correct")}
-        result["per_example"] = flags.mean((0, 1))  # (n,): each image's accuracy over corruptions x severities
-        result["seconds"] = round(time.perf_counter() - began, 1)
+        result = _scored(model, test, n)
         key = Path(name).name.removesuffix(".safetensors")
         results[key if key not in results else name] = result
     return results
+
+
+def validation_runs(recipes: list[str], seeds: list[int], dataset: str = "mnist5k", epochs: int = 20,
+                    defense: str = "augmix") -> dict[str, dict]:
+    """{f"{recipe} seed {s}": corruption_accuracy on the ``val`` rows (plus ``per_example``)} after
+    training on the ``fit`` rows; the recipe "standard" is standard training (the reference)."""
+    import shlex
+
+    from robustbench_lite.data.dataset import Dataset
+    from robustbench_lite.data.embedded import grey_split
+    from robustbench_lite.defenses import DEFENSES
+    from robustbench_lite.train import TrainConfig, train
+    from robustbench_lite.zoo import architectures
+
+    fit, val = (Dataset(name=dataset, split=split, x=grey_split(dataset, split)[0], y=grey_split(dataset, split)[1],
+                        num_classes=10) for split in ("fit", "val"))
+    results = {}
+    for recipe in ["standard", *recipes]:
+        for seed in seeds:
+            parser = argparse.ArgumentParser()
+            parser.add_argument("--seed", type=int, default=seed)
+            cls = DEFENSES.get("standard" if recipe == "standard" else defense)
+            cls.add_arguments(parser)
+            args = parser.parse_args([] if recipe == "standard" else shlex.split(recipe))
+            torch.manual_seed(seed)
+            model = architectures.build("mnist-cnn", num_classes=10)
+            train(model, fit, cls.from_args(args), TrainConfig(epochs=epochs, seed=seed))
+            results[f"{recipe} seed {seed}"] = _scored(model, val, len(val.y))
+    return results
+
+
+def _scored(model: torch.nn.Module, data, n: int) -> dict:
+    """corruption_accuracy without the per-example flags, plus ``per_example`` (n,) and ``seconds``."""
+    began = time.perf_counter()
+    result = corruption_accuracy(model, data, n_examples=min(n, len(data)))
+    flags = torch.stack([torch.tensor(f, dtype=torch.float32) for f in result["correct"].values()])
+    result = {k: v for k, v in result.items() if k not in ("correct", "clean_correct")}
+    result["per_example"] = flags.mean((0, 1))  # (n,): each image's accuracy over corruptions x severities
+    result["seconds"] = round(time.perf_counter() - began, 1)
+    return result
 
 
 def paired_difference(a: torch.Tensor, b: torch.Tensor, resamples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
@@ -81,9 +122,19 @@ def main() -> None:
     parser.add_argument("--dataset", default="mnist5k")
     parser.add_argument("--n", type=int, default=1000, help="test images (the first n)")
     parser.add_argument("--json", default=None, help="also write the numbers here (outside the repository)")
+    parser.add_argument("--val", nargs="+", default=None, metavar="RECIPE",
+                        help="select on validation data: defense options per recipe, e.g. '--jsd-lambda 3'")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds for --val")
+    parser.add_argument("--defense", default="augmix", help="the defense the --val recipes configure")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs for --val (all recipes)")
     args = parser.parse_args()
-    results = evaluate(args.models, args.dataset, args.n)
-    print(table(results))
+    if args.val:
+        results = validation_runs(args.val, args.seeds, args.dataset, args.epochs, args.defense)
+        for seed in args.seeds:  # each recipe against standard training of the same seed
+            print(table({k: v for k, v in results.items() if k.endswith(f" seed {seed}")}))
+    else:
+        results = evaluate(args.models, args.dataset, args.n)
+        print(table(results))
     if args.json:
         plain = {n: {k: v for k, v in r.items() if k != "per_example"} for n, r in results.items()}
         Path(args.json).write_text(json.dumps(plain, indent=1) + "\n")
