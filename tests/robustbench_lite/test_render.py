@@ -235,3 +235,13 @@ def test_group_tables_rank_by_worst_group_and_corruption_tables_by_mean(tmp_path
         write_record(rec, tmp_path)
     written = {p.name for p in render_all(tmp_path)}
     assert "corruption_severity_bars.png" in written and not [p for p in written if "robust_vs_eps_bars" in p]
+
+
+def test_adversarial_rows_list_each_certifiers_own_accuracy():
+    from robustbench_lite.render.tables import COLUMNS, row_cells
+
+    record = {"model": {"name": "m", "defense": None}, "clean_acc": 0.9, "robust_acc": 0.6, "certified_acc": 0.5,
+              "certifiers": [{"name": "ibp", "certified_acc": 0.25}, {"name": "crown", "certified_acc": 0.5}]}
+    cells = dict(zip(COLUMNS, row_cells(record, 1)))
+    assert cells["certified %"] == "50.0" and cells["certified % by certifier"] == "ibp 25.0, crown 50.0"
+    assert dict(zip(COLUMNS, row_cells({**record, "certifiers": []}, 1)))["certified % by certifier"] == "-"
