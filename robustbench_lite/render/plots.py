@@ -28,6 +28,17 @@ def _pyplot():
     return plt
 
 
+def _finish(fig: Any, ax: Any, path: Path) -> Path:
+    """Grid, legend and layout shared by every plot, then save and close the figure."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        _pyplot().close(fig)
+
+
 def _save(fig: Any, path: Path) -> Path:
     """The figure as PNG, written atomically (no timestamped metadata, so unchanged plots stay byte-equal)."""
     import io
@@ -61,11 +72,7 @@ def plot_robust_vs_eps(tables: list[Table], out_dir: Path) -> list[Path]:
             ax.plot(xs, ys, marker="o", label=name)
         ax.set(xlabel=f"{norm} eps", ylabel="robust accuracy (%)", ylim=(-2, 102),
                title=f"{dataset}: robust accuracy against eps ({norm})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(_save(fig, out_dir / f"robust_vs_eps_{dataset}_{norm}.png"))
-        plt.close(fig)
+        paths.append(_finish(fig, ax, out_dir / f"robust_vs_eps_{dataset}_{norm}.png"))
     return paths
 
 
@@ -91,11 +98,7 @@ def plot_min_norm(tables: list[Table], out_dir: Path) -> list[Path]:
         ax.axvline(t.eps, color="grey", linestyle="--", linewidth=1, label=f"eps = {t.eps:g}")
         ax.set(xlabel=f"minimal {t.norm} perturbation found", ylabel="examples broken within it (%)",
                title=f"{t.title}: minimal perturbations")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(_save(fig, out_dir / f"min_norm_{t.dataset}_{t.norm}-{t.eps:g}.png"))
-        plt.close(fig)
+        paths.append(_finish(fig, ax, out_dir / f"min_norm_{t.dataset}_{t.norm}-{t.eps:g}.png"))
     return paths
 
 
@@ -114,10 +117,6 @@ def plot_corruption_severity(tables: list[Table], out_dir: Path) -> list[Path]:
                     label=f"{r['model']['name']} (mean {100 * r['corruptions']['mean_corruption_acc']:.1f})")
         ax.set(xlabel="severity (0 = clean)", ylabel="accuracy, mean over corruptions (%)",
                title=f"{t.dataset}: accuracy under common corruptions")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(_save(fig, out_dir / f"corruption_severity_{t.dataset}.png"))
-        plt.close(fig)
+        paths.append(_finish(fig, ax, out_dir / f"corruption_severity_{t.dataset}.png"))
     return paths
 
