@@ -26,7 +26,7 @@ from torch import nn
 
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
 from .errors import UserInputError
-from .evaluate import EvaluationResult, PluginReport, _groups, resolve_device
+from .evaluate import EvaluationResult, PluginReport, _groups, evaluation_examples, resolve_device
 from .protocol import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
@@ -76,17 +76,7 @@ def evaluate_corruptions(model: nn.Module, dataset: Any, *, corruptions: Sequenc
     corruption and ``corruption_correct`` filled in. The model's mode is restored afterwards.
     """
     names = corruption_names(corruptions)
-    if not isinstance(model, nn.Module):
-        raise UserInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if int(batch_size) < 1:
-        raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
-    if isinstance(dataset, str):
-        from .data import load_dataset
-        dataset = load_dataset(dataset, "test")
-    n = len(dataset) if n_examples is None else int(n_examples)
-    if n < 1:
-        raise UserInputError(f"n_examples must be >= 1, got {n_examples}")
-    dataset = dataset.subset(slice(0, min(n, len(dataset))))
+    dataset = evaluation_examples(model, dataset, n_examples, batch_size)
     n = len(dataset)
     dev = resolve_device(device)
     model.to(dev)

@@ -192,25 +192,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return target
 
 
-def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Sequence[Any] | str | None = ("pgd",),
-             certifiers: Sequence[Any] | str | None = ("ibp",), n_examples: int | None = 1000,
-             batch_size: int = 250, seed: int = 0, device: str | torch.device = "cpu",
-             individual: bool = False, progress: Progress | bool | None = None,
-             checks: list[checks_module.Check] | None = None, runner: BatchRunner | None = None) -> EvaluationResult:
-    """Evaluate ``model`` on the first ``n_examples`` of ``dataset`` under ``threat``.
-
-    ``dataset``: a Dataset or a dataset name (its test split). ``attacks`` / ``certifiers``:
-    registry names (default configs) or instances. ``progress``: a
-    callback ``(examples_done, total)`` or True for a tqdm bar on stderr. The model is evaluated in
-    eval mode (its mode is restored afterwards) and moved to ``device``. Raises
-    :class:`SoundnessError` (with ``.result`` set) when certified <= robust <= correct fails or the
-    adversarial examples re-scored alone disagree with the report; NonFiniteOutputError on NaN logits.
-    ``runner`` decides where each batch is computed: here (default), resumed from disk
-    (:class:`robustbench_lite.resume.ResumeRunner`) or shared over ranks
-    (:class:`robustbench_lite.distributed.DistributedRunner`); the numbers are the same.
-    """
-    if not isinstance(threat, ThreatModel):
-        raise UserInputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+def evaluation_examples(model: Any, dataset: Any, n_examples: int | None, batch_size: int) -> Any:
+    """The first ``n_examples`` of ``dataset`` (a Dataset, or a dataset name: its test split), after the
+    checks every evaluation makes: ``model`` is an nn.Module, ``batch_size`` >= 1, ``n_examples`` >= 1
+    (more than the split holds evaluates all of it), at least one example, inputs in [0, 1]."""
     if not isinstance(model, nn.Module):
         raise UserInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if int(batch_size) < 1:
@@ -231,6 +216,29 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     if x_min < 0 or x_max > 1:
         raise UserInputError(f"inputs must lie in [0, 1] (got [{x_min:.4g}, {x_max:.4g}]); "
                              "normalization belongs inside the model, not the data")
+    return dataset
+
+
+def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Sequence[Any] | str | None = ("pgd",),
+             certifiers: Sequence[Any] | str | None = ("ibp",), n_examples: int | None = 1000,
+             batch_size: int = 250, seed: int = 0, device: str | torch.device = "cpu",
+             individual: bool = False, progress: Progress | bool | None = None,
+             checks: list[checks_module.Check] | None = None, runner: BatchRunner | None = None) -> EvaluationResult:
+    """Evaluate ``model`` on the first ``n_examples`` of ``dataset`` under ``threat``.
+
+    ``dataset``: a Dataset or a dataset name (its test split). ``attacks`` / ``certifiers``:
+    registry names (default configs) or instances. ``progress``: a
+    callback ``(examples_done, total)`` or True for a tqdm bar on stderr. The model is evaluated in
+    eval mode (its mode is restored afterwards) and moved to ``device``. Raises
+    :class:`SoundnessError` (with ``.result`` set) when certified <= robust <= correct fails or the
+    adversarial examples re-scored alone disagree with the report; NonFiniteOutputError on NaN logits.
+    ``runner`` decides where each batch is computed: here (default), resumed from disk
+    (:class:`robustbench_lite.resume.ResumeRunner`) or shared over ranks
+    (:class:`robustbench_lite.distributed.DistributedRunner`); the numbers are the same.
+    """
+    if not isinstance(threat, ThreatModel):
+        raise UserInputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+    dataset = evaluation_examples(model, dataset, n_examples, batch_size)
     threat.check_inputs(dataset.x, dataset.y)
     batch_size, dev = int(batch_size), resolve_device(device)
     attack_list, cert_list = _resolve(attacks, "attack"), _resolve(certifiers, "certifier")

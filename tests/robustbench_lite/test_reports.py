@@ -148,6 +148,15 @@ def test_corruption_names_are_checked(names, message):
         corruption_names(names)
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(n_examples=0), "n_examples must be >= 1"), (dict(batch_size=0), "batch_size must be >= 1"),
+    (dict(model="not a model"), "must be a torch.nn.Module")])
+def test_corruption_evaluation_checks_its_inputs_like_evaluate(change, message):
+    kwargs = dict(dict(model=bar_model(), corruptions=["jpeg"]), **change)
+    with pytest.raises(UserInputError, match=message):
+        evaluate_corruptions(kwargs.pop("model"), bars(), **kwargs)
+
+
 def test_corruption_too_big_for_the_image_is_a_user_error():
     with pytest.raises(UserInputError, match="cannot be applied to 4x4 images"):
         evaluate_corruptions(toy_model(), toy_dataset(6), corruptions=["elastic"])
