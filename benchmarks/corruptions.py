@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -121,13 +122,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mnist5k-cnn-standard", "mnist5k-cnn-augmix"])
     parser.add_argument("--dataset", default="mnist5k")
     parser.add_argument("--n", type=int, default=1000, help="test images (the first n)")
-    parser.add_argument("--json", default=None, help="also write the numbers here (outside the repository)")
+    parser.add_argument("--json", default=None, help="also write the numbers (and per-image scores) here, outside the repository")
     parser.add_argument("--val", nargs="+", default=None, metavar="RECIPE",
                         help="select on validation data: defense options per recipe, e.g. '--jsd-lambda 3'")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds for --val")
     parser.add_argument("--defense", default="augmix", help="the defense the --val recipes configure")
     parser.add_argument("--epochs", type=int, default=20, help="training epochs for --val (all recipes)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # training progress per epoch
     if args.val:
         results = validation_runs(args.val, args.seeds, args.dataset, args.epochs, args.defense)
         for seed in args.seeds:  # each recipe against standard training of the same seed
@@ -136,7 +138,7 @@ def main() -> None:
         results = evaluate(args.models, args.dataset, args.n)
         print(table(results))
     if args.json:
-        plain = {n: {k: v for k, v in r.items() if k != "per_example"} for n, r in results.items()}
+        plain = {n: {k: v.tolist() if k == "per_example" else v for k, v in r.items()} for n, r in results.items()}
         Path(args.json).write_text(json.dumps(plain, indent=1) + "\n")
 
 
