@@ -182,6 +182,8 @@ def test_missing_files_unknown_names_and_non_state_dicts(tmp_path):
         load_model(CHEAP, "mnist-cnn")
 
 
+# torch 2.14 marks jit.trace/save (used here to write the file a user would hand over) as deprecated
+@pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
 def test_torchscript_files_load_with_their_normalization(tmp_path):
     model = random_digits_mlp(4)
     path = tmp_path / "scripted.pt"
