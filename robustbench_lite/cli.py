@@ -300,16 +300,9 @@ def _board_dir(args: argparse.Namespace) -> Path:
     return Path(args.leaderboard_dir) if args.leaderboard_dir is not None else default_leaderboard_dir()
 
 
-def _check_registry(path: Path | None) -> None:
-    """An explicit --registry must exist (without one, a folder without registry.toml is fine)."""
-    if path is not None and not Path(path).is_file():
-        raise UserInputError(f"no leaderboard registry at {path}")
-
-
 def cmd_leaderboard_show(args: argparse.Namespace) -> int:
     from .render import render_text, tables_for
 
-    _check_registry(args.registry)
     print(render_text(tables_for(_board_dir(args), args.dataset, args.registry)), end="")
     return 0
 
@@ -317,7 +310,6 @@ def cmd_leaderboard_show(args: argparse.Namespace) -> int:
 def cmd_leaderboard_render(args: argparse.Namespace) -> int:
     from .render import render_all
 
-    _check_registry(args.registry)
     for path in render_all(_board_dir(args), args.registry):
         print(f"wrote {path}")
     return 0

@@ -21,11 +21,13 @@ REGISTRY_FILE = "registry.toml"
 
 
 def registry_protocols(root: Path, registry: str | Path | None = None) -> dict[TableKey, dict[str, Any]] | None:
-    """The protocol of every table ``registry`` (default ``root/registry.toml``) lists (None without one)."""
+    """The protocol of every table ``registry`` (default ``root/registry.toml``) lists.
+
+    None when no registry was named and ``root`` has none; a named registry must exist (UserInputError)."""
     from ..protocol import check_one_protocol_per_table, load_registry
 
     path = Path(registry) if registry is not None else Path(root) / REGISTRY_FILE
-    if not path.is_file():
+    if registry is None and not path.is_file():
         return None
     return check_one_protocol_per_table(load_registry(path))
 
