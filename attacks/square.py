@@ -97,9 +97,10 @@ def signs(u: Tensor) -> Tensor:
     return torch.where(u < 0.5, -1.0, 1.0).to(u.dtype)
 
 
-def positions(u: Tensor, size: int, s: int) -> Tensor:
-    """Window corners in {0, ..., size - s} from U[0, 1) noise, int64."""
-    return (u * (size - s + 1)).long().clamp_(0, size - s)
+def positions(u: Tensor, size: int, s: int | Tensor) -> Tensor:
+    """Window corners in {0, ..., size - s} from U[0, 1) noise, int64; ``s`` an int or a tensor of sides
+    broadcasting with ``u``. (Noise is >= 0, so only the top needs the clamp, against float rounding.)"""
+    return (u * (size - s + 1)).long().clamp_(max=size - s)
 
 
 def window_index(corner_h: Tensor, corner_w: Tensor, s: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -326,7 +327,7 @@ class Square(Attack):
         side = torch.tensor(sides + [1] * (u.shape[1] - len(sides)), device=u.device)
 
         def covered(noise: Tensor, size: int) -> Tensor:
-            corner = torch.minimum((noise * (size - side + 1)).long(), size - side)[:, :, None]
+            corner = positions(noise, size, side)[:, :, None]
             along = torch.arange(size, device=u.device)
             return (along >= corner) & (along < corner + side[:, None])
 
