@@ -256,10 +256,8 @@ class Square(Attack):
         if linf:  # the box-clipped corners of the ball, once, instead of per window
             lo, hi = threat.box
             extra = ((clean - threat.eps).clamp_min(lo), (clean + threat.eps).clamp_max(hi))
-            step = self._linf_step
         else:
             extra = (clean,)
-            step = self._l2_step
         rows = torch.arange(idx.numel(), device=clean.device)
         plan: tuple[Tensor, ...] = ()
         p_at = [p_fraction(it, self.n_queries, self.p_init, self.rescale_schedule) for it in range(iterations)]
@@ -270,7 +268,9 @@ class Square(Attack):
                 noise = rng.subset(rows).uniform((NOISE_BLOCK, width), stream=_STREAM_BLOCKS + it // NOISE_BLOCK)
                 plan = (self._linf_plan(noise, p_at[it:it + NOISE_BLOCK], clean.shape, threat.eps) if linf
                         else (noise,))
-            candidate = step(extra, current, plan, it % NOISE_BLOCK, p_at[it], threat)
+            k = it % NOISE_BLOCK
+            candidate = (self._linf_step(extra, current, plan, k) if linf
+                         else self._l2_step(extra[0], current, plan[0][:, k], p_at[it], threat))
             scores = query(candidate)
             loss = self._objective(scores, labels, goal)
             fooled = self._fooled(scores, labels, goal)
@@ -334,8 +334,8 @@ class Square(Attack):
         return covered(u[:, :, 0], h), covered(u[:, :, 1], w), (2 * eps) * signs(u[:, :, 2:2 + c])
 
     @staticmethod
-    def _linf_step(bounds: tuple[Tensor, Tensor], best: Tensor, plan: tuple[Tensor, Tensor, Tensor], k: int,
-                   p: float, threat: ThreatModel) -> Tensor:
+    def _linf_step(bounds: tuple[Tensor, Tensor], best: Tensor, plan: tuple[Tensor, Tensor, Tensor],
+                   k: int) -> Tensor:
         """Set one s x s window to a corner of the ball: +-eps per channel (Alg. 1, Linf sampler).
 
         ``bounds`` are the box-clipped ``x -+ eps``; ``plan`` is :meth:`_linf_plan`'s block, ``k`` the
@@ -354,10 +354,10 @@ class Square(Attack):
         return candidate
 
     @staticmethod
-    def _l2_step(clean: tuple[Tensor], best: Tensor, plan: tuple[Tensor], k: int, p: float,
-                 threat: ThreatModel) -> Tensor:
-        """Move L2 mass from window 2 into window 1 with the paper's pattern (Alg. 3, L2 sampler)."""
-        (images,), u = clean, plan[0][:, k]
+    def _l2_step(images: Tensor, best: Tensor, u: Tensor, p: float, threat: ThreatModel) -> Tensor:
+        """Move L2 mass from window 2 into window 1 with the paper's pattern (Alg. 3, L2 sampler).
+
+        ``images`` are the clean points, ``u`` this iteration's (n, 5 + C) noise, ``p`` its window fraction."""
         n, c, h, w = images.shape
         eps, (lo, hi) = threat.eps, threat.box
         s = max(int(round(math.sqrt(p * h * w))), 3)

@@ -52,7 +52,7 @@ def test_mask_window_step_equals_the_indexed_window_step(seed, c, h, w, eps):
     plan = Square._linf_plan(u, p_at, images.shape, eps)
     bounds = ((images - eps).clamp_min(0.0), (images + eps).clamp_max(1.0))
     for k in (0, 7, 60, NOISE_BLOCK - 1):
-        mine = Square._linf_step(bounds, best, plan, k, p_at[k], threat)
+        mine = Square._linf_step(bounds, best, plan, k)
         assert torch.equal(mine, indexed_linf_step(images, best, u[:, k], p_at[k], threat))
         assert bool(threat.contains(mine, images).all())
 
