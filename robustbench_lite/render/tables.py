@@ -4,7 +4,7 @@ Every renderer (terminal, README.md, index.html) draws these same :class:`Table`
 three show the same rows in the same order: sorted by robust accuracy (then clean accuracy, then
 name), as RobustBench sorts a threat model's table; a table of a dataset with groups is sorted by
 worst-group clean accuracy and the corruptions table by mean corruption accuracy, each with its own
-columns (:data:`LAYOUTS`). A table holds only records made under its
+columns (:data:`KIND_COLUMNS`). A table holds only records made under its
 protocol (the registry's, or, with no registry entry, the one most of its records share); the
 others are listed apart with the fields in which they differ and are not leaderboard-eligible.
 """
@@ -61,7 +61,7 @@ class Table:
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return LAYOUTS[self.kind][0] + (tuple(f"{n} %" for n in self.corruption_names) if self.kind == CORRUPTIONS else ())
+        return KIND_COLUMNS[self.kind] + (tuple(f"{n} %" for n in self.corruption_names) if self.kind == CORRUPTIONS else ())
 
     @property
     def numeric(self) -> set[int]:
@@ -70,7 +70,7 @@ class Table:
     def cells(self, record: dict[str, Any], rank: int) -> list[str]:
         if self.kind == CORRUPTIONS:
             return corruption_cells(record, rank, self.corruption_names)
-        return LAYOUTS[self.kind][1](record, rank)
+        return ROW_CELLS[self.kind](record, rank)
 
 
 def _sort_key(r: dict[str, Any]) -> tuple:
@@ -152,11 +152,11 @@ def group_cells(record: dict[str, Any], rank: int) -> list[str]:
             _certified(record)]
 
 
-def corruption_cells(record: dict[str, Any], rank: int, names: list[str] | None = None) -> list[str]:
+def corruption_cells(record: dict[str, Any], rank: int, names: list[str]) -> list[str]:
     """Rank, model, defense, clean, mean corruption, all-corruption worst case, then each of ``names``' mean."""
     c = record.get("corruptions") or {}
     per = c.get("corruption_mean") or {}
-    means = [_pct(per.get(name)) for name in (list(per) if names is None else names)]
+    means = [_pct(per.get(name)) for name in names]
     return [str(rank), record["model"]["name"], record["model"].get("defense") or "-", _pct(record["clean_acc"]),
             _pct(c.get("mean_corruption_acc")), _pct(record["robust_acc"]), *means]
 
@@ -188,13 +188,13 @@ def _plugin_text(entry: dict[str, Any]) -> str:
     return entry["name"] + (f" ({', '.join(f'{k} {cfg[k]}' for k in keys)})" if keys else "")
 
 
-NUMERIC = {0, 3, 4, 5, 6}
 GROUP_COLUMNS = ("rank", "model", "defense", "clean %", "worst-group clean %", "worst group", "robust %",
                  "worst-group robust %", "certified %")
 CORRUPTION_COLUMNS = ("rank", "model", "defense", "clean %", "mean corruption %", "all corruptions %")
-#: kind -> (columns, cells of a row); the corruptions table adds one column per corruption (its mean %)
-LAYOUTS = {ADVERSARIAL: (COLUMNS, row_cells), GROUPS: (GROUP_COLUMNS, group_cells),
-           CORRUPTIONS: (CORRUPTION_COLUMNS, corruption_cells)}
+#: kind -> columns; the corruptions table adds one column per corruption (its mean %)
+KIND_COLUMNS = {ADVERSARIAL: COLUMNS, GROUPS: GROUP_COLUMNS, CORRUPTIONS: CORRUPTION_COLUMNS}
+#: kind -> cells of a row (a corruptions row also needs the table's corruption names: :meth:`Table.cells`)
+ROW_CELLS = {ADVERSARIAL: row_cells, GROUPS: group_cells}
 SORT_KEYS = {ADVERSARIAL: _sort_key, GROUPS: _group_sort_key, CORRUPTIONS: _corruption_sort_key}
 APART_NUMERIC = {2, 3, 4, 5}
 
