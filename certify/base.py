@@ -82,10 +82,15 @@ class Certifier(abc.ABC):
         raise NotImplementedError
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
-        margin_lower = self.bound_margins(model, x, y, threat)
+        return self._result(self.bound_margins(model, x, y, threat), y)
+
+    @staticmethod
+    def _result(margin_lower: Tensor, y: Tensor, forward_equivalents: float = 0.0) -> CertResult:
+        """The result of margin bounds that hold for every example: certified where all are > 0."""
         certified = margins_certified(margin_lower.detach(), y)
         status = [CERTIFIED if c else NOT_CERTIFIED for c in certified.tolist()]
-        return CertResult(certified=certified, margin_lower=margin_lower, status=status)
+        return CertResult(certified=certified, margin_lower=margin_lower, status=status,
+                          forward_equivalents=forward_equivalents)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
         threat.check_inputs(x, y)

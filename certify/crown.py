@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
 
-from .base import CERTIFIED, NOT_CERTIFIED, CertResult, Certifier, margins_certified, spec_matrix
+from .base import CertResult, Certifier, spec_matrix
 from . import patches
 from .graph import Graph, build_graph, check_supported
 from .ibp import Interval, box_lower, input_box
@@ -342,9 +342,7 @@ class CROWN(Certifier):
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
         margin_lower, cost = self._bound(model, x, y, threat)
-        certified = margins_certified(margin_lower.detach(), y)
-        status = [CERTIFIED if c else NOT_CERTIFIED for c in certified.tolist()]
-        return CertResult(certified, margin_lower, status, forward_equivalents=cost)
+        return self._result(margin_lower, y, cost)
 
     def _bound(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> tuple[Tensor, float]:
         """Margins (N, K) and their cost in forward passes of the batch (affine multiply-accumulates of

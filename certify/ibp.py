@@ -111,9 +111,8 @@ class IBP(Certifier):
         return ibp_margins(graph, x, y.to(torch.int64), threat)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
-        result = super().run(model, x, y, threat)
-        result.forward_equivalents = ibp_cost(build_graph(model, tuple(x.shape[1:])))
-        return result
+        graph = build_graph(model, tuple(x.shape[1:]))  # once for the margins and their cost
+        return self._result(ibp_margins(graph, x, y.to(torch.int64), threat), y, ibp_cost(graph))
 
 
 def ibp_cost(graph: Graph) -> float:
