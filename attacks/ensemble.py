@@ -115,13 +115,13 @@ class AutoAttack(Attack):
         return cfg
 
     def _stage(self, stage: str, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, rng: ExampleRNG,
-               clean_logits: Tensor, start: Tensor) -> AttackResult:
+               clean_logits: Tensor, start: Tensor | None) -> AttackResult:
         if stage == "square":
             # the reference's standard Square reads the 10,000-query p-schedule unscaled (resc_schedule=False)
             square = Square(n_queries=self.square_queries, p_init=self.square_p_init, rescale_schedule=False,
                             seed=self.seed)
             oracle = QueryOracle(model)
-            result = square.run(oracle, x, y, threat, rng, None, start=start if self.square_start == "best" else None)
+            result = square.run(oracle, x, y, threat, rng, None, start=start)
             result.queries = oracle.queries
             return result
         attack = self._attacks[stage]
@@ -149,8 +149,10 @@ class AutoAttack(Attack):
             if stage == "square":
                 white_box_survivors = idx.numel()
             seeds = torch.tensor([mix(s, 0x5EED, number) for s in rng.subset(idx).seeds], dtype=torch.int64)
+            # only Square's warm start reads the points reached so far: copy them only for it
+            start = x_adv[idx] if stage == "square" and self.square_start == "best" else None
             result = self._stage(stage, model, x[idx], y[idx], threat, ExampleRNG(seeds, x.device),
-                                 clean_logits[idx], x_adv[idx])
+                                 clean_logits[idx], start)
             queries += result.queries
             # a fixed point of the projection, so the final re-scoring sees exactly this point
             candidate = settle(threat, result.x_adv.detach(), x[idx])
