@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .tables import _pct as _pct_or_dash
+
 
 def _pct(value: float) -> str:
     return f"{100 * value:6.1f}"
@@ -45,7 +47,7 @@ def _sections(record: dict[str, Any]) -> list[str]:
         for which in ("clean", "robust"):
             if which in groups:
                 g = groups[which]
-                accs = ", ".join(f"{name} {_pct(a).strip() if a is not None else '-'}"
+                accs = ", ".join(f"{name} {_pct_or_dash(a)}"
                                  for name, a in zip(groups["names"], g["group_acc"]))
                 lines.append(f"  {'worst-group ' + which:<22}{_pct(g['worst_group_acc']):>7}  ({g['worst_group']}; "
                              f"per group %: {accs})")
@@ -69,6 +71,6 @@ def format_corruptions(record: dict[str, Any], path: Path | None, wall: float) -
               for name, accs in c["accuracy"].items()]
     lines += [f"  clean {100 * c['clean_acc']:.1f} %, mean corruption accuracy {100 * c['mean_corruption_acc']:.1f} %, "
               f"correct under every corruption {100 * record['robust_acc']:.1f} %"]
-    lines += _sections({"groups": record["groups"]} if "groups" in record else {})
+    lines += _sections(record)  # a corruptions record has no WRM certificate (reports.attach_defense_metrics)
     lines += [f"wrote {path}" if path else "leaderboard: not written", f"wall time {wall:.1f} s"]
     return "\n".join(lines)
