@@ -18,6 +18,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor, nn
 
+from certify.base import SKIPPED
+
 from .errors import UserInputError
 from .threat import ThreatModel
 
@@ -96,9 +98,9 @@ def as_bool(t: Tensor) -> Tensor:
 
 
 # --- computing one batch --------------------------------------------------------------------------
-#: summed per plug-in over batches (``flags`` and ``status_counts`` are summed per key)
 #: status of an example a ``skip_refuted`` certifier was not run on: an attack already broke it
-REFUTED = "refuted"
+REFUTED = f"{SKIPPED}: refuted by an attack"
+#: summed per plug-in over batches (``flags`` and ``status_counts`` are summed per key)
 COST_FIELDS = ("seconds", "forward", "backward", "queries", "examples", "forward_equivalents")
 
 
@@ -180,7 +182,7 @@ def evaluate_batch(model: nn.Module, x: Tensor, y: Tensor, seeds: Tensor, start:
                 distance[name][todo] = torch.where(torch.isfinite(dist), dist, torch.full_like(dist, float("nan")))
         robust_after[name] = alive.clone() if not individual else ok & ~success[name]
     certified = {}
-    unrefuted = ~torch.stack([s for s in success.values()]).any(dim=0) if success else torch.ones(b, dtype=torch.bool)
+    unrefuted = alive | ~ok  # no attack broke it (attacks only run on, and only break, correct rows)
     for name, certifier in certifiers:
         cost = costs[name]
         rows = unrefuted.nonzero().flatten() if getattr(certifier, "skip_refuted", False) else torch.arange(b)
