@@ -26,7 +26,7 @@ from torch import nn
 
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
 from .errors import UserInputError
-from .evaluate import EvaluationResult, PluginReport, _groups, evaluation_examples, resolve_device
+from .evaluate import EvaluationResult, PluginReport, evaluation_examples, group_fields, resolve_device
 from .protocol import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
@@ -81,30 +81,19 @@ def evaluate_corruptions(model: nn.Module, dataset: Any, *, corruptions: Sequenc
     dev = resolve_device(device)
     model.to(dev)
     started = time.perf_counter()
-    correct = torch.zeros(n, dtype=torch.bool)
-    flags: dict[str, torch.Tensor] = {}
-    reports: list[PluginReport] = []
-    for name in names:
-        t0 = time.perf_counter()
-        try:
-            acc = corruption_accuracy(model, dataset, batch_size=int(batch_size), seed=int(seed), corruptions=[name])
-        except RuntimeError as exc:  # e.g. elastic's smoothing kernel is larger than an 8x8 image
-            size = "x".join(str(d) for d in dataset.x.shape[-2:])
-            raise UserInputError(f"corruption {name!r} cannot be applied to {size} images "
-                                 f"({' '.join(str(exc).split())}); choose others") from None
-        correct = torch.tensor(acc["clean_correct"], dtype=torch.bool)
-        flags[name] = torch.tensor(acc["correct"][name], dtype=torch.bool)  # (5, n)
-        survived = correct & flags[name].all(dim=0)
-        reports.append(PluginReport(name, "attack", corruption_config(name), accuracy=float(survived.double().mean()),
-                                    examples=n, seconds=time.perf_counter() - t0, forward=len(SEVERITY_LEVELS) * n))
-    success = {name: correct & ~flags[name].all(dim=0) for name in names}
-    groups = _groups(dataset)
+    acc = corruption_accuracy(model, dataset, batch_size=int(batch_size), seed=int(seed), corruptions=names)
+    correct = torch.tensor(acc["clean_correct"], dtype=torch.bool)
+    flags = {name: torch.tensor(acc["correct"][name], dtype=torch.bool) for name in names}  # (5, n) each
+    survived = {name: correct & flags[name].all(dim=0) for name in names}
+    success = {name: correct & ~survived[name] for name in names}
+    reports = [PluginReport(name, "attack", corruption_config(name), accuracy=float(survived[name].double().mean()),
+                            examples=n, seconds=acc["seconds"][name], forward=len(SEVERITY_LEVELS) * n)
+               for name in names]
     log.info("corruptions: %d examples, %d corruptions in %.1f s", n, len(names), time.perf_counter() - started)
     return EvaluationResult(
         dataset=str(getattr(dataset, "name", "custom")), split=str(getattr(dataset, "split", "test")),
         indices=dataset.indices.cpu(), threat=CorruptionThreat(), seed=int(seed),  # type: ignore[arg-type]
         batch_size=int(batch_size), device=str(dev), mode="individual", correct=correct, attack_success=success,
         certified_by={}, attacks=reports, certifiers=[], seconds=time.perf_counter() - started, clean_forward=n,
-        groups=groups, group_names=list(dataset.group_names) if groups is not None else None,
-        corruption_correct=flags,
+        **group_fields(dataset), corruption_correct=flags,
     )

@@ -13,6 +13,7 @@ batch it is in. Severity parameters are in :data:`SEVERITIES` and documented in 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
 from .errors import UserInputError
-from .metrics import mean_corruption_accuracy
+from .metrics import corruption_summary
 from .seeding import ExampleRNG, example_seeds, mix
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,12 @@ def corrupt(x: Tensor, name: str, severity: int, seeds: Tensor) -> Tensor:
         raise UserInputError(f"need one seed per example: {len(seeds)} seeds for {x.shape[0]} examples")
     rng = ExampleRNG(seeds, device=x.device)
     c = SEVERITIES[name][int(severity) - 1]
-    out = CORRUPTIONS[name](x, c, rng, _STREAM[name] + int(severity))
+    try:
+        out = CORRUPTIONS[name](x, c, rng, _STREAM[name] + int(severity))
+    except RuntimeError as exc:  # e.g. elastic's smoothing kernel is larger than an 8x8 image
+        size = "x".join(str(d) for d in x.shape[-2:])
+        raise UserInputError(f"corruption {name!r} cannot be applied to {size} images "
+                             f"({' '.join(str(exc).split())}); choose others") from None
     return out.clamp(0.0, 1.0)
 
 
@@ -153,8 +159,9 @@ def corruption_accuracy(model: nn.Module, dataset: Any, n_examples: int | None =
     ``dataset`` has ``.x`` (N, C, H, W) in [0, 1], ``.y`` (N,) and optionally ``.indices`` (the
     examples' dataset indices, which seed the noise). Returns ``clean_acc``, ``accuracy``
     ({corruption: [acc at severity 1..5]}), ``corruption_mean`` ({corruption: mean over severities}),
-    ``mean_corruption_acc`` (the mean over all corruptions and severities, docs/metrics.md), and the
-    per-example flags ``clean_correct`` (n,) and ``correct`` ({corruption: [[bool] * n] * 5}).
+    ``mean_corruption_acc`` (the mean over all corruptions and severities, docs/metrics.md), the
+    per-example flags ``clean_correct`` (n,) and ``correct`` ({corruption: [[bool] * n] * 5}), and
+    ``seconds`` ({corruption: time spent corrupting and predicting}).
     The model's mode is restored afterwards.
     """
     names = list(CORRUPTIONS) if corruptions is None else list(corruptions)
@@ -173,6 +180,7 @@ def corruption_accuracy(model: nn.Module, dataset: Any, n_examples: int | None =
     seeds_all = example_seeds(seed, indices[:n])
     clean = torch.zeros(n, dtype=torch.bool)
     correct = {name: torch.zeros(5, n, dtype=torch.bool) for name in names}
+    seconds = dict.fromkeys(names, 0.0)
     from attacks.base import frozen  # eval mode, the caller's mode restored afterwards
 
     with frozen(model):
@@ -182,21 +190,22 @@ def corruption_accuracy(model: nn.Module, dataset: Any, n_examples: int | None =
             y = torch.as_tensor(dataset.y[sl]).to(device).long()
             clean[sl] = (_predict(model, x) == y).cpu()
             for name in names:
+                started = time.perf_counter()
                 for sev in range(1, 6):
                     xc = corrupt(x, name, sev, seeds_all[sl])
                     correct[name][sev - 1, sl] = (_predict(model, xc) == y).cpu()
-    accuracy = {name: [float(f.float().mean()) for f in correct[name]] for name in names}
+                seconds[name] += time.perf_counter() - started
+    flags = {name: f.int().tolist() for name, f in correct.items()}
     result = {
         "metric": "mean_corruption_acc",
         "n_examples": n,
         "seed": int(seed),
         "severities": [1, 2, 3, 4, 5],
         "clean_acc": float(clean.float().mean()),
-        "accuracy": accuracy,
-        "corruption_mean": {name: sum(a) / len(a) for name, a in accuracy.items()},
-        "mean_corruption_acc": mean_corruption_accuracy(accuracy),
+        **corruption_summary(flags),
         "clean_correct": clean.tolist(),
         "correct": {name: f.tolist() for name, f in correct.items()},
+        "seconds": seconds,
     }
     log.info("mean corruption accuracy %.4f over %d examples", result["mean_corruption_acc"], n)
     return result

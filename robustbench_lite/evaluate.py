@@ -357,8 +357,7 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
         mode="individual" if individual else "cascade", correct=correct, attack_success=success,
         certified_by=certified, attacks=[reports[n_] for n_, _ in attack_list],
         certifiers=[reports[n_] for n_, _ in cert_list], seconds=time.perf_counter() - started,
-        clean_forward=n, distances=distances, groups=_groups(dataset),
-        group_names=list(dataset.group_names) if _groups(dataset) is not None else None,
+        clean_forward=n, distances=distances, **group_fields(dataset),
     )
     ctx = checks_module.CheckContext(
         model=model, x=x_all.to(dev), y=y_all.to(dev), indices=indices, clean_logits=torch.cat(logits_all),
@@ -370,12 +369,13 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
     return result, ctx
 
 
-def _groups(dataset: Any) -> Tensor | None:
-    """The dataset's (N,) group ids on the CPU, or None when it has no groups."""
-    groups = getattr(dataset, "groups", None)
-    if groups is None or getattr(dataset, "group_names", None) is None:
-        return None
-    return torch.as_tensor(groups).cpu().to(torch.int64)
+def group_fields(dataset: Any) -> dict[str, Any]:
+    """``groups`` ((N,) int64 group ids on the CPU) and ``group_names`` of the dataset for an
+    EvaluationResult; both None when it has no groups."""
+    groups, names = getattr(dataset, "groups", None), getattr(dataset, "group_names", None)
+    if groups is None or names is None:
+        return {"groups": None, "group_names": None}
+    return {"groups": torch.as_tensor(groups).cpu().to(torch.int64), "group_names": list(names)}
 
 
 class _CallableModule(types.ModuleType):

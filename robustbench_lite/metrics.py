@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,15 @@ def mean_corruption_accuracy(accuracy: dict[str, Sequence[float]]) -> float:
     return float(sum(per_corruption) / len(per_corruption))
 
 
+def corruption_summary(correct: dict[str, Sequence[Sequence[int]]]) -> dict[str, Any]:
+    """From per-example flags ``{name: [[0/1] * N] * 5}`` (one row per severity): ``accuracy``
+    ({name: [acc at severity 1..5]}), ``corruption_mean`` ({name: mean over severities}) and
+    ``mean_corruption_acc`` (:func:`mean_corruption_accuracy`)."""
+    accuracy = {name: [sum(row) / len(row) for row in rows] for name, rows in correct.items()}
+    return {"accuracy": accuracy, "corruption_mean": {name: sum(a) / len(a) for name, a in accuracy.items()},
+            "mean_corruption_acc": mean_corruption_accuracy(accuracy)}
+
+
 _ROUNDING = 1e-5  # relative float32 rounding allowed when comparing certificate and measured loss
 
 
@@ -76,6 +85,30 @@ def _eval_mode(model: nn.Module):
     return frozen(model)
 
 
+def _lagrangian_ascent(model: nn.Module, x: Tensor, y: Tensor, gamma: float, steps: int, box: tuple[float, float],
+                       grad_norm: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per example: the transport cost ||x' - x||^2 and cross-entropy at the maximiser x' of
+    loss - gamma * cost (:func:`robustbench_lite.defenses.wrm.wrm_maximize`), and with ``grad_norm``
+    the norm of the objective's unblocked gradient there. The model is in eval mode meanwhile."""
+    from .defenses.wrm import wrm_maximize
+
+    with _eval_mode(model):
+        out = wrm_maximize(model, x, y, gamma=gamma, steps=steps, box=box, return_grad_norm=grad_norm)
+        x_adv, norm = out if grad_norm else (out, None)
+        with torch.no_grad():
+            return (x_adv - x).flatten(1).pow(2).sum(1), _per_example_ce(model, x_adv, y), norm
+
+
+def _clean_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    with _eval_mode(model), torch.no_grad():
+        return float(_per_example_ce(model, x, y).mean())
+
+
+def _attack_row(gamma_adv: float, cost: Tensor, loss: Tensor, clean_loss: float) -> dict[str, float]:
+    return {"gamma_adv": float(gamma_adv), "rho_test": float(cost.mean()), "loss": float(loss.mean()),
+            "clean_loss": clean_loss}
+
+
 def wrm_certificate(model: nn.Module, x: Tensor, y: Tensor, *, gamma: float, rho: float | Sequence[float],
                     steps: int = 200, box: tuple[float, float] = (0.0, 1.0)) -> dict[str, object]:
     """Sinha et al.'s upper bound ``gamma * rho + mean_i phi_gamma(x_i, y_i)`` on the worst-case mean
@@ -87,16 +120,11 @@ def wrm_certificate(model: nn.Module, x: Tensor, y: Tensor, *, gamma: float, rho
     gradient at the end, where the box does not block it) says how far from stationary it stopped.
     x (N, ...) in ``box``, y (N,). Returns ``certificate`` (list, one per rho), ``mean_phi``, ``gamma``, ``rho``.
     """
-    from .defenses.wrm import wrm_maximize
-
     rhos = [float(r) for r in (rho if isinstance(rho, (list, tuple)) else [rho])]
     if any(r < 0 for r in rhos):
         raise UserInputError(f"rho must be >= 0, got {rho!r}")
-    with _eval_mode(model):
-        x_star, grad_norm = wrm_maximize(model, x, y, gamma=gamma, steps=steps, box=box, return_grad_norm=True)
-        with torch.no_grad():
-            cost = (x_star - x).flatten(1).pow(2).sum(1)
-            phi = _per_example_ce(model, x_star, y) - gamma * cost
+    cost, loss, grad_norm = _lagrangian_ascent(model, x, y, gamma, steps, box, grad_norm=True)
+    phi = loss - gamma * cost
     mean_phi = float(phi.mean())
     return {"metric": "wrm_certificate", "gamma": float(gamma), "rho": rhos, "mean_phi": mean_phi,
             "certificate": [float(gamma) * r + mean_phi for r in rhos], "ascent_grad_norm": float(grad_norm.mean()),
@@ -110,15 +138,8 @@ def measured_adversarial_loss(model: nn.Module, x: Tensor, y: Tensor, *, gamma_a
     Returns ``rho_test`` = mean ||x' - x||_2^2 (the Wasserstein radius the points lie in), ``loss`` =
     mean cross-entropy at x' (a lower bound of the worst case in that ball), and ``clean_loss``.
     """
-    from .defenses.wrm import wrm_maximize
-
-    with _eval_mode(model):
-        x_adv = wrm_maximize(model, x, y, gamma=gamma_adv, steps=steps, box=box)
-        with torch.no_grad():
-            loss = _per_example_ce(model, x_adv, y).mean()
-            clean = _per_example_ce(model, x, y).mean()
-    rho_test = float((x_adv - x).flatten(1).pow(2).sum(1).mean())
-    return {"gamma_adv": float(gamma_adv), "rho_test": rho_test, "loss": float(loss), "clean_loss": float(clean)}
+    cost, loss, _ = _lagrangian_ascent(model, x, y, gamma_adv, steps, box)
+    return _attack_row(gamma_adv, cost, loss, _clean_loss(model, x, y))
 
 
 def wrm_report(model: nn.Module, x: Tensor, y: Tensor, *, gamma: float, gammas_adv: Sequence[float] = (),
@@ -131,29 +152,20 @@ def wrm_report(model: nn.Module, x: Tensor, y: Tensor, *, gamma: float, gammas_a
     Default ``gammas_adv``: gamma times (2, 1, 0.5, 0.25), from small to larger balls. The maximisers
     at gamma serve both phi and the gamma_adv == gamma row (one ascent, not two).
     """
-    from .defenses.wrm import wrm_maximize
-
     gammas_adv = [float(g) for g in gammas_adv] or [gamma * f for f in (2.0, 1.0, 0.5, 0.25)]
     if any(not g > 0 for g in gammas_adv):
         raise UserInputError(f"gammas_adv must be > 0, got {gammas_adv!r}")
+    cost_star, loss_star, grad_norm = _lagrangian_ascent(model, x, y, gamma, steps, box, grad_norm=True)
+    clean = _clean_loss(model, x, y)
+    mean_phi = float((loss_star - gamma * cost_star).mean())
     rows = []
-    with _eval_mode(model):
-        x_star, grad_norm = wrm_maximize(model, x, y, gamma=gamma, steps=steps, box=box, return_grad_norm=True)
-        with torch.no_grad():
-            cost_star = (x_star - x).flatten(1).pow(2).sum(1)
-            loss_star = _per_example_ce(model, x_star, y)
-            clean = float(_per_example_ce(model, x, y).mean())
-        mean_phi = float((loss_star - gamma * cost_star).mean())
-        for g in gammas_adv:
-            if g == float(gamma):
-                attack = {"gamma_adv": g, "rho_test": float(cost_star.mean()), "loss": float(loss_star.mean()),
-                          "clean_loss": clean}
-            else:
-                attack = measured_adversarial_loss(model, x, y, gamma_adv=g, steps=steps, box=box)
-            bound = float(gamma) * attack["rho_test"] + mean_phi
-            # equality is exact at gamma_adv == gamma (same maximisers), so allow float rounding
-            holds = bound >= attack["loss"] - _ROUNDING * max(1.0, abs(attack["loss"]))
-            rows.append({**attack, "certificate": bound, "bound_holds": holds})
+    for g in gammas_adv:
+        ascent = (cost_star, loss_star) if g == float(gamma) else _lagrangian_ascent(model, x, y, g, steps, box)[:2]
+        attack = _attack_row(g, *ascent, clean)
+        bound = float(gamma) * attack["rho_test"] + mean_phi
+        # equality is exact at gamma_adv == gamma (same maximisers), so allow float rounding
+        holds = bound >= attack["loss"] - _ROUNDING * max(1.0, abs(attack["loss"]))
+        rows.append({**attack, "certificate": bound, "bound_holds": holds})
     return {"metric": "wrm_certificate", "gamma": float(gamma), "mean_phi": mean_phi,
             "ascent_grad_norm": float(grad_norm.mean()), "n_examples": int(x.shape[0]), "steps": int(steps),
             "rows": rows, "bound_holds": all(r["bound_holds"] for r in rows)}

@@ -25,7 +25,7 @@ from torch import nn
 
 from .checks import ERROR, make_flag
 from .errors import UserInputError
-from .metrics import group_accuracies, mean_corruption_accuracy, worst_group_accuracy, wrm_report
+from .metrics import corruption_summary, worst_group_accuracy, wrm_report
 from .protocol import CORRUPTIONS_NORM, dataset_sha256, sha256_json
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ WRM_GAMMA_FACTORS = (2.0, 1.0, 0.5)
 def _group_block(flags: Sequence[int], groups: Sequence[int], names: Sequence[str]) -> dict[str, Any]:
     correct, ids = torch.tensor(list(flags)).bool(), torch.tensor(list(groups), dtype=torch.int64)
     summary = worst_group_accuracy(correct, ids)
-    per_group = group_accuracies(correct, ids)
+    per_group: dict[int, float] = summary["group_acc"]  # type: ignore[assignment]
     return {"avg_acc": summary["avg_acc"], "worst_group_acc": summary["worst_group_acc"],
             "worst_group": names[int(summary["worst_group"])],  # type: ignore[call-overload]
             "group_acc": [per_group.get(g) for g in range(len(names))]}
@@ -64,11 +64,11 @@ def group_section(per_example: dict[str, Any], names: Sequence[str], attacks_ran
 # --- corruptions ------------------------------------------------------------------------------------
 def corruption_section(flags: dict[str, list[list[int]]], correct: Sequence[int]) -> dict[str, Any]:
     """The record's ``corruptions`` section from the per-severity flags ``{name: [[0/1] * N] * 5}``."""
-    accuracy = {name: [sum(row) / len(row) for row in rows] for name, rows in flags.items()}
+    summary = corruption_summary(flags)
     return {"metric": "mean_corruption_acc", "definition": CORRUPTION_DEFINITION,
-            "mean_corruption_acc": mean_corruption_accuracy(accuracy), "clean_acc": sum(correct) / len(correct),
-            "severities": list(range(1, 1 + len(next(iter(flags.values()))))), "accuracy": accuracy,
-            "corruption_mean": {name: sum(a) / len(a) for name, a in accuracy.items()}}
+            "mean_corruption_acc": summary["mean_corruption_acc"], "clean_acc": sum(correct) / len(correct),
+            "severities": list(range(1, 1 + len(next(iter(flags.values()))))), "accuracy": summary["accuracy"],
+            "corruption_mean": summary["corruption_mean"]}
 
 
 # --- building and refreshing ------------------------------------------------------------------------
