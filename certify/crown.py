@@ -207,11 +207,14 @@ class Propagator:
         n = select.shape[0]
         order, valid = selected_first(select)  # per example, the selected neurons first; padding ignored
         cost = 2 * patches.patch_cost(self.graph, index) if patch else self._row_cost(index)
-        rows = self._patch_rows if patch else self._dense_rows
+        walk = self._walk() if patch else None  # one walk for all chunks: its patch matrices are built once
         chunk = max(1, self.budget // max(1, cost * n) // 2)
         for s in range(0, order.shape[1], chunk):
             idx, ok = order[:, s:s + chunk], valid[:, s:s + chunk]
-            new_lo, new_hi = tighten(new_lo, new_hi, idx, ok, *rows(index, idx))
+            rows = self._patch_rows(walk, index, idx) if walk is not None else self._dense_rows(index, idx)
+            new_lo, new_hi = tighten(new_lo, new_hi, idx, ok, *rows)
+        if walk is not None:
+            self.macs += walk.macs
         return new_lo, new_hi
 
     def _walk(self) -> patches.PatchWalk:
@@ -246,14 +249,13 @@ class Propagator:
         self.macs += walk.macs
         return new_lo, new_hi
 
-    def _patch_rows(self, index: int, idx: Tensor) -> Interval:
-        """As :meth:`_dense_rows` for a convolutional node, each row a patch around its neuron."""
+    def _patch_rows(self, walk: patches.PatchWalk, index: int, idx: Tensor) -> Interval:
+        """As :meth:`_dense_rows` for a convolutional node, each row a patch around its neuron (``walk``
+        counts the multiply-accumulates)."""
         c, h, w = self.graph.nodes[index].shape
-        walk = self._walk()
         channel = torch.eye(c, dtype=self.x.dtype, device=self.x.device)[idx // (h * w)]  # (N, m, C)
         start = torch.stack([channel, -channel], 2).reshape(*idx.shape, 2, c, 1, 1)
         bound = walk.bound(index, start, idx % (h * w))  # (N, m, 2)
-        self.macs += walk.macs
         return bound[..., 0], -bound[..., 1]
 
     def _dense_rows(self, index: int, idx: Tensor) -> Interval:
