@@ -39,15 +39,16 @@ from robustbench_lite.zoo.architectures import build  # noqa: E402
 REFERENCE_SECONDS_20 = 22.0  # the peer's CROWN time for 20 LeNet images (issue 4)
 
 
-def _timed(fn, repeats: int) -> tuple[float, float]:
-    """Best wall and CPU seconds of ``repeats`` calls (the machine is shared: best is the least noisy)."""
-    wall, cpu = [], []
+def _timed(fn, repeats: int) -> tuple[float, float, object]:
+    """Best wall and CPU seconds of ``repeats`` calls (the machine is shared: best is the least noisy),
+    and the last call's result."""
+    wall, cpu, result = [], [], None
     for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
-        fn()
+        result = fn()
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-    return min(wall), min(cpu)
+    return min(wall), min(cpu), result
 
 
 def _zoo_model(name: str, arch: str):
@@ -91,11 +92,9 @@ def part1(repeats: int) -> None:
         n = 100
         x, y = data.x[:n], data.y[:n]
         with torch.no_grad():
-            _, fwd = _timed(lambda: model(x), repeats * 3)
-            _, ibp = _timed(lambda: IBP()(model, x, y, threat), repeats)
-            _, crown = _timed(lambda: CROWN()(model, x[:20], y[:20], threat), max(1, repeats // 2))
-            ibp_result = IBP()(model, x, y, threat)
-            crown_result = CROWN()(model, x[:20], y[:20], threat)
+            _, fwd, _ = _timed(lambda: model(x), repeats * 3)
+            _, ibp, ibp_result = _timed(lambda: IBP()(model, x, y, threat), repeats)
+            _, crown, crown_result = _timed(lambda: CROWN()(model, x[:20], y[:20], threat), max(1, repeats // 2))
         print(f"{label:34s} {eps:5.2f} {n:4d} {n / fwd:10.0f} {n / ibp:9.0f} {ibp / fwd:10.1f} "
               f"{ibp_result.forward_equivalents:10.1f} {20 / crown:8.1f} {crown / 20 / (fwd / n):12.0f} "
               f"{crown_result.forward_equivalents:12.0f} {ibp_result.certified.float().mean().item():8.2f} "
