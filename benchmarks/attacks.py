@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 # this file is named attacks.py: run as a script, its folder must not shadow the ``attacks`` package
 _HERE = Path(__file__).resolve().parent
@@ -36,6 +34,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from attacks import PGD, AutoAttack, AutoAttackRef
 from attacks.losses import input_gradient
+from benchmarks._timing import best_time, timed
 from robustbench_lite.data import load_dataset
 from robustbench_lite.threat import ThreatModel
 from robustbench_lite.zoo import list_models, load_model
@@ -43,15 +42,6 @@ from robustbench_lite.zoo import list_models, load_model
 MODELS = ("mnist5k-cnn-standard", "mnist5k-cnn-pgd-at", "mnist5k-cnn-trades")
 THREAT = ThreatModel("Linf", 0.3)
 STEPS, STEP_SIZE = 40, 0.01
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def floor_loop(model: nn.Module, x: Tensor, y: Tensor) -> None:
@@ -86,18 +76,10 @@ def bench_pgd(model: nn.Module, x: Tensor, y: Tensor, repeats: int) -> None:
           f"floor {STEPS * x.shape[0]} each (ours stops on broken points)")
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
-    """Wall and CPU seconds of one call (CPU seconds are what a shared machine distorts least)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
-
-
 def bench_autoattack(model: nn.Module, x: Tensor, y: Tensor, square_starts: list[str]) -> None:
     """Ours (each Square start asked for) and the reference, alternated in one process on the same examples."""
-    runs = {}
-    for start in square_starts:
-        runs[start] = timed(lambda: AutoAttack(square_start=start)(model, x, y, THREAT))
+    cascades = {start: AutoAttack(square_start=start) for start in square_starts}
+    runs = {start: timed(lambda: cascade(model, x, y, THREAT)) for start, cascade in cascades.items()}
     wall_r, cpu_r, ref = timed(lambda: AutoAttackRef()(model, x, y, THREAT))
     acc_ref = float((~ref.success).float().mean())
     print(f"  AA       {x.shape[0]} examples; reference (pyautoattack standard) robust {acc_ref:.3f}"
@@ -106,7 +88,7 @@ def bench_autoattack(model: nn.Module, x: Tensor, y: Tensor, square_starts: list
         acc_ours = float((~ours.success).float().mean())
         only_ref = int((ref.success & ~ours.success).sum())
         only_ours = int((ours.success & ~ref.success).sum())
-        print(f"  AA       ours (square_start={start}, suite {AutoAttack(square_start=start).suite}) robust "
+        print(f"  AA       ours (square_start={start}, suite {cascades[start].suite}) robust "
               f"{acc_ours:.3f} {ours.flags.get('robust_after')}  wall {wall_o:6.1f}s cpu {cpu_o:6.1f}s")
         print(f"  AA       robust ours - reference = {acc_ours - acc_ref:+.3f} (target <= 0); broken by the reference only:"
               f" {only_ref} (target 0), by ours only: {only_ours};  time ours/reference = cpu {cpu_o / cpu_r:.2f}x"

@@ -23,10 +23,8 @@ import contextlib
 import io
 import logging
 import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 # as in benchmarks/attacks.py: the repository root first, this folder never shadowing a package
 _HERE = Path(__file__).resolve().parent
@@ -38,6 +36,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from attacks import HopSkipJump, Square  # noqa: E402
+from benchmarks._timing import timed  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
 from robustbench_lite.zoo import load_model  # noqa: E402
@@ -53,12 +52,6 @@ class Counting(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self.rows += x.shape[0]
         return self.model(x.float())  # ART's HopSkipJump hands over float64 arrays
-
-
-def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
 def correct_examples(model: nn.Module, n: int, offset: int) -> tuple[Tensor, Tensor]:
