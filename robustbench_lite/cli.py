@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import RobustBenchLiteError, SoundnessError, UserInputError
+from .protocol import CORRUPTIONS_NORM
 from .render.terminal import format_corruptions, format_result
 
 PROG = "robustbench-lite"
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--arch", default=None, help="architecture of a state-dict file")
     ev.add_argument("--dataset", default=DEFAULTS["dataset"], help="dataset name")
     ev.add_argument("--split", default="test", help="split of the dataset")
-    ev.add_argument("--threat", choices=("lp", "corruptions"), default="lp",
+    ev.add_argument("--threat", choices=("lp", CORRUPTIONS_NORM), default="lp",
                     help="lp: the --norm/--eps ball with --attacks/--certifiers; corruptions: accuracy under every "
                          "common corruption at five severities (docs/metrics.md)")
     ev.add_argument("--corruptions", default=None, help="with --threat corruptions: comma-separated corruption names "
@@ -143,7 +144,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .zoo import load_model_with_info
 
     started = time.perf_counter()
-    if args.threat == "corruptions":
+    if args.threat == CORRUPTIONS_NORM:
         return _evaluate_corruptions(args, started)
     if args.corruptions is not None:
         raise UserInputError("--corruptions needs --threat corruptions")

@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from .errors import SoundnessError, UserInputError
+from .protocol import CORRUPTIONS_NORM
 from .reports import refresh_sections
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     replaced, others kept, and the aggregates are recomputed from the merged per-example flags
     (robust = correct and broken by no attack of either run). Different weights or examples:
     the new record replaces the old one."""
-    if not _same_evaluation(old, new) or new["threat_model"]["norm"] == "corruptions":
+    if not _same_evaluation(old, new) or new["threat_model"]["norm"] == CORRUPTIONS_NORM:
         if (old["model"].get("weights_sha256") == new["model"].get("weights_sha256")
                 and old["threat_model"] == new["threat_model"]
                 and old["dataset"]["n_examples"] > new["dataset"]["n_examples"]):

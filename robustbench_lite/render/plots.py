@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .tables import Table
+from .tables import CORRUPTIONS, Table
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def plot_robust_vs_eps(tables: list[Table], out_dir: Path) -> list[Path]:
     series: dict[tuple[str, str], dict[str, dict[float, float]]] = {}
     clean: dict[tuple[str, str], dict[str, float]] = {}
     for t in tables:
-        if t.kind == "corruptions":  # no radius to plot against
+        if t.kind == CORRUPTIONS:  # no radius to plot against
             continue
         for r in t.rows:
             name = r["model"]["name"]
@@ -107,7 +107,7 @@ def plot_corruption_severity(tables: list[Table], out_dir: Path) -> list[Path]:
     plt = _pyplot()
     paths = []
     for t in tables:
-        if t.kind != "corruptions" or not t.rows:
+        if t.kind != CORRUPTIONS or not t.rows:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in t.rows:
