@@ -16,6 +16,7 @@ from digits_model import held_out, trained_mlp
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.seeding import ExampleRNG, example_seeds
 from robustbench_lite.threat import ThreatModel
+from test_blackbox import Counting
 
 
 def indexed_linf_step(images, best, u, p, threat):
@@ -190,17 +191,7 @@ def test_input_gradient_is_the_plain_gradient_whichever_kernel_it_takes():
 def test_cascade_square_queries_are_counted_exactly_with_either_start(square_start):
     model = trained_mlp()
     x, y = held_out(n=20)
-
-    class Counting(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rows = 0
-
-        def forward(self, inputs):
-            self.rows += inputs.shape[0]
-            return model(inputs)
-
-    counting = Counting()
+    counting = Counting(model)
     budget = 40
     result = AutoAttack(stages=["apgd-ce", "square"], steps=3, square_queries=budget,
                         square_start=square_start)(counting, x, y, ThreatModel("Linf", 0.05))
