@@ -59,14 +59,12 @@ def validation_runs(recipes: list[str], seeds: list[int], dataset: str = "mnist5
     training on the ``fit`` rows; the recipe "standard" is standard training (the reference)."""
     import shlex
 
-    from robustbench_lite.data.dataset import Dataset
-    from robustbench_lite.data.embedded import grey_split
+    from robustbench_lite.data.embedded import _embedded
     from robustbench_lite.defenses import DEFENSES
     from robustbench_lite.train import TrainConfig, train
     from robustbench_lite.zoo import architectures
 
-    fit, val = (Dataset(name=dataset, split=split, x=grey_split(dataset, split)[0], y=grey_split(dataset, split)[1],
-                        num_classes=10) for split in ("fit", "val"))
+    fit, val = (_embedded(dataset, split) for split in ("fit", "val"))
     results = {}
     for recipe in ["standard", *recipes]:
         for seed in seeds:
