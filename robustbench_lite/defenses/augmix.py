@@ -191,5 +191,5 @@ class AugMix(Defense):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AugMix":
-        return cls(lam=args.jsd_lambda, severity=args.augmix_severity, width=getattr(args, "augmix_width", 3),
-                   depth=getattr(args, "augmix_depth", -1), seed=args.seed)
+        return cls(lam=args.jsd_lambda, severity=args.augmix_severity, width=args.augmix_width,
+                   depth=args.augmix_depth, seed=args.seed)
