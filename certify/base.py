@@ -66,7 +66,7 @@ class Certifier(abc.ABC):
     differentiable: bool = False
     #: True for expensive certifiers (CROWN, LP, SDP): the evaluator hands them only the examples that no attack
     #: has refuted (a refuted example cannot be certified by a sound certifier); the others read
-    #: ``not certified: refuted by an attack`` without a solve. Cheap certifiers see every example, which
+    #: ``skipped: refuted by an attack`` without a solve. Cheap certifiers see every example, which
     #: keeps the evaluator's certified <= robust cross-check on all of them.
     skip_refuted: bool = False
 
