@@ -184,7 +184,7 @@ def load_registry(path: str | Path) -> list[Job]:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise UserInputError(f"no leaderboard registry at {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserInputError(f"{path}: not valid TOML ({exc})") from None
