@@ -176,52 +176,31 @@ def test_code_fingerprint_follows_module_level_imports_only():
     assert job_protocol(jobs[0])["attacks"][0]["name"] == "fgsm"
 
 
-DEFENSE_ENTRIES = """
-[defaults]
-mode = "cascade"
-attacks = ["fgsm"]
-
-[[entry]]
-model = "mnist5k-cnn-standard"
-dataset = "mnist5k"
+CORRUPTION_TABLE = """dataset = "mnist5k"
 norm = "corruptions"
 corruptions = ["gaussian_noise", "jpeg"]
 n_examples = 8
-
-[[entry]]
-model = "mnist5k-cnn-augmix"
-dataset = "mnist5k"
-norm = "corruptions"
-corruptions = ["gaussian_noise", "jpeg"]
-n_examples = 8
-
-[[entry]]
-model = "colored-mnist5k-cnn-erm"
-dataset = "colored-mnist5k"
+"""
+COLORED_TABLE = """dataset = "colored-mnist5k"
 norm = "Linf"
 eps = [0.02]
 attacks = [{name = "pgd", steps = 3}]
 certifiers = []
 n_examples = 24
-
-[[entry]]
-model = "colored-mnist5k-cnn-group-dro"
-dataset = "colored-mnist5k"
-norm = "Linf"
-eps = [0.02]
-attacks = [{name = "pgd", steps = 3}]
-certifiers = []
-n_examples = 24
-
-[[entry]]
-model = "mnist5k-cnn-wrm"
-dataset = "mnist5k"
+"""
+WRM_TABLE = """dataset = "mnist5k"
 norm = "L2"
 eps = [0.5, 1.0]
 attacks = [{name = "pgd", steps = 3}]
 certifiers = []
 n_examples = 6
 """
+#: a table's entries share its protocol, so each model's entry is the table's lines under its name
+DEFENSE_ENTRIES = '[defaults]\nmode = "cascade"\nattacks = ["fgsm"]\n' + "".join(
+    f'\n[[entry]]\nmodel = "{model}"\n{table}' for model, table in [
+        ("mnist5k-cnn-standard", CORRUPTION_TABLE), ("mnist5k-cnn-augmix", CORRUPTION_TABLE),
+        ("colored-mnist5k-cnn-erm", COLORED_TABLE), ("colored-mnist5k-cnn-group-dro", COLORED_TABLE),
+        ("mnist5k-cnn-wrm", WRM_TABLE)])
 
 
 def test_defense_tables_end_to_end_from_a_registry_elsewhere(tmp_path, capsys, monkeypatch):
