@@ -30,7 +30,8 @@ class CertResult:
     ``certified`` (N,) bool; ``margin_lower`` (N, K) with column y set to 0 (``nan`` rows where the
     example was skipped); ``status``: one string per example, ``certified``, ``not_certified``,
     ``timeout`` or ``skipped: <reason>``; ``forward_equivalents``: cost in forward passes of the
-    model, if the certifier counts it; ``info``: per-certifier diagnostics (e.g. solver statuses).
+    model, if the certifier counts it; ``info``: per-certifier diagnostics (e.g. solver statuses);
+    ``counterexample``: see the field. An example with a counterexample has status ``not_certified``.
     """
 
     certified: Tensor
@@ -38,6 +39,10 @@ class CertResult:
     status: list[str]
     forward_equivalents: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    #: (N, *input_shape) points a complete verifier found and checked (inside ball and box, misclassified
+    #: on a plain forward pass), NaN rows where it found none; None for certifiers that never search.
+    #: The evaluator re-checks each point and counts it against robust accuracy, like an attack's.
+    counterexample: Tensor | None = None
 
 
 def spec_matrix(y: Tensor, num_classes: int) -> Tensor:
