@@ -23,7 +23,9 @@ from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
 
 from .base import CERTIFIED, NOT_CERTIFIED, SKIPPED, TIMEOUT, CertResult, Certifier
+from .crown import CROWN, intermediate_bounds
 from .dual import interval_margin
+from .graph import check_supported, to_affine_relu
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,6 @@ class DenseReLUNet:
 
 def lower_to_dense(model: nn.Module, input_shape: tuple[int, ...]) -> DenseReLUNet:
     """The network as float64 dense maps, from the shared lowering :func:`certify.graph.to_affine_relu`."""
-    from .graph import to_affine_relu
-
     maps = to_affine_relu(model, tuple(input_shape))
     return DenseReLUNet(tuple(w.detach().double().cpu().numpy() for w, _ in maps),
                         tuple(b.detach().double().cpu().numpy() for _, b in maps))
@@ -137,8 +137,6 @@ BoundsFn = Callable[[nn.Module, Tensor, ThreatModel], list]
 
 def crown_bounds(model: nn.Module, x: Tensor, threat: ThreatModel) -> list[tuple[Tensor, Tensor]]:
     """Pre-activation bounds of every ReLU from the CROWN module of this package."""
-    from .crown import intermediate_bounds
-
     return intermediate_bounds(model, x, threat)
 
 
@@ -210,8 +208,6 @@ class ConvexCertifier(Certifier):
         return self._builds
 
     def check_supported(self, model: nn.Module) -> None:
-        from .graph import check_supported
-
         check_supported(model)
 
     # --- subclasses --------------------------------------------------------------------------
@@ -228,8 +224,6 @@ class ConvexCertifier(Certifier):
         """CROWN's margin bounds (N, K): classes they already certify need no solve."""
         if not self.crown_first:
             return None
-        from .crown import CROWN
-
         with torch.no_grad():
             return CROWN().bound_margins(model, x, y, threat).double().cpu().numpy()
 

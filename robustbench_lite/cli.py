@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import RobustBenchLiteError, SoundnessError, UserInputError
-from .protocol import CORRUPTIONS_NORM
 from .render.terminal import format_corruptions, format_result
+from .threat import CORRUPTIONS_NORM
 
 PROG = "robustbench-lite"
 DEFAULTS = {"model": "mnist5k-cnn-pgd-at", "dataset": "mnist5k", "norm": "Linf", "eps": 0.3,
@@ -232,8 +232,9 @@ def _evaluate_corruptions(args: argparse.Namespace, started: float) -> int:
 def _resume_store(args: argparse.Namespace, dataset: Any, threat: Any, info: Any, attack_list: list, cert_list: list):
     """The resume folder of this evaluation, keyed by everything that decides its numbers."""
     from .evaluate import _config
+    from .hashing import dataset_sha256, sha256_json
     from .leaderboard import default_leaderboard_dir
-    from .protocol import code_files, dataset_sha256, sha256_json
+    from .protocol import code_files
     from .resume import resume_runner_for
 
     n = min(args.n_examples, len(dataset))

@@ -27,7 +27,7 @@ from torch import nn
 from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
 from .errors import UserInputError
 from .evaluate import EvaluationResult, PluginReport, evaluation_examples, group_fields, resolve_device
-from .protocol import CORRUPTIONS_NORM
+from .threat import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
 

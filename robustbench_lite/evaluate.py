@@ -9,7 +9,6 @@ depend on batch size or order. Shapes: dataset.x (N, C, H, W) in [0, 1], dataset
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import time
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from . import checks as checks_module
 from .errors import SoundnessError, UserInputError
+from .hashing import indices_sha256
 from .outcome import COST_FIELDS, BatchOutcome, BatchRunner, LocalRunner, add_counts, batch_bounds, evaluate_batch
 from .seeding import example_seeds
 from .threat import ThreatModel
@@ -131,12 +131,6 @@ class EvaluationResult:
 
     def summary(self) -> dict[str, float]:
         return {"clean_acc": self.clean_acc, "robust_acc": self.robust_acc, "certified_acc": self.certified_acc}
-
-
-def indices_sha256(indices: Tensor | Sequence[int]) -> str:
-    """sha256 of the ASCII, comma-separated decimal indices in evaluation order."""
-    idx = indices.tolist() if torch.is_tensor(indices) else list(indices)
-    return hashlib.sha256(",".join(str(int(i)) for i in idx).encode("ascii")).hexdigest()
 
 
 def _mean(flags: Tensor) -> float:

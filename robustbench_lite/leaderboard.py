@@ -13,7 +13,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -33,9 +32,10 @@ from torch import nn
 from . import __version__
 from .errors import CorruptFileError, UserInputError
 from .evaluate import EvaluationResult
+from .hashing import state_dict_sha256
 from .merge import merge_records
-from .protocol import threat_folder
 from .reports import add_sections
+from .threat import threat_folder
 from .zoo.cards import normalization_of, parameter_count
 
 log = logging.getLogger(__name__)
@@ -117,16 +117,6 @@ def _info_dict(info: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(info):
         return {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
     return dict(vars(info))
-
-
-def state_dict_sha256(model: nn.Module) -> str:
-    """sha256 of the parameters and buffers (name, dtype, shape, bytes in key order)."""
-    h = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
 
 
 def model_section(info: Any = None, model: nn.Module | None = None, name: str | None = None) -> dict[str, Any]:

@@ -11,8 +11,8 @@ import logging
 from typing import Any
 
 from .errors import SoundnessError, UserInputError
-from .protocol import CORRUPTIONS_NORM
 from .reports import refresh_sections
+from .threat import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
 

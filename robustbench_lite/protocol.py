@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import copy
-import hashlib
 import json
 import logging
 import tomllib
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UserInputError
+from .hashing import file_sha256, indices_sha256, sha256_json
+from .threat import CORRUPTIONS_NORM, threat_folder
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +36,9 @@ PROJECT_PACKAGES = ("robustbench_lite", "attacks", "certify")
 #: evaluator modules whose source changes every number (their own imports are followed too)
 EVALUATOR_MODULES = ("robustbench_lite.evaluate", "robustbench_lite.checks", "robustbench_lite.reports",
                      "robustbench_lite.defenses.wrm")
-#: the ``norm`` of the common-corruptions threat model (its records live in ``<dataset>/corruptions/``)
-CORRUPTIONS_NORM = "corruptions"
 MODES = ("cascade", "individual")
 _ENTRY_KEYS = {"model", "dataset", "split", "norm", "eps", "attacks", "certifiers", "n_examples", "seed", "mode",
                "batch_size", "corruptions"}
-
-
-def threat_folder(norm: str, eps: float) -> str:
-    """The records' folder name of a threat model: ``<norm>-<eps:g>``, or ``corruptions``."""
-    return CORRUPTIONS_NORM if norm == CORRUPTIONS_NORM else f"{norm}-{eps:g}"
 
 
 @dataclass(frozen=True)
@@ -214,7 +208,7 @@ def _plugin_entries(pairs: Iterable[tuple[str, dict[str, Any]]]) -> list[dict[st
 
 @lru_cache(maxsize=256)
 def job_protocol_cached(job: Job) -> str:
-    from .evaluate import _config, _resolve, indices_sha256
+    from .evaluate import _config, _resolve
 
     if job.is_corruptions:
         from .corruption_eval import corruption_config
@@ -253,10 +247,6 @@ def protocol_differences(record: dict[str, Any], protocol: dict[str, Any]) -> li
     """Protocol fields in which ``record`` differs from ``protocol`` (empty: eligible)."""
     mine = record_protocol(record)
     return sorted(k for k in protocol if mine.get(k) != protocol[k])
-
-
-def sha256_json(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # --- code fingerprints ----------------------------------------------------------------------------
@@ -303,7 +293,7 @@ def code_files(modules: Iterable[str]) -> dict[str, str]:
     out = {}
     for name in sorted(seen):
         path = _module_file(name)
-        out[str(path.relative_to(PROJECT_ROOT))] = hashlib.sha256(path.read_bytes()).hexdigest()  # type: ignore[union-attr]
+        out[str(path.relative_to(PROJECT_ROOT))] = file_sha256(path)  # type: ignore[arg-type]
     return dict(sorted(out.items()))
 
 
@@ -324,13 +314,3 @@ def job_inputs(job: Job, weights_sha256: str | None, data_sha256: str) -> dict[s
     inputs["fingerprint"] = sha256_json({k: inputs[k] for k in
                                          ("weights_sha256", "data_sha256", "code_sha256", "protocol_sha256")})
     return copy.deepcopy(inputs)
-
-
-def dataset_sha256(x: Any, y: Any) -> str:
-    """sha256 of an evaluated subset's image and label tensors (dtype, shape and bytes)."""
-    h = hashlib.sha256()
-    for t in (x, y):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()

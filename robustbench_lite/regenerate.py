@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 from .distributed import Group, all_gather, shard
 from .errors import CorruptFileError, RobustBenchLiteError
-from .protocol import Job, dataset_sha256, job_inputs, job_protocol, load_registry, protocol_differences
+from .hashing import dataset_sha256, file_sha256
+from .protocol import Job, job_inputs, job_protocol, load_registry, protocol_differences
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def select(jobs: list[Job], only: str | None) -> list[Job]:
 
 def current_weights_sha256(model: str) -> str:
     """The weights' sha256 without evaluating: the zoo card's, else the file's / loaded module's."""
-    from .zoo import file_sha256, read_cards
+    from .zoo import read_cards
 
     card = read_cards().get(model)
     if isinstance(card, dict) and card.get("weights_sha256"):

@@ -25,8 +25,9 @@ from torch import nn
 
 from .checks import ERROR, make_flag
 from .errors import UserInputError
+from .hashing import dataset_sha256, indices_sha256, sha256_json
 from .metrics import corruption_summary, worst_group_accuracy, wrm_report
-from .protocol import CORRUPTIONS_NORM, dataset_sha256, sha256_json
+from .threat import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,6 @@ def attach_defense_metrics(record: dict[str, Any], model: nn.Module, model_info:
     gamma = wrm_gamma(model_info)
     if gamma is None or record["threat_model"]["norm"] == CORRUPTIONS_NORM:
         return
-    from .evaluate import indices_sha256
-
     n = int(record["dataset"]["n_examples"])
     sub = dataset.subset(slice(0, n))
     if indices_sha256(sub.indices) != record["dataset"]["indices"]["sha256"]:

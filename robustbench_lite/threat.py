@@ -15,6 +15,13 @@ from torch import Tensor
 from .errors import UserInputError
 
 _TINY = 1e-12
+#: the ``norm`` of the common-corruptions threat model (its records live in ``<dataset>/corruptions/``)
+CORRUPTIONS_NORM = "corruptions"
+
+
+def threat_folder(norm: str, eps: float) -> str:
+    """The records' folder name of a threat model: ``<norm>-<eps:g>``, or ``corruptions``."""
+    return CORRUPTIONS_NORM if norm == CORRUPTIONS_NORM else f"{norm}-{eps:g}"
 
 
 def _flat_norm(t: Tensor, p: float) -> Tensor:

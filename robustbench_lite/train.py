@@ -330,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
     from robustbench_lite import __version__
     from robustbench_lite.data import load_dataset
     from robustbench_lite.zoo import architectures
-    from robustbench_lite.zoo.cards import VERIFY_EXAMPLES, atomic_write_text, file_sha256, normalization_of, parameter_count
+    from robustbench_lite.hashing import file_sha256
+    from robustbench_lite.zoo.cards import VERIFY_EXAMPLES, atomic_write_text, normalization_of, parameter_count
 
     defense_cls = DEFENSES.get(args.defense)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,

@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..hashing import arrays_sha256
+
 log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
@@ -34,25 +36,6 @@ def cache_dir() -> Path:
         return Path(os.environ["RBL_CACHE_DIR"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
     return base / "robustbench-lite"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def arrays_digest(arrays: Arrays) -> str:
-    """Hex sha256 over names, dtypes, shapes and bytes of ``arrays`` (order-independent)."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def _cache_path(name: str, key: str) -> Path:
@@ -69,7 +52,7 @@ def _read(path: Path, key: str) -> Arrays | None:
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         log.warning("parsed-data cache %s is unreadable (%s); rebuilding it", path, exc)
         return None
-    if stored_key != key or arrays_digest(arrays) != digest:
+    if stored_key != key or arrays_sha256(arrays) != digest:
         log.warning("parsed-data cache %s does not match its source or its own digest; rebuilding it", path)
         return None
     return arrays
@@ -81,7 +64,7 @@ def _write(path: Path, key: str, arrays: Arrays) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
             tmp = f.name
-            np.savez(f, __key__=np.array(key), __digest__=np.array(arrays_digest(arrays)), **arrays)
+            np.savez(f, __key__=np.array(key), __digest__=np.array(arrays_sha256(arrays)), **arrays)
         os.replace(tmp, path)
     except OSError as exc:
         log.warning("could not write parsed-data cache %s (%s); loading will parse the source again", path, exc)

@@ -28,7 +28,8 @@ import torch
 
 from robustbench_lite.errors import CorruptFileError, DatasetNotFoundError
 
-from .cache import Arrays, cached_arrays, file_sha256
+from ..hashing import file_sha256
+from .cache import Arrays, cached_arrays
 from .dataset import Dataset
 from .registry import register_dataset
 

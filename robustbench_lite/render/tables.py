@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from ..protocol import CORRUPTIONS_NORM, protocol_differences, record_protocol
+from ..protocol import protocol_differences, record_protocol
+from ..threat import CORRUPTIONS_NORM
 
 TableKey = tuple[str, str, float]
 

@@ -13,7 +13,6 @@ else are caught by it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -32,14 +31,6 @@ CARDS_FORMAT = 1
 VERIFY_EXAMPLES = 200
 #: how many examples of that sample may differ (float noise across machines) before it is an error
 VERIFY_TOLERANCE = 1
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parameter_count(model: nn.Module) -> int:

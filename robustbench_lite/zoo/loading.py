@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from robustbench_lite.errors import CheckpointError, UserInputError
+from robustbench_lite.hashing import file_sha256
 
 from . import architectures
-from .cards import (VERIFY_EXAMPLES, VERIFY_TOLERANCE, WEIGHTS_DIR, ZOO_DIR, file_sha256, normalization_of,
+from .cards import (VERIFY_EXAMPLES, VERIFY_TOLERANCE, WEIGHTS_DIR, ZOO_DIR, normalization_of,
                     parameter_count, read_cards, read_json)
 from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, is_torchscript, load_state_dict_strict, read_state_dict
 

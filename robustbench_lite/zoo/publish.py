@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from robustbench_lite.errors import CheckpointError, RobustBenchLiteError, UserInputError
+from robustbench_lite.hashing import file_sha256
 
-from .cards import WEIGHTS_DIR, ZOO_DIR, file_sha256, read_cards, read_json, write_cards
+from .cards import WEIGHTS_DIR, ZOO_DIR, read_cards, read_json, write_cards
 from .loading import CARD_SUFFIX
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from attacks import PGD, Attack, AttackResult
 from certify.base import Certifier, spec_matrix
 from robustbench_lite.data.dataset import Dataset
 from robustbench_lite.errors import NonFiniteOutputError, SoundnessError, UserInputError
-from robustbench_lite.evaluate import EvaluationResult, evaluate, indices_sha256
+from robustbench_lite.evaluate import EvaluationResult, evaluate
+from robustbench_lite.hashing import indices_sha256
 from robustbench_lite.threat import ThreatModel
 
 K = 3

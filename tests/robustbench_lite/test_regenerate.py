@@ -2,6 +2,7 @@
 --only, --dry-run, protocol eligibility and the refusal to mix protocols in one table."""
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 from robustbench_lite import cli
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.leaderboard import read_record
-from robustbench_lite.protocol import (code_files, job_protocol, jobs_from_entries, load_registry,
-                                       protocol_differences)
+from robustbench_lite.protocol import (EVALUATOR_MODULES, PROJECT_PACKAGES, PROJECT_ROOT, code_files, job_protocol,
+                                       jobs_from_entries, load_registry, protocol_differences)
 from robustbench_lite.regenerate import RUN, SKIP, UNAVAILABLE, plan, regenerate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -174,6 +175,28 @@ def test_code_fingerprint_follows_module_level_imports_only():
     jobs = jobs_from_entries([{"model": "m", "dataset": "digits", "norm": "Linf", "eps": [0.1], "n_examples": 3,
                                "attacks": ["fgsm"], "certifiers": []}])
     assert job_protocol(jobs[0])["attacks"][0]["name"] == "fgsm"
+
+
+def test_code_fingerprint_of_lp_follows_crown_and_not_the_registry_code():
+    """LP takes its intermediate bounds from CROWN: a change to crown.py must re-run an LP-only entry; an
+    edit to the registry code (protocol.py) must re-run nothing."""
+    files = code_files(["certify.lp"])
+    assert {"certify/crown.py", "certify/graph.py", "certify/layers.py", "certify/convex.py"} <= set(files)
+    assert "robustbench_lite/protocol.py" not in code_files(list(EVALUATOR_MODULES) + ["robustbench_lite.merge",
+                                                                                      "robustbench_lite.corruption_eval"])
+
+
+def test_certifiers_import_project_modules_at_module_level():
+    """The fingerprint follows module-level imports only, so a certifier that imports a project module
+    inside a function hides a dependency from it."""
+    lazy = []
+    for path in sorted((PROJECT_ROOT / "certify").glob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text("utf-8"))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lazy += [f"{path.name}:{node.lineno}" for node in ast.walk(fn)
+                         if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0]
+                                                                  in PROJECT_PACKAGES)]
+    assert not lazy, f"imports inside functions: {lazy}"
 
 
 CORRUPTION_TABLE = """dataset = "mnist5k"

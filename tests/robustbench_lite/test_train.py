@@ -15,9 +15,10 @@ from robustbench_lite.data import Dataset, load_dataset
 from robustbench_lite.defenses import DEFENSES, PGDAT, Defense, Standard
 from robustbench_lite.defenses.adversarial import ramped_eps
 from robustbench_lite.errors import UserInputError
+from robustbench_lite.hashing import file_sha256
 from robustbench_lite.threat import ThreatModel
 from robustbench_lite.train import TrainConfig, add_arguments, default_name, learning_rate, run, train
-from robustbench_lite.zoo import build, file_sha256, load_model_with_info
+from robustbench_lite.zoo import build, load_model_with_info
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from robustbench_lite.errors import CheckpointError, UserInputError
-from robustbench_lite.zoo import build, file_sha256, list_models, load_model, load_model_with_info, read_cards
+from robustbench_lite.hashing import file_sha256
+from robustbench_lite.zoo import build, list_models, load_model, load_model_with_info, read_cards
 from robustbench_lite.zoo.cards import ZOO_DIR, normalization_of
 from robustbench_lite.zoo.publish import main as publish_main
 
