@@ -3,9 +3,9 @@
 RobustBench's layout and field names (``clean_acc``, ``robust_acc``, ``autoattack_acc``,
 ``number_forward_passes``, ``additional_data``; Croce et al. 2021, arXiv 2010.09670), but fractions
 in [0, 1], not percent strings, and the per-example flags every aggregate comes from. Every write is
-checked against ``schema/record.schema.json`` and is atomic (temporary file in the same folder,
-fsync, ``os.replace``); an existing file that is corrupt or off-schema is reported with
-:class:`CorruptFileError` and never overwritten. Rendering lives in :func:`render_table`.
+checked against ``schema/record.schema.json`` and is atomic (:mod:`robustbench_lite.atomic`); an
+existing file that is corrupt or off-schema is reported with :class:`CorruptFileError` and never
+overwritten. Rendering lives in :func:`render_table`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .atomic import atomic_write_text
 from .errors import CorruptFileError, UserInputError
 from .evaluate import EvaluationResult
 from .hashing import state_dict_sha256
@@ -247,35 +247,8 @@ def to_json_text(data: Any) -> str:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (see :func:`atomic_write_text`)."""
+    """Write ``data`` as JSON to ``path`` atomically (see :func:`robustbench_lite.atomic.atomic_write`)."""
     atomic_write_text(path, to_json_text(data))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync and os.replace.
-
-    Any failure (including KeyboardInterrupt) removes the temporary file and leaves ``path`` as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 @contextlib.contextmanager

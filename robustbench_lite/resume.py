@@ -2,8 +2,8 @@
 
 ``ResumeRunner(state_dir, key)`` writes one safetensors shard per batch (for a leaderboard record,
 under ``<leaderboard dir>/.state/<dataset>/<norm>-<eps>/<model>/``, see :func:`state_dir_for`),
-``batch-<start>-<stop>.safetensors`` (temporary file in the same folder, fsync, ``os.replace``:
-a shard is complete or absent, never half-written), next to a ``manifest.json`` holding ``key``,
+``batch-<start>-<stop>.safetensors`` (written by :mod:`robustbench_lite.atomic`: a shard is
+complete or absent, never half-written), next to a ``manifest.json`` holding ``key``,
 the sha256 of everything that decides the numbers (weights, data, threat model, plug-in configs,
 seed, batch size, mode). A folder whose manifest names another key is stale: it is cleared before
 the run. Batches found are loaded instead of computed; since seeds are per example and batches are
@@ -20,7 +20,8 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from .leaderboard import atomic_write_bytes, safe_name
+from .atomic import atomic_write_bytes
+from .leaderboard import safe_name
 from .outcome import BatchOutcome, Bounds, Compute, Done
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from robustbench_lite.atomic import atomic_write_bytes, atomic_write_text
 from robustbench_lite.defenses import DEFENSES, Defense
 from robustbench_lite.errors import CheckpointError, UserInputError
 from robustbench_lite.seeding import mix
@@ -87,7 +88,7 @@ def _fingerprint(model: nn.Module, dataset: Any, defense: Defense, config: Train
 def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, defense: Defense,
                     epochs_done: int, history: list[dict], fingerprint: dict) -> None:
     """Atomically write model, optimizer and defense state after ``epochs_done`` epochs."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
@@ -102,9 +103,7 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         tensors[f"defense.{key}"] = value.detach().cpu().contiguous().clone()
     meta = {"epochs_done": epochs_done, "history": history, "fingerprint": fingerprint,
             "optimizer_param_groups": opt["param_groups"], "optimizer_scalars": scalars}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(tensors, metadata={_META_KEY: json.dumps(meta)}))
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, defense: Defense,
@@ -247,7 +246,7 @@ class WorstGroupSelection:
         return float(meta.get("val_worst_group_acc", -1.0)), int(meta.get("epoch", 0))
 
     def __call__(self, model: nn.Module, entry: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         from robustbench_lite.metrics import worst_group_accuracy
 
@@ -261,10 +260,9 @@ class WorstGroupSelection:
         metric = worst_group_accuracy(correct.cpu(), self.val_set.groups)
         entry["val_acc"], entry["val_worst_group_acc"] = metric["avg_acc"], metric["worst_group_acc"]
         if metric["worst_group_acc"] > self.best()[0]:
-            tmp = self.path.with_name(self.path.name + ".partial")
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-                      metadata={"val_worst_group_acc": repr(metric["worst_group_acc"]), "epoch": str(entry["epoch"])})
-            os.replace(tmp, self.path)
+            tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            atomic_write_bytes(self.path, save(tensors, metadata={"val_worst_group_acc": repr(metric["worst_group_acc"]),
+                                                                  "epoch": str(entry["epoch"])}))
 
     def restore_best(self, model: nn.Module) -> str:
         """Load the kept weights into ``model``; returns the rule as recorded in the model card."""
@@ -325,13 +323,13 @@ def training_command(args: argparse.Namespace, defense_cls: type[Defense]) -> st
 
 def run(args: argparse.Namespace) -> int:
     """``robustbench-lite train``: train, write weights + card (+ checkpoint), optionally register."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from robustbench_lite import __version__
     from robustbench_lite.data import load_dataset
     from robustbench_lite.zoo import architectures
     from robustbench_lite.hashing import file_sha256
-    from robustbench_lite.zoo.cards import VERIFY_EXAMPLES, atomic_write_text, normalization_of, parameter_count
+    from robustbench_lite.zoo.cards import VERIFY_EXAMPLES, normalization_of, parameter_count
 
     defense_cls = DEFENSES.get(args.defense)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
@@ -362,10 +360,7 @@ def run(args: argparse.Namespace) -> int:
     model_selection = "last epoch" if selector is None else selector.restore_best(model)
     model.cpu().eval()
     weights = out / f"{name}.safetensors"
-    tmp = out / f"{name}.safetensors.partial"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"name": name})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, weights)
+    atomic_write_bytes(weights, save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"name": name}))
     n_check = min(VERIFY_EXAMPLES, len(test_set))
     card = {
         "name": name, "architecture": args.arch, "dataset": args.dataset, "num_classes": train_set.num_classes,

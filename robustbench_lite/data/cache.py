@@ -4,7 +4,7 @@ The key is a string the caller builds from the source file's sha256 and the vers
 that shaped the arrays (parser, split rule, scikit-learn's version), so a changed source or rule is
 never served stale. Each cache file stores its key and a sha256 of its own arrays; a file that
 cannot be read, or whose key or digest does not match, is logged and rebuilt, never trusted.
-Files are written atomically (temporary file + rename) and read with ``allow_pickle=False``.
+Files are written atomically (:mod:`robustbench_lite.atomic`) and read with ``allow_pickle=False``.
 Within a process, arrays are also kept in memory (read-only) after the first load.
 
 Location: ``$RBL_CACHE_DIR``, else ``$XDG_CACHE_HOME/robustbench-lite``, else
@@ -15,13 +15,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..hashing import arrays_sha256
 
 log = logging.getLogger(__name__)
@@ -59,17 +59,11 @@ def _read(path: Path, key: str) -> Arrays | None:
 
 
 def _write(path: Path, key: str, arrays: Arrays) -> None:
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            np.savez(f, __key__=np.array(key), __digest__=np.array(arrays_sha256(arrays)), **arrays)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, __key__=np.array(key), __digest__=np.array(arrays_sha256(arrays)),
+                                              **arrays))
     except OSError as exc:
         log.warning("could not write parsed-data cache %s (%s); loading will parse the source again", path, exc)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def cached_arrays(name: str, key: str, build: Callable[[], Arrays]) -> Arrays:

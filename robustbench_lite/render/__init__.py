@@ -44,7 +44,7 @@ def render_all(root: str | Path, registry: str | Path | None = None) -> list[Pat
     """Write README.md, index.html and plots/ under ``root``; returns the written paths.
 
     ``registry``: the registry whose protocols decide eligibility (default ``root/registry.toml``)."""
-    from ..leaderboard import atomic_write_text
+    from ..atomic import atomic_write_text
 
     root = Path(root)
     tables = tables_for(root, registry=registry)

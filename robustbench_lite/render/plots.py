@@ -43,7 +43,7 @@ def _save(fig: Any, path: Path) -> Path:
     """The figure as PNG, written atomically (no timestamped metadata, so unchanged plots stay byte-equal)."""
     import io
 
-    from ..leaderboard import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from robustbench_lite.atomic import atomic_write_text
 from robustbench_lite.errors import CorruptFileError
 
 ZOO_DIR = Path(__file__).resolve().parent
@@ -45,20 +45,6 @@ def normalization_of(model: nn.Module) -> dict[str, list[float]] | None:
             return {"mean": [round(float(v), 6) for v in m.mean.flatten().tolist()],
                     "std": [round(float(v), 6) for v in m.std.flatten().tolist()]}
     return None
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write through a temporary file in the same folder and rename: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:

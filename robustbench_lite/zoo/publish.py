@@ -11,10 +11,10 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from robustbench_lite.atomic import atomic_write
 from robustbench_lite.errors import CheckpointError, RobustBenchLiteError, UserInputError
 from robustbench_lite.hashing import file_sha256
 
@@ -40,17 +40,8 @@ def publish(weights: str | os.PathLike, *, zoo_dir: str | os.PathLike | None = N
     cards = read_cards(zoo_dir)
     if name in cards and not overwrite and cards[name].get("weights_sha256") != card["weights_sha256"]:
         raise UserInputError(f"zoo model {name!r} exists with other weights; pass --overwrite to replace it")
-    target_dir = zoo_dir / WEIGHTS_DIR
-    target_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=weights.name + ".", suffix=".partial", dir=target_dir)
-    os.close(fd)
-    try:
-        shutil.copyfile(weights, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target_dir / weights.name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(weights, "rb") as source:
+        atomic_write(zoo_dir / WEIGHTS_DIR / weights.name, lambda target: shutil.copyfileobj(source, target))
     card = {**card, "name": name, "weights": weights.name}
     cards[name] = card
     write_cards(cards, zoo_dir)
