@@ -2,7 +2,8 @@
 
 Find one with ``certify.CERTIFIERS.create("crown")``; third-party packages add theirs through the
 ``robustbench_lite.certifiers`` entry-point group. The bound propagators (IBP, CROWN, alpha-CROWN)
-share one graph walk, :mod:`certify.graph`.
+share one graph walk, :mod:`certify.graph`; LP, SDP and the exact MIP share the dense lowering
+and per-example loop of :mod:`certify.convex`.
 """
 from robustbench_lite.registry import Registry
 
@@ -10,6 +11,7 @@ from .base import CertResult, Certifier, margins_certified, spec_matrix
 from .crown import CROWN, AlphaCROWN, intermediate_bounds
 from .ibp import IBP
 from .lp import LP
+from .mip import MIP
 from .sdp import SDP
 
 CERTIFIERS: Registry[Certifier] = Registry("certifier", "robustbench_lite.certifiers")
@@ -17,7 +19,8 @@ CERTIFIERS.register("ibp", IBP)
 CERTIFIERS.register("crown", CROWN)
 CERTIFIERS.register("alpha-crown", AlphaCROWN)
 CERTIFIERS.register("lp", LP)
+CERTIFIERS.register("mip", MIP)
 CERTIFIERS.register("sdp", SDP)
 
-__all__ = ["CERTIFIERS", "AlphaCROWN", "CROWN", "CertResult", "Certifier", "IBP", "LP", "SDP", "intermediate_bounds",
+__all__ = ["CERTIFIERS", "AlphaCROWN", "CROWN", "CertResult", "Certifier", "IBP", "LP", "MIP", "SDP", "intermediate_bounds",
            "margins_certified", "spec_matrix"]

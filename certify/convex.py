@@ -172,7 +172,7 @@ class Solved:
 
 
 class ConvexCertifier(Certifier):
-    """Shared loop of the LP and SDP certifiers: lower, size-check, bound, solve, verify.
+    """Shared loop of the LP, SDP and MIP certifiers: lower, size-check, bound, solve, verify.
 
     For each example and each class j != y the margin bound starts as the interval bound of the last
     layer over the activation bounds (sound, free; with ``crown_first`` the better of it and CROWN's
@@ -237,13 +237,13 @@ class ConvexCertifier(Certifier):
     def _skip_reason(self, model: nn.Module, x: Tensor) -> tuple[str | None, DenseReLUNet | None]:
         d = math.prod(x.shape[1:])
         if d > self.max_inputs:
-            return f"skipped: {d} inputs exceed max_inputs={self.max_inputs}", None
+            return f"skipped: too large: {d} inputs exceed max_inputs={self.max_inputs}", None
         try:
             net = lower_to_dense(model, tuple(x.shape[1:]))
         except UserInputError as exc:  # max-pool or residual: fine for CROWN, not for a dense relaxation
             return f"skipped: {exc}", None
         if sum(net.hidden) > self.max_neurons:
-            return f"skipped: {sum(net.hidden)} hidden neurons exceed max_neurons={self.max_neurons}", None
+            return f"skipped: too large: {sum(net.hidden)} hidden neurons exceed max_neurons={self.max_neurons}", None
         return None, net
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:

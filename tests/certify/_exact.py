@@ -1,4 +1,4 @@
-"""Ground truth for the LP/SDP certifier tests: tiny ReLU networks on 2-D inputs.
+"""Ground truth for the LP/SDP/MIP certifier tests: tiny ReLU networks on 2-D inputs.
 
 ``exact_min_margins`` enumerates every activation pattern: on each one the network is affine, so
 the minimum of a margin over the pattern's polytope intersected with the box is an LP (HiGHS).
@@ -41,20 +41,46 @@ def hand_net(sign: float = -1.0) -> nn.Sequential:
     return net
 
 
-def margins_at(model: nn.Module, pts: np.ndarray, y: int) -> np.ndarray:
-    """logit_y - logit_j (P, K) of the model itself (float64 copy) at points (P, 2)."""
+def random_net(widths: tuple[int, ...], seed: int, gain: float = 3.0) -> nn.Sequential:
+    """A dense ReLU net whose weights (gain / sqrt(fan-in) Gaussians) and unit-Gaussian biases give
+    several decision regions inside [0, 1]^2, so balls of radius ~0.1 cross decision boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    net = tiny_net(widths, seed)
     with torch.no_grad():
-        logits = model.double()(torch.as_tensor(pts, dtype=torch.float64)).numpy()
+        for layer in net:
+            if isinstance(layer, nn.Linear):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * gain / layer.in_features ** 0.5)
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+    return net
+
+
+def conv_net(seed: int) -> nn.Sequential:
+    """A conv net on (1, 1, 2) inputs (two pixels), so brute force over 2 input dims still applies."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU(), nn.Conv2d(2, 3, (1, 2)), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(3, 3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)
+    return net
+
+
+def margins_at(model: nn.Module, pts: np.ndarray, y: int, input_shape: tuple[int, ...] = (2,)) -> np.ndarray:
+    """logit_y - logit_j (P, K) of the model itself (float64 copy) at flattened points (P, 2)."""
+    with torch.no_grad():
+        x = torch.as_tensor(pts, dtype=torch.float64).reshape(-1, *input_shape)
+        logits = model.double()(x).numpy()
         model.float()
     return logits[:, [y]] - logits
 
 
-def exact_min_margins(model: nn.Module, x0: np.ndarray, eps: float, y: int) -> np.ndarray:
-    """Achievable minima (K,) of logit_y - logit_j over the Linf ball of x0 in [0, 1]^2."""
-    net = lower_to_dense(model, (2,))
+def exact_min_margins(model: nn.Module, x0: np.ndarray, eps: float, y: int,
+                      input_shape: tuple[int, ...] = (2,)) -> np.ndarray:
+    """Achievable minima (K,) of logit_y - logit_j over the Linf ball of x0 (2,) in [0, 1]^2."""
+    net = lower_to_dense(model, input_shape)
     box = list(zip(np.maximum(x0 - eps, 0), np.minimum(x0 + eps, 1)))
     k = net.num_classes
-    best = margins_at(model, x0[None], y)[0]
+    best = margins_at(model, x0[None], y, input_shape)[0]
     for pattern in itertools.product([0.0, 1.0], repeat=sum(net.hidden)):
         a, c = np.eye(2), np.zeros(2)  # current layer's value = a x + c
         rows, rhs, used = [], [], 0
@@ -73,7 +99,7 @@ def exact_min_margins(model: nn.Module, x0: np.ndarray, eps: float, y: int) -> n
             res = linprog(la[y] - la[j], A_ub=np.vstack(rows), b_ub=np.concatenate(rhs), bounds=box, method="highs")
             if res.status == 0:
                 pt = np.clip(res.x, [b[0] for b in box], [b[1] for b in box])
-                best[j] = min(best[j], margins_at(model, pt[None], y)[0, j])
+                best[j] = min(best[j], margins_at(model, pt[None], y, input_shape)[0, j])
     return best
 
 

@@ -237,10 +237,10 @@ def test_skipped_statuses():
     model = tiny_net((4, 6, 3), 0)
     x = torch.rand(2, 4)
     res = SDP(max_neurons=5)(model, x, torch.tensor([0, 1]), ThreatModel("Linf", 0.1))
-    assert all(s == "skipped: 6 hidden neurons exceed max_neurons=5" for s in res.status)
+    assert all(s == "skipped: too large: 6 hidden neurons exceed max_neurons=5" for s in res.status)
     assert not res.certified.any() and torch.isnan(res.margin_lower).all()
     res = SDP(max_inputs=2)(model, x, torch.tensor([0, 1]), ThreatModel("Linf", 0.1))
-    assert all(s.startswith("skipped: 4 inputs exceed") for s in res.status)
+    assert all(s.startswith("skipped: too large: 4 inputs exceed") for s in res.status)
 
 
 def test_an_example_too_large_for_the_sdp_keeps_the_lp_and_says_why():
