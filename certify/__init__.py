@@ -3,7 +3,8 @@
 Find one with ``certify.CERTIFIERS.create("crown")``; third-party packages add theirs through the
 ``robustbench_lite.certifiers`` entry-point group. The bound propagators (IBP, CROWN, alpha-CROWN)
 share one graph walk, :mod:`certify.graph`; LP, SDP and the exact MIP share the dense lowering
-and per-example loop of :mod:`certify.convex`.
+and per-example loop of :mod:`certify.convex`. Every certified verdict is sound under floating-point
+rounding by one rule, :mod:`certify.rounding` (docs/soundness.md).
 """
 from robustbench_lite.registry import Registry
 

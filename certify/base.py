@@ -67,7 +67,8 @@ class Certifier(abc.ABC):
     """
 
     name: str = "certifier"
-    #: True when margin_lower is differentiable w.r.t. the parameters (certified training)
+    #: True when :meth:`bound_margins` is differentiable w.r.t. the parameters (certified training); the
+    #: ``margin_lower`` of a verdict is proven under rounding (:mod:`certify.rounding`) and carries no gradient
     differentiable: bool = False
     #: True for expensive certifiers (CROWN, LP, SDP): the evaluator hands them only the examples that no attack
     #: has refuted (a refuted example cannot be certified by a sound certifier); the others read

@@ -6,6 +6,12 @@ A network ``x -> W_0 x + b_0 -> ReLU -> W_1 z_1 + b_1 -> ReLU -> ... -> W_L z_L 
 Liang 2018, arXiv 1811.01057, SDP) take pre-activation bounds ``(l_i, u_i)`` of every hidden layer,
 from CROWN by default, and bound the margin ``c^T logits`` with ``c = e_y - e_j``. The certified
 bound of every problem is a *verified* dual bound (:mod:`certify.dual`), never the solver's value.
+
+Rounding (:mod:`certify.rounding`): the dense maps are folded in float64 from a float64 copy of the
+network, with bounds ``weight_errors`` / ``bias_errors`` on their distance to the exact maps; the
+intermediate bounds are CROWN's on that copy, widened by their proven error; the relaxation of each
+example widens them again by how far the dense maps can move a pre-activation (``D_k``) and lowers
+every margin bound by how far they can move the logits (:meth:`Relaxation.margin_error`).
 """
 from __future__ import annotations
 
@@ -25,20 +31,24 @@ from robustbench_lite.threat import ThreatModel
 from .base import CERTIFIED, NOT_CERTIFIED, SKIPPED, TIMEOUT, CertResult, Certifier
 from .crown import CROWN, intermediate_bounds
 from .dual import interval_margin
-from .graph import check_supported, to_affine_relu
+from .graph import affine_segments, build_graph, check_supported, fold_affine
+from .rounding import float64_model, fold_errors, gamma, round_down
 
 log = logging.getLogger(__name__)
 
-#: relative padding of float32 intermediate bounds before they enter a float64 relaxation
-BOUND_PADDING = 1e-6
+_U = 2.0 ** -53  # float64 unit roundoff
 
 
 @dataclass(frozen=True)
 class DenseReLUNet:
-    """``weights[i]`` (n_{i+1}, n_i) and ``biases[i]`` (n_{i+1},), float64; ReLU between them."""
+    """``weights[i]`` (n_{i+1}, n_i) and ``biases[i]`` (n_{i+1},), float64; ReLU between them.
+    ``weight_errors`` / ``bias_errors`` (same shapes; empty: zeros) bound their distance to the maps of
+    the exact network they were folded from."""
 
     weights: tuple[np.ndarray, ...]
     biases: tuple[np.ndarray, ...]
+    weight_errors: tuple[np.ndarray, ...] = ()
+    bias_errors: tuple[np.ndarray, ...] = ()
 
     @property
     def input_dim(self) -> int:
@@ -72,10 +82,15 @@ class DenseReLUNet:
 
 
 def lower_to_dense(model: nn.Module, input_shape: tuple[int, ...]) -> DenseReLUNet:
-    """The network as float64 dense maps, from the shared lowering :func:`certify.graph.to_affine_relu`."""
-    maps = to_affine_relu(model, tuple(input_shape))
-    return DenseReLUNet(tuple(w.detach().double().cpu().numpy() for w, _ in maps),
-                        tuple(b.detach().double().cpu().numpy() for _, b in maps))
+    """The network as dense maps folded in float64 from a float64 copy (:func:`certify.graph.fold_affine`),
+    with their folding errors (:func:`certify.rounding.fold_errors`)."""
+    maps = []
+    for ops, in_shape in affine_segments(build_graph(float64_model(model), tuple(input_shape))):
+        a, b = fold_affine(ops, in_shape)
+        n_out = a[-1].shape[1]
+        maps.append((a[-1].reshape(n_out, -1), b[-1].reshape(-1), *fold_errors(ops, a, b, _U)))
+    numpy = [tuple(m[k].detach().cpu().numpy() for m in maps) for k in range(4)]
+    return DenseReLUNet(*numpy)
 
 
 @dataclass
@@ -92,6 +107,7 @@ class Relaxation:
     pre_upper: list[np.ndarray]
     center: np.ndarray | None = None  # L2 ball centre (None for Linf: the box is the whole set)
     radius: float = 0.0
+    logit_error: np.ndarray | None = None  # (K,) how far the dense maps can move each logit; None: 0
     slope: list[np.ndarray] = field(init=False)
     intercept: list[np.ndarray] = field(init=False)
 
@@ -102,9 +118,13 @@ class Relaxation:
             width = np.where(unstable, hi - lo, 1.0)
             slope = np.where(unstable, hi / width, (lo >= 0).astype(float))
             intercept = np.where(unstable, -slope * lo, 0.0)
-            # rounding may only loosen the upper line, never cut off a true point
+            # the rounded chord sits below the exact one by at most 3u max(|l|, |u|) on [l, u]: lift it
             self.slope.append(slope)
-            self.intercept.append(intercept + 1e-12 * (1.0 + np.abs(lo) + np.abs(hi)) * unstable)
+            self.intercept.append(intercept + 4 * _U * (np.abs(lo) + np.abs(hi)) * unstable)
+
+    def margin_error(self, c: np.ndarray) -> float:
+        """How far the dense maps can move ``c^T logits`` from the exact network's (a bound's pad)."""
+        return 0.0 if self.logit_error is None else float(np.abs(c) @ self.logit_error) * (1 + 1e-12)
 
     @property
     def act_lower(self) -> list[np.ndarray]:
@@ -116,19 +136,22 @@ class Relaxation:
 
 
 def input_box(x: np.ndarray, threat: ThreatModel) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinate bounds of the ball intersected with the box, x (N, d)."""
+    """Coordinate bounds of the ball intersected with the box, x (N, d), rounded outward."""
     lo, hi = threat.box
-    return np.maximum(x - threat.eps, lo), np.minimum(x + threat.eps, hi)
+    slack = 2 * _U * (np.abs(x) + threat.eps)  # x -+ eps is rounded once
+    return np.maximum(x - threat.eps - slack, lo), np.minimum(x + threat.eps + slack, hi)
 
 
 def interval_bounds(net: DenseReLUNet, lower: np.ndarray, upper: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Interval pre-activation bounds of every hidden layer for input boxes (N, d) (Gowal et al. 2018)."""
+    """Interval pre-activation bounds of every hidden layer for input boxes (N, d) (Gowal et al. 2018),
+    each widened by its rounding error: gamma of the layer's sums times ``|W| max(|l|, |u|) + |b|``."""
     out = []
     for w, b in zip(net.weights[:-1], net.biases[:-1]):
         mid, rad = (upper + lower) / 2, (upper - lower) / 2
         c, r = mid @ w.T + b, rad @ np.abs(w).T
-        out.append((c - r, c + r))
-        lower, upper = np.maximum(c - r, 0), np.maximum(c + r, 0)
+        pad = 2 * gamma(w.shape[1] + 8, _U) * (np.maximum(np.abs(lower), np.abs(upper)) @ np.abs(w).T + np.abs(b))
+        out.append((c - r - pad, c + r + pad))
+        lower, upper = np.maximum(c - r - pad, 0), np.maximum(c + r + pad, 0)
     return out
 
 
@@ -136,26 +159,33 @@ BoundsFn = Callable[[nn.Module, Tensor, ThreatModel], list]
 
 
 def crown_bounds(model: nn.Module, x: Tensor, threat: ThreatModel) -> list[tuple[Tensor, Tensor]]:
-    """Pre-activation bounds of every ReLU from the CROWN module of this package."""
+    """Pre-activation bounds of every ReLU from the CROWN module of this package (float64, proven)."""
     return intermediate_bounds(model, x, threat)
 
 
 def make_relaxations(net: DenseReLUNet, x: np.ndarray, threat: ThreatModel,
                      pre_bounds: list[tuple[np.ndarray, np.ndarray]]) -> list[Relaxation]:
-    """One :class:`Relaxation` per example of x (N, d), pre_bounds[i] = (lower, upper) (N, n_i)."""
+    """One :class:`Relaxation` per example of x (N, d); pre_bounds[i] = (lower, upper) (N, n_i): proven
+    bounds of the exact network's pre-activations. The dense maps move a pre-activation by at most
+    ``D_k = |W_k| D_{k-1} + dW_k M_{k-1} + db_k`` (M: the exact network's activation magnitudes), so the
+    bounds are widened by D_k and the logits' D is each relaxation's ``logit_error``."""
     lo, hi = input_box(x, threat)
-    pads = [(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)) for a, b in pre_bounds]
-    pads = [(a - BOUND_PADDING * (1 + np.abs(a)), b + BOUND_PADDING * (1 + np.abs(b))) for a, b in pads]
+    bounds = [(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)) for a, b in pre_bounds]
+    drift, mag = np.zeros_like(x), np.maximum(np.abs(lo), np.abs(hi))
+    widened = []
+    for k, w in enumerate(net.weights):
+        dw = net.weight_errors[k] if net.weight_errors else np.zeros_like(w)
+        db = net.bias_errors[k] if net.bias_errors else 0.0
+        drift = (drift @ np.abs(w).T + mag @ dw.T + db) * (1 + gamma(w.shape[1] + 2, _U))
+        if k < len(bounds):
+            a, b = bounds[k]
+            grow = drift + 2 * _U * (np.maximum(np.abs(a), np.abs(b)) + drift)  # and the widening's rounding
+            widened.append((a - grow, b + grow))
+            mag = np.maximum(b, 0.0)  # the exact network's activations lie in [0, max(u, 0)]
     l2 = threat.norm == "L2"
-    return [Relaxation(lo[i], hi[i], [a[i] for a, _ in pads], [b[i] for _, b in pads],
-                       center=x[i] if l2 else None, radius=threat.eps) for i in range(x.shape[0])]
-
-
-def round_down(a: Tensor) -> Tensor:
-    """float64 -> float32 never rounding up: a lower bound stays a lower bound."""
-    f = a.float()
-    up = f.double() > a
-    return torch.where(up, torch.nextafter(f, torch.tensor(-math.inf)), f)
+    return [Relaxation(lo[i], hi[i], [a[i] for a, _ in widened], [b[i] for _, b in widened],
+                       center=x[i] if l2 else None, radius=threat.eps, logit_error=drift[i])
+            for i in range(x.shape[0])]
 
 
 @dataclass
@@ -221,11 +251,10 @@ class ConvexCertifier(Certifier):
 
     # --- the loop ----------------------------------------------------------------------------
     def _crown_margins(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> np.ndarray | None:
-        """CROWN's margin bounds (N, K): classes they already certify need no solve."""
+        """CROWN's proven margin bounds (N, K) on a float64 copy: classes they certify need no solve."""
         if not self.crown_first:
             return None
-        with torch.no_grad():
-            return CROWN().bound_margins(model, x, y, threat).double().cpu().numpy()
+        return CROWN()(float64_model(model), x.double(), y, threat).margin_lower.cpu().numpy()
 
     def _problem(self, net: DenseReLUNet, norm: str, rel: Relaxation) -> Any:
         key = (net.fingerprint(), norm)
@@ -340,4 +369,4 @@ def interval(model: nn.Module, x: Tensor, threat: ThreatModel) -> list[tuple[np.
 
 
 __all__ = ["ConvexCertifier", "DenseReLUNet", "Relaxation", "Solved", "crown_bounds", "input_box", "interval",
-           "interval_bounds", "lower_to_dense", "make_relaxations", "round_down"]
+           "interval_bounds", "lower_to_dense", "make_relaxations"]

@@ -19,6 +19,10 @@ max-pool over disjoint windows is ONE backward step (:class:`certify.layers.Relu
 everything runs without autograd unless the caller asks for gradients. ``Propagator(plain=True)`` is
 the reference path without these (dense A, one row per neuron, one step per layer); tests hold the
 two equal.
+
+Rounding (docs/soundness.md): a verdict's margins are lowered by their proven rounding error and, where
+the float32 ones are positive but not after that, recomputed in float64 on a float64 copy of the network
+(:func:`certify.rounding.proven_margins`); :func:`intermediate_bounds` (for LP/SDP) are float64 and proven.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ from .graph import Graph, build_graph, check_supported
 from .ibp import Interval, box_lower, input_box
 from .layers import (ConvOp, LinearOp, Relaxation, ReluPoolRelaxation, maxpool_relaxation, pool_windows_disjoint,
                      relu_relaxation)
+from .rounding import (as_margin_lower, error_bounds, float64_model, padded_boxes, proven_margins,
+                       unit_roundoff)
 from .rows import count_groups, selected_first, tighten
 
 
@@ -290,19 +296,21 @@ def _chunks(graph: Graph, n: int, memory_mb: float) -> int:
 
 def intermediate_bounds(model: nn.Module, x: Tensor, threat: ThreatModel,
                         memory_mb: float = 1024.0) -> list[Interval]:
-    """CROWN pre-activation bounds ``(lower, upper)`` (N, *shape) of every ReLU's input, in graph order.
-
-    The order matches the ReLUs of :func:`certify.graph.to_affine_relu`. Sound for the Linf or L2
-    ball of ``threat`` intersected with its box.
+    """CROWN pre-activation bounds ``(lower, upper)`` (N, *shape), float64, of every ReLU's input, in graph
+    order, computed on a float64 copy of the network and widened by their proven rounding error
+    (:mod:`certify.rounding`): sound for the exact network on the Linf or L2 ball of ``threat`` intersected
+    with its box. The order matches the ReLUs of :func:`certify.graph.to_affine_relu`.
     """
-    graph = build_graph(model, tuple(x.shape[1:]))
+    graph, x = build_graph(float64_model(model), tuple(x.shape[1:])), x.detach().double()
     relus = [node.inputs[0] for node in graph.nodes if node.kind == "relu"]
     out: list[list[Interval]] = []
-    step = _chunks(graph, x.shape[0], memory_mb)
+    step = _chunks(graph, x.shape[0], memory_mb / 2)  # float64: half as many elements
     for s in range(0, x.shape[0], step):
-        prop = Propagator(graph, x[s:s + step], threat, memory_mb)
-        prop.compute_bounds()
-        out.append([prop.boxes[i] for i in relus])
+        prop = Propagator(graph, x[s:s + step], threat, memory_mb / 2)
+        with torch.no_grad():
+            prop.compute_bounds()
+            errors = error_bounds(graph, prop.boxes, prop.x, threat, unit_roundoff(torch.float64))
+        out.append(padded_boxes([prop.boxes[i] for i in relus], [errors[i] for i in relus]))
     if not out:
         return [(x.new_zeros(0, *graph.nodes[i].shape),) * 2 for i in relus]
     return [(torch.cat([o[k][0] for o in out]), torch.cat([o[k][1] for o in out])) for k in range(len(relus))]
@@ -340,48 +348,70 @@ class CROWN(Certifier):
         check_supported(model)
 
     def bound_margins(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
+        """The margins as computed in x's dtype (differentiable under grad mode; not lowered by their
+        rounding error: a verdict comes from :meth:`run`)."""
         return self._bound(model, x, y, threat)[0]
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
-        margin_lower, cost = self._bound(model, x, y, threat)
-        return self._result(margin_lower, y, cost)
+        """Margins proven under rounding (:func:`certify.rounding.proven_margins`), then the verdicts."""
+        margin_lower, cost = self._bound(model, x, y, threat, proven=True)
+        return self._result(as_margin_lower(margin_lower, x.dtype), y, cost)
 
-    def _bound(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> tuple[Tensor, float]:
+    def _bound(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+               proven: bool = False) -> tuple[Tensor, float]:
         """Margins (N, K) and their cost in forward passes of the batch (affine multiply-accumulates of
-        every backward walk over those of N forward passes; autograd's backward counts twice its walk)."""
+        every backward walk over those of N forward passes; autograd's backward counts twice its walk).
+        ``proven``: float64 margins lowered by their rounding error, recomputed in float64 where needed;
+        the error bounds cost a forward pass of the examples they cover."""
         graph = build_graph(model, tuple(x.shape[1:]))
         y = y.to(torch.int64)
         step = _chunks(graph, x.shape[0], self.memory_mb)
-        parts, macs = [], 0
+        parts, macs, exact = [], 0, []
         for s in range(0, x.shape[0], step):
-            prop = Propagator(graph, x[s:s + step], threat, self.memory_mb)
+            xs, ys = x[s:s + step], y[s:s + step]
+            prop = Propagator(graph, xs, threat, self.memory_mb)
             prop.compute_bounds()
-            if self.alpha_steps:
-                parts.append(self._optimise(prop, y[s:s + step]))
-            else:
-                parts.append(prop.margins(y[s:s + step]))
+            margin, alphas = self._optimise(prop, ys) if self.alpha_steps else (prop.margins(ys), {})
             macs += prop.macs
+            if proven:
+                def recompute(rows: Tensor, xs=xs, ys=ys, alphas=alphas):
+                    nonlocal macs
+                    if not exact:
+                        exact.append(build_graph(float64_model(model), tuple(x.shape[1:])))
+                    again = Propagator(exact[0], xs[rows].double(), threat, self.memory_mb / 2)
+                    again.compute_bounds()
+                    bound = again.margins(ys[rows])
+                    if alphas:  # the slopes alpha-CROWN found, in float64
+                        bound = torch.maximum(bound, again.margins(ys[rows], {i: a[rows].double()
+                                                                               for i, a in alphas.items()}))
+                    macs += again.macs + rows.numel() * graph.forward_macs
+                    return exact[0], again.boxes, again.x, bound
+                margin = proven_margins(graph, prop.boxes, xs, ys, threat, margin, recompute)
+                macs += xs.shape[0] * graph.forward_macs
+            parts.append(margin)
         if not parts:
             return x.new_zeros(0, graph.nodes[graph.output].shape[0]), 0.0
         return torch.cat(parts), macs / max(1, x.shape[0] * graph.forward_macs)
 
-    def _optimise(self, prop: Propagator, y: Tensor) -> Tensor:
-        """alpha-CROWN on the final bound: Adam on slopes in [0, 1], keeping the best bound per margin."""
+    def _optimise(self, prop: Propagator, y: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """alpha-CROWN on the final bound: Adam on slopes in [0, 1], keeping the best bound per margin and
+        the slopes (N, K, *shape) per ReLU that gave it."""
         k = prop.graph.nodes[prop.graph.output].shape[0]
         with torch.no_grad():
             best = prop.margins(y)
         relus = [i for i, r in prop.relax.items() if r.kind == "relu" and bool(r.unstable.any())]
         if not relus:
-            return best
+            return best, {}
         with torch.enable_grad():
             alphas = {i: prop.relax[i].lower_slope.detach().unsqueeze(1).expand(-1, k, *prop.relax[i].lower_slope.shape[1:])
                       .clone().requires_grad_(True) for i in relus}
+            kept = {i: a.detach().clone() for i, a in alphas.items()}  # the initial slopes give CROWN's bound
             opt = torch.optim.Adam(list(alphas.values()), lr=self.alpha_lr)
             for _ in range(self.alpha_steps):
                 before = prop.macs
                 bound = prop.margins(y, alphas)
                 prop.macs += 2 * (prop.macs - before)  # the gradient's backward pass
-                best = torch.maximum(best, bound.detach())
+                best = _keep_best(best, bound.detach(), alphas, kept)
                 grads = torch.autograd.grad(-bound.sum(), list(alphas.values()))
                 for a, g in zip(alphas.values(), grads):
                     a.grad = g
@@ -390,8 +420,16 @@ class CROWN(Certifier):
                     for a in alphas.values():
                         a.clamp_(0.0, 1.0)
         with torch.no_grad():
-            best = torch.maximum(best, prop.margins(y, alphas))
-        return best
+            best = _keep_best(best, prop.margins(y, alphas), alphas, kept)
+        return best, kept
+
+
+def _keep_best(best: Tensor, bound: Tensor, alphas: dict[int, Tensor], kept: dict[int, Tensor]) -> Tensor:
+    """Where ``bound`` (N, K) beats ``best``, take it and copy its slopes into ``kept``."""
+    better = bound > best
+    for i, a in alphas.items():
+        kept[i] = torch.where(better.reshape(*better.shape, *[1] * (a.dim() - 2)), a.detach(), kept[i])
+    return torch.maximum(best, bound)
 
 
 class AlphaCROWN(CROWN):

@@ -15,7 +15,12 @@ the Lagrangian is then minimised exactly in float64:
   infeasibility in the linear constraints costs nothing beyond what it changes in the minimum.
 
 Every function returns a bound of ``c^T logits`` valid for every input of the threat set, as long
-as the intermediate bounds in the :class:`~certify.convex.Relaxation` are.
+as the intermediate bounds in the :class:`~certify.convex.Relaxation` are, in floating point too: the
+Lagrangian's coefficients are sums of products, so each is within ``gamma_N`` times its absolute
+version (the same sums over absolute values) of its exact value (Higham 2002, ch. 3; N bounds the
+roundings along any chain of the sums); the box minimum, the L2 ball term (whatever its multiplier) and
+the final sum add their own rounding, and the bound is lowered by all of it and by
+:meth:`~certify.convex.Relaxation.margin_error` (the dense maps' folding error).
 """
 from __future__ import annotations
 
@@ -24,11 +29,14 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
+from .rounding import gamma
+
 if TYPE_CHECKING:  # convex imports this module
     from .convex import DenseReLUNet, Relaxation
 
 Duals = Mapping[str, Sequence[np.ndarray]]
 _EPS = np.finfo(np.float64).eps
+_U = _EPS / 2  # unit roundoff
 
 
 def _nonneg(duals: Duals | None, name: str, i: int, n: int) -> np.ndarray:
@@ -46,43 +54,61 @@ def _free(duals: Duals | None, name: str, i: int, n: int) -> np.ndarray:
 
 
 def linear_terms(net: DenseReLUNet, rel: Relaxation, c: np.ndarray,
-                 duals: Duals | None) -> tuple[list[np.ndarray], float, float]:
+                 duals: Duals | None) -> tuple[list[np.ndarray], float, list[np.ndarray], float]:
     """Objective minus the multiplied linear ReLU constraints, as per-block coefficients.
 
     Blocks are x, z_1 .. z_L. Families (each ``g(v) >= 0`` with multiplier >= 0, one array per
     layer): ``relu_lower`` z - s, ``triangle`` slope * s + intercept - z, ``pre_lower`` s - l,
-    ``pre_upper`` u - s, where s = W z_prev + b. Returns (coefficients, constant, magnitude) with
-    magnitude a scale for rounding-error padding.
+    ``pre_upper`` u - s, where s = W z_prev + b. Returns (coefficients, constant, and their absolute
+    versions: the same sums over absolute values, which scale their rounding errors).
     """
     coef = [np.zeros(net.input_dim)] + [np.zeros(n) for n in net.hidden]
+    coef_abs = [np.zeros_like(v) for v in coef]
     const = float(c @ net.biases[-1])
+    const_abs = float(np.abs(c) @ np.abs(net.biases[-1]))
     coef[-1] += net.weights[-1].T @ c
-    mag = abs(const)
+    coef_abs[-1] += np.abs(net.weights[-1]).T @ np.abs(c)
     for i, n in enumerate(net.hidden):
         lam_r, lam_t = _nonneg(duals, "relu_lower", i, n), _nonneg(duals, "triangle", i, n)
         lam_l, lam_u = _nonneg(duals, "pre_lower", i, n), _nonneg(duals, "pre_upper", i, n)
         coef[i + 1] += lam_t - lam_r
+        coef_abs[i + 1] += lam_t + lam_r
         rho = lam_r - rel.slope[i] * lam_t - lam_l + lam_u  # multiplier of s
+        rho_abs = lam_r + rel.slope[i] * lam_t + lam_l + lam_u  # slopes are >= 0
         coef[i] += net.weights[i].T @ rho
-        terms = (rho @ net.biases[i], -lam_t @ rel.intercept[i], lam_l @ rel.pre_lower[i], -lam_u @ rel.pre_upper[i])
-        const += sum(terms)
-        mag += sum(abs(t) for t in terms)
-    return coef, const, mag
+        coef_abs[i] += np.abs(net.weights[i]).T @ rho_abs
+        const += float(rho @ net.biases[i] - lam_t @ rel.intercept[i] + lam_l @ rel.pre_lower[i]
+                       - lam_u @ rel.pre_upper[i])
+        const_abs += float(rho_abs @ np.abs(net.biases[i]) + lam_t @ np.abs(rel.intercept[i])
+                           + lam_l @ np.abs(rel.pre_lower[i]) + lam_u @ np.abs(rel.pre_upper[i]))
+    return coef, const, coef_abs, const_abs
 
 
 def _box_min(coef: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
-    return float(np.minimum(coef * lo, coef * hi).sum())
+    """min over the box of coef^T v, lowered by its rounding error."""
+    value = float(np.minimum(coef * lo, coef * hi).sum())
+    return value - gamma(coef.size + 2, _U) * float(np.abs(coef) @ np.maximum(np.abs(lo), np.abs(hi)))
 
 
 def _ball_min(coef: np.ndarray, rel: Relaxation) -> float:
-    """min over x in box with ||x - x0|| <= eps of coef^T x, via the best multiplier of the ball."""
+    """A lower bound of min over x in box with ||x - x0|| <= eps of coef^T x: the dual function at the best
+    multiplier mu found, each value lowered by its rounding error. At mu the minimiser over the box is
+    ``x* = clip(x0 - coef / (2 mu))``; the computed x is within ``D = 3u (|x0| + |coef| / (2 mu))`` of it,
+    which costs at most ``(|coef| + 2 mu |x - x0|) D + 3 mu D^2`` per coordinate (convexity), and the
+    sum of the 2d + 1 terms at most gamma_{d+8} times their absolute values (mu eps^2 included, which
+    is what keeps a large mu from winning by rounding)."""
     lo, hi, x0, r2 = rel.input_lower, rel.input_upper, rel.center, rel.radius ** 2
+    g_sum = gamma(coef.size + 8, _U)
 
     def dual(mu: float) -> float:
         if mu <= 0:
             return _box_min(coef, lo, hi)
         x = np.clip(x0 - coef / (2 * mu), lo, hi)
-        return float((coef * x + mu * (x - x0) ** 2).sum() - mu * r2)
+        terms = coef * x + mu * (x - x0) ** 2
+        drift = 3 * _U * (np.abs(x0) + np.abs(coef) / (2 * mu))
+        moved = float(((np.abs(coef) + 2 * mu * np.abs(x - x0)) * drift + 3 * mu * drift ** 2).sum())
+        rounding = g_sum * (float(np.abs(terms).sum() + 2 * mu * ((x - x0) ** 2).sum()) + 2 * mu * r2)
+        return float(terms.sum() - mu * r2) - (moved + rounding) * (1 + g_sum)
 
     # the dual function is concave in mu, hence unimodal in log(mu): golden-section search
     a, b = -12.0, 12.0
@@ -102,17 +128,22 @@ def _ball_min(coef: np.ndarray, rel: Relaxation) -> float:
 
 
 def lp_bound(net: DenseReLUNet, rel: Relaxation, c: np.ndarray, duals: Duals | None) -> float:
-    """Verified lower bound of c^T logits over the triangle relaxation, from any LP multipliers."""
-    coef, const, mag = linear_terms(net, rel, c, duals)
-    total = const
-    for blk, (lo, hi) in enumerate(zip(rel.act_lower, rel.act_upper), start=1):
-        total += _box_min(coef[blk], lo, hi)
-    if rel.center is None:
-        total += _box_min(coef[0], rel.input_lower, rel.input_upper)
-    else:
-        total += _ball_min(coef[0], rel)
-    scale = mag + sum(float(np.abs(cf).sum()) for cf in coef) * (1 + max(float(np.abs(rel.input_upper).max()), 1.0))
-    return total - 1e-12 * (1 + scale)
+    """Verified lower bound of c^T logits over the triangle relaxation, from any LP multipliers.
+
+    With N = the widest layer + 4 per layer + 10 (the roundings along any chain of the Lagrangian's
+    sums), the exact coefficients are within gamma_N times their absolute versions of the computed ones,
+    which moves each block's minimum by at most that times the block's magnitudes."""
+    coef, const, coef_abs, const_abs = linear_terms(net, rel, c, duals)
+    g = gamma(max(net.input_dim, *net.hidden, net.num_classes) + 4 * len(net.weights) + 10, _U)
+    boxes = [(rel.input_lower, rel.input_upper), *zip(rel.act_lower, rel.act_upper)]
+    parts = [const]
+    pad = g * const_abs
+    for blk, (lo, hi) in enumerate(boxes):
+        pad += g * float(coef_abs[blk] @ np.maximum(np.abs(lo), np.abs(hi)))
+        parts.append(_ball_min(coef[0], rel) if blk == 0 and rel.center is not None else _box_min(coef[blk], lo, hi))
+    total = float(sum(parts))
+    pad = (pad + gamma(len(parts) + 2, _U) * sum(abs(p) for p in parts)) * (1 + g)
+    return total - pad - rel.margin_error(c)
 
 
 def interval_margin(net: DenseReLUNet, rel: Relaxation, c: np.ndarray) -> float:

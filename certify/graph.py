@@ -180,7 +180,15 @@ def check_supported(model: nn.Module) -> None:
                              "residual additions")
 
 
-def _affine(m: nn.Module, in_shape: tuple[int, ...]) -> AffineOp:
+def _unit(t: Tensor) -> float:
+    """Unit roundoff of t's dtype (float16 and bfloat16 included)."""
+    return torch.finfo(t.dtype).eps / 2
+
+
+def _affine(m: nn.Module, in_shape: tuple[int, ...], dtype: torch.dtype) -> AffineOp:
+    """The layer as an AffineOp. Folded parameters (Normalize, BatchNorm, AvgPool's 1/k^2) are computed in
+    the layer's dtype with correctly rounded operations only, and carry ``param_error``: elementwise bounds
+    on their distance to the exact values (counted per rounding: |fl(a op b) - a op b| <= u |a op b|)."""
     if isinstance(m, nn.Linear):
         return LinearOp(m.weight, m.bias, in_shape)
     if isinstance(m, nn.Conv2d):
@@ -188,16 +196,29 @@ def _affine(m: nn.Module, in_shape: tuple[int, ...]) -> AffineOp:
     if isinstance(m, nn.AvgPool2d):
         k = _pair(m.kernel_size)
         c = in_shape[0]
-        weight = torch.full((c, 1, *k), 1.0 / (k[0] * k[1]))
-        return ConvOp(weight, None, _pair(m.stride or m.kernel_size), _pair(m.padding), (1, 1), c, in_shape)
+        weight = torch.full((c, 1, *k), 1.0 / (k[0] * k[1]), dtype=dtype)  # the model's dtype
+        op = ConvOp(weight, None, _pair(m.stride or m.kernel_size), _pair(m.padding), (1, 1), c, in_shape)
+        op.param_error = (weight * (2 * _unit(weight)), None)  # 1 / (k0 k1) rounded to double, then to the dtype
+        return op
     if isinstance(m, Normalize):
-        return ChannelAffineOp(1.0 / m.std.flatten(), -m.mean.flatten() / m.std.flatten(), in_shape)
+        std = m.std.flatten()
+        scale, shift = 1.0 / std, -m.mean.flatten() / std  # one rounding each
+        op = ChannelAffineOp(scale, shift, in_shape)
+        op.param_error = (scale.abs() * _unit(scale), shift.abs() * _unit(shift))
+        return op
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        scale = torch.rsqrt(m.running_var + m.eps)
+        scale = 1.0 / torch.sqrt(m.running_var + m.eps)  # three roundings (eps is the exact double given)
         if m.weight is not None:
-            scale = scale * m.weight
-        shift = -m.running_mean * scale + (m.bias if m.bias is not None else 0.0)
-        return ChannelAffineOp(scale, shift, in_shape)
+            scale = scale * m.weight  # a fourth
+        mean_scale = m.running_mean * scale
+        shift = -mean_scale + (m.bias if m.bias is not None else 0.0)
+        u = _unit(scale)
+        scale_error = scale.abs() * (5 * u)  # (1 + u)^4 / (1 - u) - 1 <= 5u
+        bias = m.bias.abs() if m.bias is not None else 0.0
+        shift_error = m.running_mean.abs() * scale_error + (mean_scale.abs() + bias) * (3 * u)
+        op = ChannelAffineOp(scale, shift, in_shape)
+        op.param_error = (scale_error, shift_error)
+        return op
     if isinstance(m, nn.Flatten):
         return ReshapeOp(in_shape, (math.prod(in_shape),))
     raise AssertionError(f"not an affine layer: {m}")
@@ -211,6 +232,8 @@ def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
     """
     check_supported(model)
     fx_graph, modules = _trace(model)
+    dtype = next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+                 torch.get_default_dtype())
     nodes: list[Node] = []
     where: dict[torch.fx.Node, int] = {}
     output = -1
@@ -242,7 +265,7 @@ def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
                 op = MaxPoolOp(_pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding),
                                _pair(m.dilation), in_shape)
             elif kind == "affine":
-                op = _affine(modules[fx_node.target], in_shape)
+                op = _affine(modules[fx_node.target], in_shape, dtype)
             if op is not None:
                 shape = op.out_shape
             node = Node(len(nodes), kind, tuple(args), tuple(shape), fx_node.name, op)
@@ -255,14 +278,10 @@ def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
     return Graph(nodes, output)
 
 
-def to_affine_relu(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[Tensor, Tensor]]:
-    """Dense ``[(W_0, b_0), ..., (W_L, b_L)]`` with ``logits = W_L relu(... relu(W_0 x + b_0))``.
+def affine_segments(graph: Graph) -> list[tuple[list[AffineOp], tuple[int, ...]]]:
+    """The affine ops between consecutive ReLUs of a plain ReLU network, each with its input shape.
 
-    x is the flattened input; W_i (n_{i+1}, n_i), b_i (n_{i+1},). Normalize, Conv2d, AvgPool2d,
-    BatchNorm and Flatten are folded into the maps. Only chains of affine layers and ReLUs are
-    accepted: MaxPool2d and residual additions raise :class:`UserInputError`.
-    """
-    graph = build_graph(model, input_shape)
+    Raises :class:`UserInputError` for max-pool and residual additions."""
     bad = [f"{n.name} ({n.kind})" for n in graph.nodes if n.kind in ("maxpool", "add")]
     if bad:
         raise UserInputError(f"only chains of affine layers and ReLUs lower to dense maps; got {', '.join(bad)}")
@@ -274,17 +293,35 @@ def to_affine_relu(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple
             shapes.append(node.shape)
         else:
             segments[-1].append(node.op)
+    return list(zip(segments, shapes))
+
+
+def to_affine_relu(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[Tensor, Tensor]]:
+    """Dense ``[(W_0, b_0), ..., (W_L, b_L)]`` with ``logits = W_L relu(... relu(W_0 x + b_0))``.
+
+    x is the flattened input; W_i (n_{i+1}, n_i), b_i (n_{i+1},). Normalize, Conv2d, AvgPool2d,
+    BatchNorm and Flatten are folded into the maps. Only chains of affine layers and ReLUs are
+    accepted: MaxPool2d and residual additions raise :class:`UserInputError`.
+    """
     maps = []
-    for ops, in_shape in zip(segments, shapes):
-        ref = next((p for op in ops for p in vars(op).values() if torch.is_tensor(p)), None)
-        dtype = ref.dtype if ref is not None else torch.float32
-        out_shape = ops[-1].out_shape if ops else in_shape
-        n_out = math.prod(out_shape)
-        a = torch.eye(n_out, dtype=dtype).reshape(1, n_out, *out_shape)
-        b = torch.zeros(1, *in_shape, dtype=dtype)
-        for op in reversed(ops):
-            a = op.backward(a)
-        for op in ops:
-            b = op.forward(b)
-        maps.append((a.reshape(n_out, -1), b.reshape(-1)))
+    for ops, in_shape in affine_segments(build_graph(model, input_shape)):
+        a, b = fold_affine(ops, in_shape)
+        maps.append((a[-1].reshape(a[-1].shape[1], -1), b[-1].reshape(-1)))
     return maps
+
+
+def fold_affine(ops: list[AffineOp], in_shape: tuple[int, ...]) -> tuple[list[Tensor], list[Tensor]]:
+    """The dense map of ``ops`` applied in order, step by step, in the ops' dtype: ``a[t]`` (1, n_out, ...)
+    is the identity of the output pulled back through the last t ops (``a[-1]`` reshaped is W) and
+    ``b[t]`` (1, ...) the first t ops applied to 0 (``b[-1]`` is the bias)."""
+    ref = next((p for op in ops for p in vars(op).values() if torch.is_tensor(p)), None)
+    dtype = ref.dtype if ref is not None else torch.float32
+    out_shape = ops[-1].out_shape if ops else in_shape
+    n_out = math.prod(out_shape)
+    a = [torch.eye(n_out, dtype=dtype).reshape(1, n_out, *out_shape)]
+    b = [torch.zeros(1, *in_shape, dtype=dtype)]
+    for op in reversed(ops):
+        a.append(op.backward(a[-1]))
+    for op in ops:
+        b.append(op.forward(b[-1]))
+    return a, b

@@ -4,7 +4,9 @@ Each node's value is bounded by a box ``[l, u]``: affine layers map the centre e
 through ``|W|``; ReLU and max-pool are monotone. The margins ``logit_y - logit_j`` are bounded with
 the specification ``e_y - e_j`` folded into the last affine layer (tighter than subtracting logit
 intervals). Everything is differentiable, so ``IBP().bound_margins`` is a certified-training loss
-ingredient. Cost: about two forward passes.
+ingredient. Cost: about two forward passes. A verdict (``IBP()(model, x, y, threat)``) is proven under
+rounding: its margins are lowered by their rounding error and recomputed in float64 where needed
+(:func:`certify.rounding.proven_margins`, docs/soundness.md).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from robustbench_lite.threat import ThreatModel
 
 from .base import CertResult, Certifier, spec_matrix
 from .graph import Graph, build_graph, check_supported
+from .rounding import as_margin_lower, float64_model, proven_margins
 
 Interval = tuple[Tensor, Tensor]
 
@@ -71,6 +74,11 @@ def ibp_margins(graph: Graph, x: Tensor, y: Tensor, threat: ThreatModel) -> Tens
 
     When the logits come from an affine layer, the specification is folded into it.
     """
+    return margins_and_bounds(graph, x, y, threat)[0]
+
+
+def margins_and_bounds(graph: Graph, x: Tensor, y: Tensor, threat: ThreatModel) -> tuple[Tensor, list]:
+    """:func:`ibp_margins` and the interval bounds of every node they were computed from."""
     out_node = graph.nodes[graph.output]
     lower, upper = input_box(x, threat)
     if out_node.kind == "affine":
@@ -84,10 +92,11 @@ def ibp_margins(graph: Graph, x: Tensor, y: Tensor, threat: ThreatModel) -> Tens
         if bias is not None:
             margin = margin + bias
     else:
-        lo, hi = interval_bounds(graph, lower, upper)[graph.output]
+        bounds = interval_bounds(graph, lower, upper)
+        lo, hi = bounds[graph.output]
         lo, hi = lo.flatten(1), hi.flatten(1)
         margin = lo.gather(1, y[:, None]) - hi
-    return margin.scatter(1, y[:, None], 0.0)
+    return margin.scatter(1, y[:, None], 0.0), bounds
 
 
 class IBP(Certifier):
@@ -111,8 +120,23 @@ class IBP(Certifier):
         return ibp_margins(graph, x, y.to(torch.int64), threat)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
+        """Margins proven under rounding (:func:`certify.rounding.proven_margins`), then the verdicts.
+        Cost: :func:`ibp_cost`, a forward pass for the error bounds, and the float64 recomputation."""
         graph = build_graph(model, tuple(x.shape[1:]))  # once for the margins and their cost
-        return self._result(ibp_margins(graph, x, y.to(torch.int64), threat), y, ibp_cost(graph))
+        y = y.to(torch.int64)
+        margin, bounds = margins_and_bounds(graph, x, y, threat)
+        rechecked = 0
+
+        def recompute(rows: Tensor):
+            nonlocal rechecked
+            rechecked = rows.numel()
+            graph64, x64 = build_graph(float64_model(model), tuple(x.shape[1:])), x[rows].double()
+            again, bounds64 = margins_and_bounds(graph64, x64, y[rows], threat)
+            return graph64, bounds64, x64, again
+
+        proven = proven_margins(graph, bounds, x, y, threat, margin, recompute)
+        cost = ibp_cost(graph) + 1 + (ibp_cost(graph) + 1) * rechecked / max(1, x.shape[0])
+        return self._result(as_margin_lower(proven, x.dtype), y, cost)
 
 
 def ibp_cost(graph: Graph) -> float:

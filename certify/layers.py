@@ -26,6 +26,9 @@ class AffineOp:
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    #: (weight-like, bias-like) elementwise bounds on how far folded parameters (Normalize, BatchNorm,
+    #: AvgPool) are from their exact values, in the parameters' shapes; None where they are exact
+    param_error: tuple[Tensor | None, Tensor | None] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -63,7 +66,7 @@ class LinearOp(AffineOp):
         return self.weight.numel()
 
     def forward_abs(self, r: Tensor) -> Tensor:
-        return F.linear(r, self.weight.abs())
+        return F.linear(r, self.weight.to(r).abs())
 
     def backward(self, a: Tensor) -> Tensor:
         return a @ self.weight

@@ -9,7 +9,8 @@ For an input set (Linf: the box ``l0 <= x <= u0`` of ball and input box; L2: tha
                z_i >= 0,  z_i >= s_i,  z_i <= a_i * s_i + beta_i   (triangle),  z_i in [l_i^+, u_i^+]
 
 The certified number is the verified dual bound of :func:`certify.dual.lp_bound`, evaluated from the
-solver's multipliers, never the solver's objective value.
+solver's multipliers, never the solver's objective value, and lowered by its proven rounding error on a
+network folded in float64 with proven intermediate bounds (:mod:`certify.convex`, docs/soundness.md).
 """
 from __future__ import annotations
 

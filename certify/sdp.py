@@ -9,7 +9,8 @@ coordinates normalised to [-1, 1]) and handed to SCS directly: SCS factorises it
 and every further class of that example only changes the objective (``SCS.update``) and starts from
 the previous class's solution. The certified number of a class is
 ``max(CROWN, LP verified, SDP verified)``: the SDP's bound is :func:`certify.dual.psd_box_bound` of
-SCS's multipliers, so a loose SCS tolerance costs tightness, never soundness. With the same
+SCS's multipliers, so a loose SCS tolerance costs tightness, never soundness; it is lowered by the rounding
+error of the problem's data (:func:`certify.sdp_problem.build`, docs/soundness.md). With the same
 intermediate bounds the SDP's optimum is never below the LP's; at a loose tolerance its verified
 bound can still fall short of it, which the LP floor then covers (``info["problems"]`` records both).
 """
@@ -62,7 +63,7 @@ class _ExampleSolver:
             bound, status = self._phase(self.full, objective, c, warm or detail["iterations"] > 0, detail)
             best = max(best, bound)
         self.solved += 1
-        return best, status, detail
+        return best - self.rel.margin_error(c), status, detail
 
     def _phase(self, solver: Any, objective: np.ndarray, c: np.ndarray, warm: bool,
                detail: dict[str, float]) -> tuple[float, str]:

@@ -39,18 +39,23 @@ def test_hand_computed_2_2_2_network():
     # y = 0: z0 - z1 = 2 r2 + 0.25 >= 0.25 with the spec folded into the last layer
     # (naive logit intervals would give z0_min - z1_max = 0.25 - 2.5 = -2.25);
     # y = 1: z1 - z0 = -2 r2 - 0.25 >= -4.25
-    m = IBP()(hand_net(), HAND_X, HAND_Y, HAND_THREAT).margin_lower
-    assert torch.allclose(m, torch.tensor([[0.0, 0.25], [-4.25, 0.0]]))
+    # (in float64 the proven rounding pad is ~1e-15; in float32 it may lower the bounds, never raise them)
+    expected = torch.tensor([[0.0, 0.25], [-4.25, 0.0]], dtype=torch.float64)
+    m = IBP()(hand_net().double(), HAND_X.double(), HAND_Y, HAND_THREAT).margin_lower
+    assert m.dtype == torch.float64 and torch.allclose(m, expected, rtol=0, atol=1e-12)
+    m32 = IBP()(hand_net(), HAND_X, HAND_Y, HAND_THREAT)
+    assert (m32.margin_lower.double() <= expected).all() and m32.certified.tolist() == [True, False]
 
 
 def test_eps_zero_gives_the_logit_margins():
     torch.manual_seed(0)
-    model = mnist_lenet().eval()
-    x, y = torch.rand(3, 1, 28, 28), torch.tensor([0, 4, 9])
+    model = mnist_lenet().eval().double()
+    x, y = torch.rand(3, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 4, 9])
     m = IBP()(model, x, y, ThreatModel("Linf", 0.0)).margin_lower
     with torch.no_grad():
         z = model(x)
-    assert torch.allclose(m, z.gather(1, y[:, None]) - z, atol=1e-4)
+    exact = z.gather(1, y[:, None]) - z
+    assert (m <= exact).all() and torch.allclose(m, exact, rtol=0, atol=1e-6)  # the float64 pad: ~3e-7 here
 
 
 def test_margins_carry_gradients_to_the_parameters_for_certified_training():

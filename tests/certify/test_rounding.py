@@ -1,0 +1,139 @@
+"""Certified verdicts under floating-point rounding (certify/rounding.py): a network whose float32 margin
+bound is positive while the exact one is not, the error bounds against float64, the folding errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_soundness import KINDS, random_net
+from torch import nn
+
+from certify import CERTIFIERS, CROWN, IBP
+from certify.crown import Propagator
+from certify.dual import _ball_min
+from certify.graph import affine_segments, build_graph, fold_affine
+from certify.ibp import margins_and_bounds
+from certify.rounding import error_bounds, float64_model, fold_errors, margin_pad, unit_roundoff
+from robustbench_lite.threat import ThreatModel
+from robustbench_lite.zoo.architectures import Normalize
+
+#: x1 = 1, x2 = 0.8 * 2^-23 (float32), Linf eps = 0.1 * 2^-23: in float32, h = x1 + x2 rounds to 1 + 2^-23 at
+#: every point of the ball, so r = 2^23 h - 2^23 is 1 and the margin r - 0.75 is 0.25; in exact arithmetic
+#: r = 2^23 (x1 + x2 - 1) ranges over [0.6, 0.9] and the margin's minimum is -0.15.
+FLIP_X = torch.tensor([[1.0, 0.8 * 2.0 ** -23]])
+FLIP_THREAT = ThreatModel("Linf", 0.1 * 2.0 ** -23)
+
+
+def flip_net() -> nn.Sequential:
+    """Powers of two and sums of two terms only: every float32 result is the same in any summation order."""
+    net = nn.Sequential(nn.Linear(2, 1), nn.ReLU(), nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        net[0].bias.zero_()
+        net[2].weight.fill_(2.0 ** 23)
+        net[2].bias.fill_(-2.0 ** 23)
+        net[4].weight.copy_(torch.tensor([[1.0], [0.0]]))
+        net[4].bias.copy_(torch.tensor([-0.75, 0.0]))
+    return net.eval()
+
+
+def test_no_certifier_certifies_a_margin_that_float32_rounding_makes_positive():
+    net, y = flip_net(), torch.tensor([0])
+    # the flip is real: float32 IBP says 0.25 > 0 ...
+    assert IBP().bound_margins(net, FLIP_X, y, FLIP_THREAT)[0, 1].item() == 0.25
+    with torch.no_grad():  # ... and the float32 forward pass agrees everywhere in the ball ...
+        corner = FLIP_X - FLIP_THREAT.eps * torch.tensor([[1.0, 1.0]])
+        assert net(corner)[0, 0] > net(corner)[0, 1]
+        exact = float64_model(net)(FLIP_X.double() - FLIP_THREAT.eps)  # ... but exactly, the margin there is
+    worst = (exact[0, 0] - exact[0, 1]).item()
+    assert worst == pytest.approx(-0.15, abs=1e-6)  # -0.15 (x2 is 0.8 * 2^-23 rounded to float32)
+    for name in CERTIFIERS.names():
+        result = CERTIFIERS.create(name)(net, FLIP_X, y, FLIP_THREAT)
+        assert not result.certified.any(), name
+        assert result.margin_lower[0, 1].item() <= worst or result.status[0].startswith("skipped"), name
+
+
+def test_a_float64_network_is_certified_in_one_pass_with_a_tiny_pad():
+    net, y = float64_model(flip_net()), torch.tensor([0])
+    x = FLIP_X.double() + torch.tensor([[0.0, 0.2 * 2.0 ** -23]], dtype=torch.float64)  # exact min +0.05
+    for cert in (IBP(), CROWN()):
+        result = cert(net, x, y, FLIP_THREAT)
+        assert result.certified.all() and result.margin_lower.dtype == torch.float64
+        assert 0.05 - 1e-6 < result.margin_lower[0, 1] <= 0.05  # the weights 2^23 make the pad ~1e-8
+
+
+@settings(max_examples=30, deadline=None)
+@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 10_000), norm=st.sampled_from(["Linf", "L2"]),
+       eps=st.floats(0.0, 0.2))
+def test_float32_error_bound_covers_the_distance_to_the_float64_bounds(kind, seed, norm, eps):
+    """The float32 bounds (IBP's and CROWN's, margins and every node's box) are within their proven
+    error of the same bounds computed in float64 (themselves within a ~1e-10 error of the exact ones)."""
+    model, shape = random_net(kind, seed)
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(seed))
+    y, threat = torch.tensor([0, 2]), ThreatModel(norm, eps)
+    graph, graph64, x64 = build_graph(model, shape), build_graph(float64_model(model), shape), x.double()
+    u32, u64 = unit_roundoff(torch.float32), unit_roundoff(torch.float64)
+    with torch.no_grad():
+        m32, boxes32 = margins_and_bounds(graph, x, y, threat)
+        m64, boxes64 = margins_and_bounds(graph64, x64, y, threat)
+        cases = [(m32, boxes32, m64, boxes64)]
+        props = [Propagator(graph, x, threat), Propagator(graph64, x64, threat)]
+        for p in props:
+            p.compute_bounds()
+        cases.append((props[0].margins(y), props[0].boxes, props[1].margins(y), props[1].boxes))
+        for margin32, b32, margin64, b64 in cases:
+            e32, e64 = error_bounds(graph, b32, x, threat, u32), error_bounds(graph64, b64, x64, threat, u64)
+            slack = margin_pad(e32[graph.output], y) + margin_pad(e64[graph.output], y)
+            assert ((margin32.double() - margin64).abs() <= slack).all()
+            for i in e32:
+                if i != graph.output and b32[i] is not None:
+                    for a, b in zip(b32[i], b64[i]):
+                        assert ((a.double() - b).abs() <= e32[i] + e64[i]).all(), (kind, i)
+
+
+def test_folding_errors_bound_the_float32_fold():
+    """Normalize (1 / 0.3081 is not a float) and BatchNorm folded into the next layer in float32 differ
+    from the float64 fold by no more than the two proven folding errors."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(5).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.3, 3)
+        bn.weight.uniform_(-2, 2)
+        bn.bias.uniform_(-1, 1)
+    model = nn.Sequential(Normalize((0.1307, 0.5), (0.3081, 0.7)), nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 5),
+                          bn, nn.ReLU(), nn.Linear(5, 3)).eval()
+    folds = []
+    for net, u in ((model, unit_roundoff(torch.float32)), (float64_model(model), unit_roundoff(torch.float64))):
+        out = []
+        for ops, in_shape in affine_segments(build_graph(net, (2, 4, 4))):
+            a, b = fold_affine(ops, in_shape)
+            out.append((a[-1].reshape(a[-1].shape[1], -1).double(), b[-1].reshape(-1).double(),
+                        *fold_errors(ops, a, b, u)))
+        folds.append(out)
+    rounded = False
+    for (w32, b32, dw32, db32), (w64, b64, dw64, db64) in zip(*folds):
+        assert ((w32 - w64).abs() <= dw32 + dw64).all() and ((b32 - b64).abs() <= db32 + db64).all()
+        assert dw64.max() < 1e-14 * (1 + w64.abs().max())
+        rounded |= bool((w32 != w64).any() and (b32 != b64).any())
+    assert rounded  # the float32 folds really are rounded
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), d=st.integers(1, 6), eps=st.sampled_from([1e-9, 1e-5, 0.01, 0.3, 3.0]),
+       scale=st.sampled_from([1e-12, 1e-6, 1.0, 1e6]))
+def test_l2_ball_term_stays_below_every_point_of_ball_and_box(seed, d, eps, scale):
+    """The verified minimum of coef^T x over ball ∩ box, whatever multiplier mu the search takes (up to
+    1e12), is below coef^T x at points of the set: the ball's centre and points towards -coef."""
+    rng = np.random.default_rng(seed)
+    x0 = np.clip(rng.uniform(-0.2, 1.2, d), 0, 1)  # some coordinates on the box's faces
+    coef = rng.normal(0, scale, d)
+    rel = type("Rel", (), {"input_lower": np.maximum(x0 - eps, 0), "input_upper": np.minimum(x0 + eps, 1),
+                           "center": x0, "radius": eps})()
+    bound = _ball_min(coef, rel)
+    direction = -coef / max(np.linalg.norm(coef), 1e-300)
+    for t in (0.0, 0.5, 1 - 1e-9):
+        pt = np.clip(x0 + t * eps * direction, rel.input_lower, rel.input_upper)
+        assert bound <= float(coef @ pt)
