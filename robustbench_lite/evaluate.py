@@ -2,8 +2,11 @@
 
 ``evaluate(model, dataset, threat)`` runs attacks as a cascade over the points still robust (as in
 AutoAttack, Croce & Hein 2020) or each on every correct point (``individual=True``), runs every
-certifier on every example, and checks per example that certified <= robust <= correct. Robust
-accuracy is the per-example worst case over all attacks, never an average of per-attack figures.
+certifier on every example (or on a stated prefix: ``certifier_examples``), and checks per example
+that certified <= robust <= correct. No plug-in's word is taken: every point an attack or a complete
+verifier claims broke an example is checked first (:mod:`robustbench_lite.claims`). Robust accuracy is
+the per-example worst case over all attacks and checked counterexamples, never an average of
+per-attack figures.
 Every random draw is seeded per example from ``seed`` and the dataset index, so results do not
 depend on batch size or order. Shapes: dataset.x (N, C, H, W) in [0, 1], dataset.y (N,) int64.
 """
@@ -20,9 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from . import checks as checks_module
+from .claims import rejected_claims_flag
 from .errors import SoundnessError, UserInputError
 from .hashing import indices_sha256
-from .outcome import COST_FIELDS, BatchOutcome, BatchRunner, LocalRunner, add_counts, batch_bounds, evaluate_batch
+from .outcome import (COST_FIELDS, BatchOutcome, BatchRunner, LocalRunner, add_counts, batch_bounds,
+                      certifier_prefixes, evaluate_batch)
 from .seeding import example_seeds
 from .threat import ThreatModel
 
@@ -63,7 +68,11 @@ class EvaluationResult:
     certified <= robust <= correct failed; ``flags``: checks' flags (see :mod:`robustbench_lite.checks`);
     ``distances[name]``: (N,) minimal perturbations a minimum-norm attack found (NaN where none / not run);
     ``groups``: (N,) int64 group id of each example when the dataset has groups (``group_names[id]``);
-    ``corruption_correct[name]``: (5, N) bool, correct under a corruption at severity 1..5 (corruption runs).
+    ``corruption_correct[name]``: (5, N) bool, correct under a corruption at severity 1..5 (corruption runs);
+    ``refuted_by[name]``: (N,) bool, a certifier's checked counterexample broke the example (certifiers
+    that returned counterexamples); ``certifier_examples[name]``: the certifier ran only on the first
+    that many examples (the others read ``skipped: beyond the first N examples``); ``rejected[name]``:
+    (N,) uint8, why the evaluator rejected a plug-in's claimed point (:mod:`robustbench_lite.claims`).
     """
 
     dataset: str
@@ -87,6 +96,9 @@ class EvaluationResult:
     groups: Tensor | None = None
     group_names: list[str] | None = None
     corruption_correct: dict[str, Tensor] | None = None
+    refuted_by: dict[str, Tensor] = field(default_factory=dict)
+    certifier_examples: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def n_examples(self) -> int:
@@ -94,9 +106,9 @@ class EvaluationResult:
 
     @property
     def robust(self) -> Tensor:
-        """Correct and broken by no attack: the per-example worst case."""
+        """Correct and broken by no attack and no checked counterexample: the per-example worst case."""
         broken = torch.zeros_like(self.correct)
-        for success in self.attack_success.values():
+        for success in [*self.attack_success.values(), *self.refuted_by.values()]:
             broken |= success
         return self.correct & ~broken
 
@@ -217,7 +229,8 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
              certifiers: Sequence[Any] | str | None = ("ibp",), n_examples: int | None = 1000,
              batch_size: int = 250, seed: int = 0, device: str | torch.device = "cpu",
              individual: bool = False, progress: Progress | bool | None = None,
-             checks: list[checks_module.Check] | None = None, runner: BatchRunner | None = None) -> EvaluationResult:
+             checks: list[checks_module.Check] | None = None, runner: BatchRunner | None = None,
+             certifier_examples: dict[str, int] | None = None) -> EvaluationResult:
     """Evaluate ``model`` on the first ``n_examples`` of ``dataset`` under ``threat``.
 
     ``dataset``: a Dataset or a dataset name (its test split). ``attacks`` / ``certifiers``:
@@ -229,6 +242,12 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     ``runner`` decides where each batch is computed: here (default), resumed from disk
     (:class:`robustbench_lite.resume.ResumeRunner`) or shared over ranks
     (:class:`robustbench_lite.distributed.DistributedRunner`); the numbers are the same.
+    ``certifier_examples``: ``{certifier name: N}`` runs that certifier on the first N examples only
+    (e.g. a complete verifier on a prefix of a table that attacks and cheap certifiers cover whole).
+    Every point an attack or a certifier claims broke an example is checked by the evaluator first
+    (inside ball and box in float64, misclassified on a fresh forward pass): a failing point does not
+    count, and the evaluation raises :class:`SoundnessError` (result attached) naming the plug-in. A
+    certifier's checked counterexample counts against robust accuracy (``refuted_by``).
     """
     if not isinstance(threat, ThreatModel):
         raise UserInputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
@@ -238,6 +257,7 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     attack_list, cert_list = _resolve(attacks, "attack"), _resolve(certifiers, "certifier")
     if set(n for n, _ in attack_list) & set(n for n, _ in cert_list):
         raise UserInputError("an attack and a certifier share a name; give them distinct names")
+    prefixes = certifier_prefixes(certifier_examples, [n for n, _ in cert_list], len(dataset))
 
     was_training = any(m.training for m in model.modules())
     modes = [(m, m.training) for m in model.modules()]
@@ -245,7 +265,7 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     model.eval()
     try:
         result, ctx = _run(model, dataset, threat, attack_list, cert_list, batch_size, int(seed), dev,
-                           bool(individual), progress, runner)
+                           bool(individual), progress, runner, prefixes)
         ctx.model_was_training = was_training
         model.eval()
         result.flags = checks_module.run_checks(ctx, checks)
@@ -253,6 +273,7 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
         for m, mode in modes:
             m.training = mode
     _check_invariant(result)
+    _flag_rejected_claims(result, attack_list, cert_list)
     errors = [f for f in result.flags if f.get("severity") == checks_module.ERROR]
     if errors:
         where = errors[0]["values"].get("indices") or []
@@ -261,6 +282,15 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
         err.result = result  # type: ignore[attr-defined]
         raise err
     return result
+
+
+def _flag_rejected_claims(result: EvaluationResult, attack_list: list, cert_list: list) -> None:
+    """Claims the evaluator rejected (a point outside ball ∩ box, or not misclassified) become the
+    first error flag: the evaluation then raises SoundnessError naming the plug-ins."""
+    kinds = {**{n: "attack" for n, _ in attack_list}, **{n: "certifier" for n, _ in cert_list}}
+    flag = rejected_claims_flag(result.rejected, kinds, result.indices, result.threat)
+    if flag is not None:
+        result.flags.insert(0, flag)
 
 
 def _check_invariant(result: EvaluationResult) -> None:
@@ -274,7 +304,8 @@ def _check_invariant(result: EvaluationResult) -> None:
     result.flags.insert(0, checks_module.make_flag(
         "soundness_violation",
         f"certified <= robust <= correct fails on {int(bad.sum())} example(s): certifier(s) "
-        f"{', '.join(culprits) or '?'} certified points an attack broke or the model misclassifies",
+        f"{', '.join(culprits) or '?'} certified points an attack or a checked counterexample broke, "
+        "or the model misclassifies",
         severity=checks_module.ERROR, examples=int(bad.sum()), indices=result.violations[:100],
     ))
 
@@ -298,8 +329,8 @@ def _add_cost(report: PluginReport, cost: dict[str, Any]) -> None:
 
 def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[tuple[str, Any]],
          cert_list: list[tuple[str, Any]], batch_size: int, seed: int, dev: torch.device,
-         individual: bool, progress: Progress | bool | None,
-         runner: BatchRunner | None = None) -> tuple[EvaluationResult, checks_module.CheckContext]:
+         individual: bool, progress: Progress | bool | None, runner: BatchRunner | None = None,
+         prefixes: dict[str, int] | None = None) -> tuple[EvaluationResult, checks_module.CheckContext]:
     n = len(dataset)
     indices = dataset.indices.cpu()
     seeds_all = example_seeds(seed, indices)
@@ -310,7 +341,7 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
     def compute(i: int) -> BatchOutcome:
         start, stop = bounds[i]
         return evaluate_batch(model, x_all[start:stop].to(dev), y_all[start:stop].to(dev), seeds_all[start:stop],
-                              start, threat, attack_list, cert_list, individual, num_classes)
+                              start, threat, attack_list, cert_list, individual, num_classes, prefixes)
 
     callback, bar = _progress_callback(progress, n)
     settled = 0
@@ -339,6 +370,12 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
     distances = {name: torch.cat([o.distance.get(name, torch.full((o.stop - o.start,), float("nan")))
                                   for o in outcomes])
                  for name, _ in attack_list if any(name in o.distance for o in outcomes)}
+    refuted = {name: torch.cat([o.refuted.get(name, torch.zeros(o.stop - o.start, dtype=torch.bool))
+                                for o in outcomes])
+               for name, _ in cert_list if any(name in o.refuted for o in outcomes)}
+    rejected = {name: torch.cat([o.rejected.get(name, torch.zeros(o.stop - o.start, dtype=torch.uint8))
+                                 for o in outcomes])
+                for name, _ in attack_list + cert_list if any(name in o.rejected for o in outcomes)}
     x_worst = torch.cat([o.x_worst for o in outcomes]).to(x_all.dtype)
     logits_all = [o.logits for o in outcomes]
     for name, _ in attack_list:
@@ -351,7 +388,8 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
         mode="individual" if individual else "cascade", correct=correct, attack_success=success,
         certified_by=certified, attacks=[reports[n_] for n_, _ in attack_list],
         certifiers=[reports[n_] for n_, _ in cert_list], seconds=time.perf_counter() - started,
-        clean_forward=n, distances=distances, **group_fields(dataset),
+        clean_forward=n, distances=distances, **group_fields(dataset), refuted_by=refuted,
+        certifier_examples=dict(prefixes or {}), rejected=rejected,
     )
     ctx = checks_module.CheckContext(
         model=model, x=x_all.to(dev), y=y_all.to(dev), indices=indices, clean_logits=torch.cat(logits_all),

@@ -190,10 +190,14 @@ def build_record(result: EvaluationResult, model_info: Any = None, model: nn.Mod
         "n_broken": int(result.attack_success[r.name].sum()), "seconds": round(r.seconds, 4),
         "forward_passes": r.forward, "backward_passes": r.backward, "queries": r.queries, "flags": r.flags,
     } for r in result.attacks]
+    refuted_by = getattr(result, "refuted_by", None) or {}
+    prefixes = getattr(result, "certifier_examples", None) or {}
     certifiers = [{
         "name": r.name, "config": r.config, "certified_acc": r.accuracy,
         "n_certified": int(result.certified_by[r.name].sum()), "seconds": round(r.seconds, 4),
         "forward_equivalents": r.forward_equivalents, "status_counts": r.status_counts,
+        "n_examples": int(prefixes.get(r.name, result.n_examples)),
+        "n_refuted": int(refuted_by[r.name].sum()) if r.name in refuted_by else 0,
     } for r in result.certifiers]
     record: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -213,6 +217,8 @@ def build_record(result: EvaluationResult, model_info: Any = None, model: nn.Mod
             "certified_by": {k: _bits(v) for k, v in result.certified_by.items()},
         },
     }
+    if refuted_by:  # certifiers' counterexamples that the evaluator checked and counted
+        record["per_example"]["refuted_by"] = {k: _bits(v) for k, v in refuted_by.items()}
     distances = getattr(result, "distances", None) or {}
     if distances:  # minimum-norm attacks: null where none was found or the attack did not run
         record["per_example"]["distances"] = {k: [float(d) if d == d and abs(d) != float("inf") else None

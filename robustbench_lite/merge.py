@@ -25,7 +25,8 @@ def _same_evaluation(old: dict[str, Any], new: dict[str, Any]) -> bool:
 def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """Merge ``new`` into ``old`` (same model, data and threat): plug-ins of the same name are
     replaced, others kept, and the aggregates are recomputed from the merged per-example flags
-    (robust = correct and broken by no attack of either run). Different weights or examples:
+    (robust = correct and broken by no attack and no checked counterexample of either run). Different
+    weights or examples:
     the new record replaces the old one."""
     if not _same_evaluation(old, new) or new["threat_model"]["norm"] == CORRUPTIONS_NORM:
         if (old["model"].get("weights_sha256") == new["model"].get("weights_sha256")
@@ -51,9 +52,11 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             per.setdefault("distances", {})[a["name"]] = old_per["distances"][a["name"]]
     for c in kept_certs:
         per["certified_by"][c["name"]] = old_per["certified_by"][c["name"]]
+        if c["name"] in old_per.get("refuted_by", {}):
+            per.setdefault("refuted_by", {})[c["name"]] = old_per["refuted_by"][c["name"]]
     n = len(per["correct"])
-    per["robust"] = [int(per["correct"][i] and not any(s[i] for s in per["attack_success"].values()))
-                     for i in range(n)]
+    broken = [*per["attack_success"].values(), *per.get("refuted_by", {}).values()]
+    per["robust"] = [int(per["correct"][i] and not any(s[i] for s in broken)) for i in range(n)]
     per["certified"] = [int(any(c[i] for c in per["certified_by"].values())) for i in range(n)]
     merged["robust_acc"] = sum(per["robust"]) / n
     merged["certified_acc"] = sum(per["certified"]) / n

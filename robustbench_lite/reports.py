@@ -12,8 +12,13 @@
   transport cost gives, next to the measured adversarial loss it must bound; a violated bound adds
   the error flag ``wrm_certificate_violated`` to the record (recorded, not raised: the table shows it).
 
-The group and corruption sections are functions of stored per-example flags, so a merged record
-gets them recomputed (:func:`refresh_sections`).
+- ``certification`` (records with certifiers; issue 11): the band from certified to robust accuracy
+  on the first ``n_examples`` examples that every certifier ran on (a complete verifier may run on a
+  prefix of the table), and ``unresolved`` = robust - certified there: the true robust accuracy of those
+  examples lies in the band.
+
+The group, corruption and certification sections are functions of stored per-example flags, so a
+merged record gets them recomputed (:func:`refresh_sections`).
 """
 from __future__ import annotations
 
@@ -72,9 +77,31 @@ def corruption_section(flags: dict[str, list[list[int]]], correct: Sequence[int]
             "corruption_mean": summary["corruption_mean"]}
 
 
+# --- certification -----------------------------------------------------------------------------------
+def certification_section(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record's ``certification`` section from ``per_example`` (``robust``, ``certified``) and each
+    certifier's ``n_examples`` (absent: all); None for a record without certifiers."""
+    per, certifiers = record["per_example"], record["certifiers"]
+    n = len(per["correct"])
+    if not certifiers or n == 0:
+        return None
+    prefix = min(int(c.get("n_examples", n)) for c in certifiers)
+    robust, certified = sum(per["robust"][:prefix]), sum(per["certified"][:prefix])
+    return {"n_examples": prefix, "robust_acc": robust / prefix, "certified_acc": certified / prefix,
+            "unresolved": (robust - certified) / prefix}
+
+
+def _set_certification(record: dict[str, Any]) -> None:
+    section = certification_section(record)
+    record.pop("certification", None)
+    if section is not None:
+        record["certification"] = section
+
+
 # --- building and refreshing ------------------------------------------------------------------------
 def add_sections(record: dict[str, Any], result: Any) -> None:
-    """Put the group and corruption sections (and their per-example flags) of ``result`` in ``record``."""
+    """Put the group, corruption and certification sections (and their per-example flags) of ``result``
+    in ``record``."""
     per = record["per_example"]
     groups = getattr(result, "groups", None)
     if groups is not None:
@@ -85,15 +112,18 @@ def add_sections(record: dict[str, Any], result: Any) -> None:
         per["corruption_correct"] = {name: [[int(b) for b in row] for row in flags.tolist()]
                                      for name, flags in corrupted.items()}
         record["corruptions"] = corruption_section(per["corruption_correct"], per["correct"])
+    _set_certification(record)
 
 
 def refresh_sections(record: dict[str, Any]) -> None:
-    """Recompute the sections that depend on flags a merge changed (``robust`` after new attacks)."""
+    """Recompute the sections that depend on flags a merge changed (``robust`` after new attacks,
+    ``certified`` after new certifiers)."""
     per = record["per_example"]
     if "groups" in record and "group" in per:
         record["groups"] = group_section(per, record["groups"]["names"], bool(record["attacks"]))
     if "corruptions" in record and "corruption_correct" in per:
         record["corruptions"] = corruption_section(per["corruption_correct"], per["correct"])
+    _set_certification(record)
 
 
 # --- WRM certificate --------------------------------------------------------------------------------

@@ -252,9 +252,9 @@ def test_randomized_model_is_flagged():
     ds = toy_dataset(24)
     try:
         r = evaluate(Noisy(toy_model(), 3.0).eval(), ds, ThreatModel("Linf", 0.05), attacks=["pgd"], certifiers=())
-    except SoundnessError as err:  # its re-scored adversarial examples disagree too
+    except SoundnessError as err:  # the evaluator's fresh pass or the re-scoring disagrees with the attack
         r = err.result
-        assert "rescoring_mismatch" in [f["name"] for f in r.flags]
+        assert {"rejected_claims", "rescoring_mismatch"} & {f["name"] for f in r.flags}
     assert "randomized_outputs" in [f["name"] for f in r.flags]
 
 
@@ -270,11 +270,14 @@ class BatchDependent(nn.Module):
 
 
 def test_batch_dependent_model_fails_the_rescoring_check():
+    # PGD's points, scored within PGD's batch, are misclassified; the evaluator's fresh forward pass over
+    # the claimed points (another batch) rejects them first, then the re-scoring check disagrees too
     ds = toy_dataset(48)
-    with pytest.raises(SoundnessError, match="rescoring_mismatch") as info:
+    with pytest.raises(SoundnessError, match="rejected_claims") as info:
         evaluate(BatchDependent().eval(), ds, ThreatModel("Linf", 0.1), attacks=["pgd"], certifiers=(), batch_size=24)
-    flag = next(f for f in info.value.result.flags if f["name"] == "rescoring_mismatch")
-    assert flag["severity"] == "error" and flag["values"]["examples"] > 0
+    flags = {f["name"]: f for f in info.value.result.flags}
+    assert flags["rejected_claims"]["severity"] == "error" and flags["rejected_claims"]["values"]["correct_pgd"]
+    assert flags["rescoring_mismatch"]["severity"] == "error" and flags["rescoring_mismatch"]["values"]["examples"] > 0
 
 
 def test_nested_attack_flags_are_summed_over_batches():
