@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--attacks", default=None, help=f"comma-separated attack names, or none (default {DEFAULTS['attacks']})")
     ev.add_argument("--certifiers", default=None,
                     help=f"comma-separated certifier names, or none (default {DEFAULTS['certifiers']})")
+    ev.add_argument("--certifier-examples", default=None, metavar="NAME=N[,NAME=N]",
+                    help="run these certifiers on the first N examples only (e.g. bab=200: a complete verifier on a "
+                         "prefix; the others read 'skipped: beyond the first N examples')")
     ev.add_argument("--n-examples", type=int, default=DEFAULTS["n_examples"], help="the first N of the split")
     ev.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="examples per batch")
     ev.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="run seed (mixed with each example's index)")
@@ -140,6 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .distributed import init_from_env, shutdown
     from .evaluate import _resolve, evaluate, resolve_device
     from .leaderboard import build_record, read_record, write_record
+    from .outcome import certifier_prefixes
     from .threat import ThreatModel
     from .zoo import load_model_with_info
 
@@ -152,16 +156,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     attacks = _names(DEFAULTS["attacks"] if args.attacks is None else args.attacks)
     certifiers = _names(DEFAULTS["certifiers"] if args.certifiers is None else args.certifiers)
     _check_plugins(attacks, certifiers)
+    attack_list, cert_list = _resolve(attacks, "attack"), _resolve(certifiers, "certifier")
+    prefixes = _certifier_examples(args.certifier_examples)
+    certifier_prefixes(prefixes, [name for name, _ in cert_list], args.n_examples)  # bad names fail before loading
     resolve_device(args.device)
     dataset = load_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download)
     model, info = load_model_with_info(args.model, arch=args.arch, device=args.device)
     from .checks import ATTACK_CHECKS, CHECKS
 
-    attack_list, cert_list = _resolve(attacks, "attack"), _resolve(certifiers, "certifier")
     group = init_from_env(args.device)  # under torchrun: the batches are shared over the ranks; rank 0 writes
     try:
         store = None if args.no_write or args.no_resume else _resume_store(args, dataset, threat, info,
-                                                                           attack_list, cert_list)
+                                                                           attack_list, cert_list, prefixes)
         runner = store
         if group.active:
             from .distributed import DistributedRunner
@@ -171,7 +177,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             result = evaluate(model, dataset, threat, attacks=[a for _, a in attack_list],
                               certifiers=[c for _, c in cert_list], n_examples=args.n_examples,
                               batch_size=args.batch_size, seed=args.seed, device=args.device,
-                              individual=args.individual, progress=bar, runner=runner,
+                              individual=args.individual, progress=bar, runner=runner, certifier_examples=prefixes,
                               checks=CHECKS + ATTACK_CHECKS if args.masking_checks else None)
         except SoundnessError as err:
             if store is not None and group.is_main:
@@ -229,7 +235,21 @@ def _evaluate_corruptions(args: argparse.Namespace, started: float) -> int:
     return 0
 
 
-def _resume_store(args: argparse.Namespace, dataset: Any, threat: Any, info: Any, attack_list: list, cert_list: list):
+def _certifier_examples(text: str | None) -> dict[str, int]:
+    """``--certifier-examples bab=200,mip=50`` -> ``{"bab": 200, "mip": 50}`` (names checked by evaluate)."""
+    out: dict[str, int] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, count = item.partition("=")
+        if not sep or not count.strip().isdigit():
+            raise UserInputError(f"--certifier-examples takes NAME=N items, got {item.strip()!r}")
+        out[name.strip().lower()] = int(count)
+    return out
+
+
+def _resume_store(args: argparse.Namespace, dataset: Any, threat: Any, info: Any, attack_list: list, cert_list: list,
+                  prefixes: dict[str, int]):
     """The resume folder of this evaluation, keyed by everything that decides its numbers."""
     from .evaluate import _config
     from .hashing import dataset_sha256, sha256_json
@@ -242,7 +262,7 @@ def _resume_store(args: argparse.Namespace, dataset: Any, threat: Any, info: Any
     key = sha256_json({
         "weights": info.weights_sha256, "data": dataset_sha256(dataset.x[:n], dataset.y[:n]),
         "threat": threat.to_dict(), "plugins": [(name, type(p).__module__, _config(p)) for name, p in plugins],
-        "seed": args.seed, "batch_size": args.batch_size, "individual": args.individual,
+        "seed": args.seed, "batch_size": args.batch_size, "individual": args.individual, "prefixes": prefixes,
         "code": code_files(sorted({type(p).__module__ for _, p in plugins}) + ["robustbench_lite.evaluate"]),
     })
     root = args.leaderboard_dir if args.leaderboard_dir is not None else default_leaderboard_dir()

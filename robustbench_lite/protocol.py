@@ -3,7 +3,8 @@
 A *job* is one (model, dataset, threat model) evaluation listed in the registry. Its *protocol* is
 what makes two numbers comparable (RobustBench's standardised evaluation, Croce et al. 2021,
 arXiv 2010.09670): the evaluated subset, the attack suite and every attack's configuration, the
-certifiers and theirs, the mode and the seed. Its *inputs* add what can change a number without
+certifiers and theirs (and, for a certifier listed as ``{name = "bab", n_examples = 200}``, the
+prefix of the examples it runs on), the mode and the seed. Its *inputs* add what can change a number without
 changing the protocol: the weights (sha256), the evaluated data (sha256 of the tensors) and the
 source code of the plug-ins and of the evaluator (sha256 per file, found by following the
 module-level imports of each plug-in's module). A record is leaderboard-eligible when its protocol
@@ -39,6 +40,8 @@ EVALUATOR_MODULES = ("robustbench_lite.evaluate", "robustbench_lite.checks", "ro
 MODES = ("cascade", "individual")
 _ENTRY_KEYS = {"model", "dataset", "split", "norm", "eps", "attacks", "certifiers", "n_examples", "seed", "mode",
                "batch_size", "corruptions"}
+#: a certifier's registry option that is the evaluator's, not the certifier's: run it on the first N examples
+PREFIX_KEY = "n_examples"
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,8 @@ class Job:
         return self.norm == CORRUPTIONS_NORM
 
     def plugins(self, kind: str) -> list[Any]:
-        """Fresh plug-in instances (registry name + the registry's keyword arguments)."""
+        """Fresh plug-in instances (registry name + the registry's keyword arguments; a certifier's
+        ``n_examples`` is the evaluator's, see :meth:`certifier_examples`)."""
         from .evaluate import _registry
 
         if self.is_corruptions:
@@ -85,10 +89,19 @@ class Job:
         out = []
         for name, kwargs in specs:
             try:
-                out.append(registry.create(name, **dict(kwargs)))
+                out.append(registry.create(name, **{k: v for k, v in kwargs if k != PREFIX_KEY}))
             except TypeError as exc:
                 raise UserInputError(f"registry entry {self.key}: bad options for {kind} {name!r}: {exc}") from None
         return out
+
+    def certifier_examples(self) -> dict[str, int]:
+        """``{certifier name (as the evaluator names it): N}`` for certifiers listed with ``n_examples = N``
+        below the job's own: they run on the first N examples only (e.g. a complete verifier)."""
+        from .evaluate import _resolve
+
+        names = [name for name, _ in _resolve(self.plugins("certifier"), "certifier")]
+        return {name: dict(kwargs)[PREFIX_KEY] for name, (_, kwargs) in zip(names, self.certifiers)
+                if dict(kwargs).get(PREFIX_KEY, self.n_examples) < self.n_examples}
 
 
 # --- reading the registry -------------------------------------------------------------------------
@@ -101,6 +114,14 @@ def _specs(value: Any, what: str, where: str) -> tuple[tuple[str, tuple[tuple[st
             out.append((item.strip().lower(), ()))
         elif isinstance(item, dict) and isinstance(item.get("name"), str):
             opts = {k: tuple(v) if isinstance(v, list) else v for k, v in item.items() if k != "name"}
+            if PREFIX_KEY in opts:
+                prefix = opts[PREFIX_KEY]
+                if what != "certifiers":
+                    raise UserInputError(f"{where}: {PREFIX_KEY} applies to certifiers only "
+                                         "(attacks see every example)")
+                if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 1:
+                    raise UserInputError(f"{where}: certifier {item['name']!r}: {PREFIX_KEY} must be a positive "
+                                         f"integer, got {prefix!r}")
             out.append((item["name"].strip().lower(), tuple(sorted(opts.items()))))
         else:
             raise UserInputError(f"{where}: bad {what} item {item!r}")
@@ -202,8 +223,16 @@ def check_one_protocol_per_table(jobs: Iterable[Job]) -> dict[tuple[str, str, fl
 
 
 # --- protocols ------------------------------------------------------------------------------------
-def _plugin_entries(pairs: Iterable[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    return [{"name": name, "config": json.loads(json.dumps(config, sort_keys=True))} for name, config in pairs]
+def _plugin_entries(pairs: Iterable[tuple[str, dict[str, Any]]],
+                    prefixes: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """Protocol entries; a certifier run on a prefix of the examples carries its ``n_examples``."""
+    out = []
+    for name, config in pairs:
+        entry = {"name": name, "config": json.loads(json.dumps(config, sort_keys=True))}
+        if name in (prefixes or {}):
+            entry[PREFIX_KEY] = int(prefixes[name])  # type: ignore[index]
+        out.append(entry)
+    return out
 
 
 @lru_cache(maxsize=256)
@@ -223,7 +252,7 @@ def job_protocol_cached(job: Job) -> str:
         "subset": {"start": 0, "stop": job.n_examples, "sha256": indices_sha256(range(job.n_examples))},
         "mode": job.mode, "seed": job.seed,
         "attacks": _plugin_entries(attack_configs),
-        "certifiers": _plugin_entries(cert_configs),
+        "certifiers": _plugin_entries(cert_configs, {} if job.is_corruptions else job.certifier_examples()),
     }, sort_keys=True)
 
 
@@ -239,7 +268,9 @@ def record_protocol(record: dict[str, Any]) -> dict[str, Any]:
         "split": ds["split"], "n_examples": ds["n_examples"], "subset": ds["indices"],
         "mode": record["mode"], "seed": record["environment"]["seed"],
         "attacks": _plugin_entries((a["name"], a["config"]) for a in record["attacks"]),
-        "certifiers": _plugin_entries((c["name"], c["config"]) for c in record["certifiers"]),
+        "certifiers": _plugin_entries(((c["name"], c["config"]) for c in record["certifiers"]),
+                                      {c["name"]: c[PREFIX_KEY] for c in record["certifiers"]
+                                       if c.get(PREFIX_KEY, ds["n_examples"]) < ds["n_examples"]}),
     }, sort_keys=True))
 
 

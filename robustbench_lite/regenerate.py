@@ -157,7 +157,8 @@ def run_job(job: Job, root: Path, inputs: dict[str, Any], resume: bool = True,
                                    f"{inputs['fingerprint']}:{job.batch_size}")
     result = evaluate(model, dataset, ThreatModel(job.norm, job.eps), attacks=job.plugins("attack"),
                       certifiers=job.plugins("certifier"), n_examples=job.n_examples, batch_size=job.batch_size,
-                      seed=job.seed, individual=job.mode == "individual", progress=progress, runner=runner)
+                      seed=job.seed, individual=job.mode == "individual", progress=progress, runner=runner,
+                      certifier_examples=job.certifier_examples())
     record = build_record(result, info, model)
     attach_defense_metrics(record, model, info, dataset)  # WRM models: the certificate and measured loss
     record["inputs"] = inputs

@@ -2,6 +2,9 @@
 
 - ``robust_vs_eps_<dataset>_<norm>.png``: robust accuracy against eps for every model of a dataset
   (eps = 0 is the clean accuracy), one line per model, from the eligible records.
+- ``certified_band_<dataset>_<norm>-<eps>.png``: for a table whose records ran certifiers, each model
+  as a band from certified to robust accuracy (the record's ``certification``: on the examples every
+  certifier ran on), labelled with its unresolved accuracy: the true robust accuracy lies inside it.
 - ``min_norm_<dataset>_<norm>-<eps>.png``: when a minimum-norm attack ran (the record holds
   ``per_example.distances``), the empirical distribution of the per-example minimal perturbations
   it found, one curve per model (the fraction of examples broken within a radius).
@@ -14,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .tables import CORRUPTIONS, Table
+from .tables import CORRUPTIONS, Table, band
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,35 @@ def plot_robust_vs_eps(tables: list[Table], out_dir: Path) -> list[Path]:
         ax.set(xlabel=f"{norm} eps", ylabel="robust accuracy (%)", ylim=(-2, 102),
                title=f"{dataset}: robust accuracy against eps ({norm})")
         paths.append(_finish(fig, ax, out_dir / f"robust_vs_eps_{dataset}_{norm}.png"))
+    return paths
+
+
+def plot_certified_band(tables: list[Table], out_dir: Path) -> list[Path]:
+    """One figure per table with certifiers: a horizontal band per model (in the table's order) from
+    certified to robust accuracy (%), with its unresolved accuracy beside it."""
+    plt = _pyplot()
+    paths = []
+    for t in tables:
+        rows = [(r, band(r)) for r in t.rows] if t.kind != CORRUPTIONS else []
+        rows = [(r, b) for r, b in rows if b is not None]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(7.5, 1.4 + 0.45 * len(rows)))
+        for k, (r, b) in enumerate(rows):
+            y, lo, hi = len(rows) - 1 - k, 100 * b["certified_acc"], 100 * b["robust_acc"]
+            ax.barh(y, hi - lo, left=lo, height=0.5, color="tab:blue", alpha=0.3,
+                    label="unresolved (robust - certified)" if k == 0 else None)
+            ax.plot([lo], [y], "|", color="tab:green", markersize=16, markeredgewidth=2,
+                    label="certified" if k == 0 else None)
+            ax.plot([hi], [y], "|", color="tab:red", markersize=16, markeredgewidth=2,
+                    label="robust" if k == 0 else None)
+            ax.text(min(hi + 1.5, 100), y, f"{100 * b['unresolved']:.1f}", va="center", fontsize=8)
+        ax.set_yticks(range(len(rows)), [r["model"]["name"] for r, _ in reversed(rows)])
+        prefix = t.certification_prefix
+        where = f", first {prefix} examples" if prefix is not None else ""
+        ax.set(xlim=(-2, 108), ylim=(-0.8, len(rows) - 0.2 + 0.8), xlabel="accuracy (%)",
+               title=f"{t.title}: certified to robust{where}")
+        paths.append(_finish(fig, ax, out_dir / f"certified_band_{t.dataset}_{t.norm}-{t.eps:g}.png"))
     return paths
 
 

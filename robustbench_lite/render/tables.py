@@ -20,7 +20,10 @@ from ..threat import CORRUPTIONS_NORM
 
 TableKey = tuple[str, str, float]
 
-COLUMNS = ("rank", "model", "defense", "clean %", "robust %", "certified %", "AA %", "certified % by certifier")
+COLUMNS = ("rank", "model", "defense", "clean %", "robust %", "certified %", "unresolved %", "AA %",
+           "certified % by certifier")
+#: the columns computed on the certification prefix (renamed "... (first N)" when it is one)
+BAND_COLUMNS = ("certified %", "unresolved %")
 APART_COLUMNS = ("model", "defense", "clean %", "robust %", "certified %", "n", "differs in")
 
 
@@ -61,8 +64,20 @@ class Table:
         return [a["name"] for a in (self.protocol or {}).get("attacks", [])]
 
     @property
+    def certification_prefix(self) -> int | None:
+        """N when every row's certified and unresolved accuracies are over the first N examples only
+        (a certifier of the protocol runs on that prefix); None when they cover every example."""
+        prefixes = [int(c["n_examples"]) for c in (self.protocol or {}).get("certifiers", []) if "n_examples" in c]
+        return min(prefixes) if prefixes else None
+
+    @property
     def columns(self) -> tuple[str, ...]:
-        return KIND_COLUMNS[self.kind] + (tuple(f"{n} %" for n in self.corruption_names) if self.kind == CORRUPTIONS else ())
+        if self.kind == CORRUPTIONS:
+            return KIND_COLUMNS[self.kind] + tuple(f"{n} %" for n in self.corruption_names)
+        prefix = self.certification_prefix
+        if self.kind == ADVERSARIAL and prefix is not None:
+            return tuple(f"{c} (first {prefix})" if c in BAND_COLUMNS else c for c in COLUMNS)
+        return KIND_COLUMNS[self.kind]
 
     @property
     def numeric(self) -> set[int]:
@@ -134,14 +149,38 @@ def _certified(record: dict[str, Any]) -> str:
     return _pct(record["certified_acc"]) if record.get("certifiers") else "-"
 
 
+def band(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record's certified-to-robust band: its ``certification`` section (on the prefix every
+    certifier ran on), or, for a record written before it existed, the same over every example; None
+    when no certifier ran."""
+    if not record.get("certifiers"):
+        return None
+    if "certification" in record:
+        return record["certification"]
+    robust, certified = record["robust_acc"], record["certified_acc"]
+    return {"n_examples": record.get("dataset", {}).get("n_examples"), "robust_acc": robust,
+            "certified_acc": certified, "unresolved": max(0.0, robust - certified)}
+
+
 def _by_certifier(record: dict[str, Any]) -> str:
-    """Each certifier's own certified accuracy ("ibp 51.7, crown 44.0"); the certified column is their union."""
-    return ", ".join(f"{c['name']} {_pct(c.get('certified_acc'))}" for c in record.get("certifiers") or []) or "-"
+    """Each certifier's own certified accuracy ("ibp 51.7, crown 44.0, bab 71.0 of 200"), over the examples
+    it ran on; the certified column is their union."""
+    n = record.get("dataset", {}).get("n_examples")
+    parts = []
+    for c in record.get("certifiers") or []:
+        ran = c.get("n_examples", n)
+        if ran is not None and n is not None and ran < n:
+            parts.append(f"{c['name']} {_pct(c['n_certified'] / ran)} of {ran}")
+        else:
+            parts.append(f"{c['name']} {_pct(c.get('certified_acc'))}")
+    return ", ".join(parts) or "-"
 
 
 def row_cells(record: dict[str, Any], rank: int) -> list[str]:
+    b = band(record)
     return [str(rank), record["model"]["name"], record["model"].get("defense") or "-", _pct(record["clean_acc"]),
-            _pct(record["robust_acc"]), _certified(record), _pct(record.get("autoattack_acc")), _by_certifier(record)]
+            _pct(record["robust_acc"]), _pct(b and b["certified_acc"]), _pct(b and b["unresolved"]),
+            _pct(record.get("autoattack_acc")), _by_certifier(record)]
 
 
 def group_cells(record: dict[str, Any], rank: int) -> list[str]:
@@ -179,14 +218,20 @@ def describe_protocol(table: Table) -> str:
                 f"{len(table.corruption_names)} corruptions at severities 1-5 (noise seeded per example, seed "
                 f"{p.get('seed')}); 'all corruptions': correct under every corruption and severity; per-corruption "
                 "columns: mean accuracy over the five severities")
-    return (f"{source}: first {p.get('n_examples', '?')} {p.get('split', '?')} examples; attacks ({p.get('mode')}): "
+    text = (f"{source}: first {p.get('n_examples', '?')} {p.get('split', '?')} examples; attacks ({p.get('mode')}): "
             f"{attacks}; certifiers: {certs}; seed {p.get('seed')}")
+    prefix = table.certification_prefix
+    if table.kind == ADVERSARIAL and prefix is not None:
+        text += (f". Certified and unresolved (robust - certified) are over the first {prefix} examples, where "
+                 f"every certifier ran; robust is over all {p.get('n_examples', '?')}")
+    return text
 
 
 def _plugin_text(entry: dict[str, Any]) -> str:
     cfg = entry.get("config") or {}
     keys = [k for k in ("steps", "restarts", "n_queries", "version") if k in cfg]
-    return entry["name"] + (f" ({', '.join(f'{k} {cfg[k]}' for k in keys)})" if keys else "")
+    text = entry["name"] + (f" ({', '.join(f'{k} {cfg[k]}' for k in keys)})" if keys else "")
+    return text + (f" on the first {entry['n_examples']} examples" if "n_examples" in entry else "")
 
 
 GROUP_COLUMNS = ("rank", "model", "defense", "clean %", "worst-group clean %", "worst group", "robust %",

@@ -25,9 +25,19 @@ def format_result(result: Any, model_name: str, path: Path | None, wall: float,
         lines.append(f"  {'attack ' + r.name:<22}{_pct(r.accuracy):>7}{r.seconds:>10.2f}{r.forward:>10}"
                      f"{r.backward:>10}{r.queries:>9}")
     lines.append(f"  {'robust (worst case)':<22}{_pct(result.robust_acc):>7}")
+    prefixes, refuted = getattr(result, "certifier_examples", {}), getattr(result, "refuted_by", {})
     for r in result.certifiers:
-        lines.append(f"  {'certifier ' + r.name:<22}{_pct(r.accuracy):>7}{r.seconds:>10.2f}")
+        notes = [f"first {prefixes[r.name]} examples"] if r.name in prefixes else []
+        if r.name in refuted:
+            notes.append(f"{int(refuted[r.name].sum())} counterexamples")
+        lines.append(f"  {'certifier ' + r.name:<22}{_pct(r.accuracy):>7}{r.seconds:>10.2f}"
+                     + (f"  ({', '.join(notes)})" if notes else ""))
     lines.append(f"  {'certified (any)':<22}{_pct(result.certified_acc):>7}")
+    band = (record or {}).get("certification")
+    if band:
+        where = "" if band["n_examples"] == result.n_examples else f" on the first {band['n_examples']} examples"
+        lines.append(f"  {'unresolved':<22}{_pct(band['unresolved']):>7}  (robust {_pct(band['robust_acc']).strip()} "
+                     f"- certified {_pct(band['certified_acc']).strip()}{where})")
     lines += _sections(record or {})
     flags = (record or {}).get("flags", result.flags)
     if flags:
