@@ -40,8 +40,9 @@ class PointCheck:
 def check_points(model: nn.Module, points: Tensor, x: Tensor, y: Tensor, threat: ThreatModel) -> PointCheck:
     """Check claimed adversarial ``points`` (P, ...) for clean inputs ``x`` (P, ...) with labels ``y`` (P,).
 
-    ``inside``: :meth:`ThreatModel.contains` computed in float64 with eps as given (its default
-    tolerance absorbs the float32 rounding of ``x + delta``); a non-finite point is never inside.
+    ``inside``: :meth:`ThreatModel.contains` computed in float64 with eps as given, to a tolerance of
+    ``1e-6 * max(1, eps)`` that absorbs the float32 rounding of ``x + delta`` (about 1e-7 of eps for
+    an L2 ball in 784 dimensions); a non-finite point is never inside.
     ``misclassified``: ``model(points).argmax(1) != y`` in the dtype of ``x``, one batched forward (as
     the attacks' own re-scoring). The caller fixes the model's mode.
     """
@@ -51,7 +52,7 @@ def check_points(model: nn.Module, points: Tensor, x: Tensor, y: Tensor, threat:
         empty = torch.zeros(0, dtype=torch.bool)
         return PointCheck(empty, empty.clone(), torch.zeros(0))
     finite = torch.isfinite(points.flatten(1)).all(dim=1)
-    inside = threat.contains(points.detach().double(), x.detach().double()) & finite
+    inside = threat.contains(points.detach().double(), x.detach().double(), 1e-6 * max(1.0, threat.eps)) & finite
     where = finite.view(-1, *[1] * (x.dim() - 1))
     with torch.no_grad():
         logits = model(torch.where(where, points.detach(), x).to(x.dtype))
