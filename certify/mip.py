@@ -20,15 +20,18 @@ counts as certified only when HiGHS's *dual bound* exceeds a slack that covers t
 tolerances allow: with primal, dual and integrality tolerances set to ``tolerance`` (1e-9), a node LP's
 value can err by at most ``tolerance`` times the sum of the ranges of every variable, every row's
 activity and the objective (weak duality with multipliers that are feasible up to the tolerance); the
-slack is 10 times that plus float64 rounding, and ``margin_lower`` is ``max(CROWN or interval bound,
-dual bound - slack)``. This rests on HiGHS honouring its tolerances (an assumption, stated here; the
+slack is 10 times that plus float64 rounding. The MILP is the float64 dense maps' network, the
+certificate the exact network's, so the dense maps' folding error (``Relaxation.margin_error``,
+docs/soundness.md) is subtracted too, and ``margin_lower`` is the better of that and the CROWN or
+interval bound. This rests on HiGHS honouring its tolerances (an assumption, stated here; the
 branch-and-bound certifier re-derives its bounds itself). An example without unstable ReLUs is an LP
 (scipy's ``linprog``, HiGHS) and needs no such assumption: its bound is verified by weak duality from
 the solver's multipliers in float64 (:func:`verified_bound`, ``"rigorous": True``). Margins within the
-slack of 0 are undecided (``not_certified``, no counterexample). Counterexamples: when the MILP's minimiser has margin < 0 in
-float64, it is projected into ball ∩ box and re-checked with a plain float32 forward pass of the model
-(:func:`robustbench_lite.claims.check_points`); only a point that passes is returned in
-``CertResult.counterexample`` (NaN rows elsewhere) and marks the example ``info["refuted"]``.
+slack of 0 are undecided (``not_certified``, no counterexample). Counterexamples: when the MILP's
+minimiser has margin < 0 in float64, it is projected into ball ∩ box and re-checked with a plain
+float32 forward pass of the model (:func:`robustbench_lite.claims.check_points`); only a point that
+passes is returned in ``CertResult.counterexample`` (NaN rows elsewhere) and marks the example
+``info["refuted"]``.
 
 ``info["problems"]``: one record per solved (example, class): ``dual_bound``, ``slack``, ``bound``,
 ``rigorous``, ``optimum`` (the MILP's incumbent), ``point_margin`` (the float64 network's margin at the
@@ -286,7 +289,7 @@ class MIP(ConvexCertifier):
                 break
             once = self._solve_once(problem, objective, cuts, cut_rhs, remaining)
             nodes += once.nodes
-            bound = once.bound + const - 1e-12 * (1 + abs(const))
+            bound = once.bound + const - 1e-12 * (1 + abs(const)) - rel.margin_error(c)
             best.bound = max(best.bound, bound)
             best.timed_out = once.timed_out
             best.record = {"solver_status": once.status, "dual_bound": float(once.dual_bound + const),
