@@ -70,10 +70,11 @@ class Certifier(abc.ABC):
     #: True when :meth:`bound_margins` is differentiable w.r.t. the parameters (certified training); the
     #: ``margin_lower`` of a verdict is proven under rounding (:mod:`certify.rounding`) and carries no gradient
     differentiable: bool = False
-    #: True for expensive certifiers (CROWN, LP, SDP): the evaluator hands them only the examples that no attack
-    #: has refuted (a refuted example cannot be certified by a sound certifier); the others read
-    #: ``skipped: refuted by an attack`` without a solve. Cheap certifiers see every example, which
-    #: keeps the evaluator's certified <= robust cross-check on all of them.
+    #: True for expensive certifiers (CROWN, LP, SDP, MIP): the evaluator hands them only the examples that no
+    #: attack and no earlier certifier's counterexample has refuted (a refuted example cannot be certified by a
+    #: sound certifier); the others read ``skipped: refuted by an attack`` (or ``... by a counterexample``)
+    #: without a solve. Cheap certifiers see every example, which keeps the evaluator's certified <= robust
+    #: cross-check on all of them.
     skip_refuted: bool = False
 
     def config(self) -> dict[str, Any]:
