@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robustbench_lite.errors import UnsupportedModelError, UserInputError
 from robustbench_lite.threat import ThreatModel
 
 CERTIFIED = "certified"
@@ -82,7 +83,17 @@ class Certifier(abc.ABC):
                 if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))}
 
     def check_supported(self, model: nn.Module) -> None:
-        """Raise :class:`robustbench_lite.errors.UserInputError` listing every unsupported layer."""
+        """Raise :class:`robustbench_lite.errors.UnsupportedModelError` listing every unsupported layer."""
+
+    def unsupported(self, model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+        """Why this certifier cannot handle ``model`` on per-example inputs of ``input_shape``: one line
+        ``unsupported layers: ...`` naming every unsupported layer, or None. The evaluator asks before
+        the first batch; subclasses whose checks need the input size override this."""
+        try:
+            self.check_supported(model)
+        except UnsupportedModelError as exc:
+            return exc.reason
+        return None
 
     def bound_margins(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
         """Lower bounds (N, K) of logit_y - logit_j over the threat set; column y is 0."""
@@ -118,3 +129,49 @@ class Certifier(abc.ABC):
         ok = torch.tensor([s == CERTIFIED for s in result.status], dtype=torch.bool, device=result.certified.device)
         result.certified = result.certified & ok
         return result
+
+
+class Skipped(Certifier):
+    """Stands in for a certifier that cannot handle the model: every example reads ``skipped: <reason>``.
+
+    The evaluator runs it in place of a default certifier that reported the model unsupported, so
+    the attacks still run; it keeps the certifier's name and configuration for the record.
+    """
+
+    skip_refuted = False  # every example reads the reason, refuted or not
+
+    def __init__(self, certifier: Certifier, reason: str) -> None:
+        self.name, self.certifier, self.reason = certifier.name, certifier, reason
+
+    def config(self) -> dict[str, Any]:
+        return self.certifier.config()
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
+        n, k = x.shape[0], model(x[:1]).shape[-1] if x.shape[0] else 0
+        return CertResult(certified=torch.zeros(n, dtype=torch.bool, device=x.device),
+                          margin_lower=torch.full((n, k), float("nan"), device=x.device),
+                          status=[f"{SKIPPED}: {self.reason}"] * n)
+
+
+def guard_unsupported(certifiers: list[tuple[str, Any]], model: nn.Module, input_shape: tuple[int, ...],
+                      unsupported: str) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    """Ask every certifier whether it can handle ``model`` before anything runs.
+
+    ``unsupported="skip"``: one that cannot is replaced by :class:`Skipped` (its examples read
+    ``skipped: unsupported layers: ...``); ``"error"``: raise :class:`UnsupportedModelError` naming it.
+    Returns the certifiers to run and ``{name: reason}`` of the skipped ones.
+    """
+    if unsupported not in ("skip", "error"):
+        raise UserInputError(f"unsupported must be 'skip' or 'error', got {unsupported!r}")
+    out, skipped = [], {}
+    for name, certifier in certifiers:
+        ask = getattr(certifier, "unsupported", None)
+        reason = ask(model, tuple(input_shape)) if callable(ask) else None
+        if reason is None:
+            out.append((name, certifier))
+        elif unsupported == "error":
+            raise UnsupportedModelError(reason, subject=f"certifier {name!r}")
+        else:
+            out.append((name, Skipped(certifier, reason)))
+            skipped[name] = reason
+    return out, skipped

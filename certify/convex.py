@@ -240,6 +240,11 @@ class ConvexCertifier(Certifier):
     def check_supported(self, model: nn.Module) -> None:
         check_supported(model)
 
+    def unsupported(self, model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+        from .graph import unsupported_reason
+
+        return unsupported_reason(model, input_shape, dense=True)
+
     # --- subclasses --------------------------------------------------------------------------
     def build(self, net: DenseReLUNet, norm: str, rel: Relaxation) -> Any:
         """A reusable (DPP) problem for ``net`` and the ball's norm (``rel``: one example, for scaling)."""

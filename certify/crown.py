@@ -36,7 +36,7 @@ from robustbench_lite.threat import ThreatModel
 
 from .base import CertResult, Certifier, spec_matrix
 from . import patches
-from .graph import Graph, build_graph, check_supported
+from .graph import Graph, build_graph, check_supported, unsupported_reason
 from .ibp import Interval, box_lower, input_box
 from .layers import (ConvOp, LinearOp, Relaxation, ReluPoolRelaxation, maxpool_relaxation, pool_windows_disjoint,
                      relu_relaxation)
@@ -133,8 +133,8 @@ class Propagator:
                 continue
             lo, hi = self.boxes[node.inputs[0]]
             if node.kind == "relu":
-                self.relax[i] = relu_relaxation(lo, hi)
-                self.boxes[i] = (lo.clamp(min=0), hi.clamp(min=0))
+                self.relax[i] = relu_relaxation(lo, hi, node.op.negative_slope)
+                self.boxes[i] = (node.op.forward(lo), node.op.forward(hi))
             elif node.kind == "maxpool":
                 self.relax[i] = maxpool_relaxation(node.op, lo, hi)
                 relu = g.nodes[node.inputs[0]]
@@ -346,6 +346,9 @@ class CROWN(Certifier):
 
     def check_supported(self, model: nn.Module) -> None:
         check_supported(model)
+
+    def unsupported(self, model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+        return unsupported_reason(model, input_shape)
 
     def bound_margins(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
         """The margins as computed in x's dtype (differentiable under grad mode; not lowered by their

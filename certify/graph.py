@@ -1,11 +1,16 @@
 """The one graph walk shared by every bound propagator (IBP, CROWN, alpha-CROWN, LP/SDP lowering).
 
 :func:`build_graph` traces a model with ``torch.fx`` (supported layers are leaves, containers and
-small custom modules such as a residual block ``x + f(x)`` are traced through) and lowers it to a
-topologically ordered list of :class:`Node`: ``input``, ``affine`` (an :class:`AffineOp`: Linear,
-Conv2d, AvgPool2d, the zoo's ``Normalize``, eval BatchNorm1d/2d folded, Flatten), ``relu``,
-``maxpool`` and ``add`` (residual sums). Dropout and Identity vanish. The whole graph is checked up
-front and every unsupported piece is listed in ONE :class:`UserInputError`.
+custom modules such as a residual block are traced through, so functional code in ``forward`` such
+as ``F.relu``, ``F.avg_pool2d``, ``x.view(x.size(0), -1)``, ``torch.cat`` or ``(x - mean) / std``
+is seen op by op) and lowers it to a topologically ordered list of :class:`Node`: ``input``,
+``affine`` (an :class:`AffineOp`: Linear, Conv2d, average and adaptive pooling, per-channel or
+elementwise constants such as ``Normalize`` and eval BatchNorm folded, reshapes, concatenation
+slots), ``relu`` (a :class:`ReluOp`: ReLU or LeakyReLU), ``maxpool`` and ``add`` (sums of two
+values: residuals, concatenations). Dropout and Identity vanish. Which fx nodes are accepted is
+:mod:`certify.lowering`'s; how each becomes nodes for the traced input size, :mod:`certify.builder`'s.
+The whole graph is checked up front and every unsupported piece is listed in ONE
+:class:`UnsupportedModelError`.
 
 :func:`to_affine_relu` lowers a plain ReLU network to dense ``(W, b)`` maps with a ReLU between
 consecutive maps, for the LP and SDP certifiers.
@@ -16,25 +21,18 @@ so bounds always reflect the current weights (no stale caches).
 from __future__ import annotations
 
 import math
-import operator
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustbench_lite.errors import UserInputError
-from robustbench_lite.zoo.architectures import Normalize
+from robustbench_lite.errors import UnsupportedModelError, UserInputError
 
-from .layers import AffineOp, ChannelAffineOp, ConvOp, LinearOp, MaxPoolOp, ReshapeOp
-
-_LEAVES = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Flatten, nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d,
-           nn.MaxPool2d, Normalize, nn.Dropout, nn.Identity)
-_ADD = {operator.add, torch.add, operator.iadd}
-_RELU = {F.relu, torch.relu}
-_FLATTEN = {torch.flatten}
+from .builder import Ref, lower
+from .layers import AffineOp, MaxPoolOp, ReluOp
+from .lowering import BATCH, LEAVES, in_place, rule_of, scan
 
 
 @dataclass
@@ -46,7 +44,7 @@ class Node:
     inputs: tuple[int, ...]
     shape: tuple[int, ...]
     name: str
-    op: AffineOp | MaxPoolOp | None = None
+    op: AffineOp | MaxPoolOp | ReluOp | None = None
     consumers: list[int] = field(default_factory=list)
 
 
@@ -69,9 +67,7 @@ class Graph:
                 values.append(x)
             elif node.kind == "add":
                 values.append(values[node.inputs[0]] + values[node.inputs[1]])
-            elif node.kind == "relu":
-                values.append(values[node.inputs[0]].clamp(min=0))
-            else:
+            else:  # affine, relu, maxpool
                 values.append(node.op.forward(values[node.inputs[0]]))
         return values
 
@@ -93,33 +89,16 @@ class Graph:
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
-
-
-def _pair(v) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v))
-
-
-def _problem(name: str, m: nn.Module) -> str | None:
-    """Why a supported layer type is used in an unsupported way (None when fine)."""
-    if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-        return f"{name} (Conv2d with padding_mode={m.padding_mode!r})"
-    if isinstance(m, nn.Conv2d) and isinstance(m.padding, str):
-        return f"{name} (Conv2d with padding={m.padding!r})"
-    if isinstance(m, nn.MaxPool2d) and (m.ceil_mode or m.return_indices):
-        return f"{name} (MaxPool2d with ceil_mode or return_indices)"
-    if isinstance(m, nn.AvgPool2d) and (m.ceil_mode or m.divisor_override or not m.count_include_pad):
-        return f"{name} (AvgPool2d with ceil_mode, divisor_override or count_include_pad=False)"
-    if isinstance(m, nn.Flatten) and (m.start_dim != 1 or m.end_dim != -1):
-        return f"{name} (Flatten with start_dim={m.start_dim}, end_dim={m.end_dim})"
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not m.track_running_stats:
-        return f"{name} ({type(m).__name__} without running statistics)"
-    return None
+        return isinstance(m, LEAVES) or super().is_leaf_module(m, qualname)
 
 
 #: model -> (its module structure, fx graph): only the STRUCTURE is cached; weights, BatchNorm
 #: statistics and shapes are read afresh on every build, and a changed submodule invalidates it
 _TRACES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+SUPPORTED = ("supported: Linear, Conv2d, (Leaky)ReLU, BatchNorm1d/2d, max/average/adaptive pooling, mean, "
+             "flatten/view/reshape, Dropout, Identity, Normalize, residual additions, torch.cat, scaling and "
+             "shifting by constants")
 
 
 def _trace(model: nn.Module) -> tuple[torch.fx.Graph, dict[str, nn.Module]]:
@@ -133,158 +112,136 @@ def _trace(model: nn.Module) -> tuple[torch.fx.Graph, dict[str, nn.Module]]:
     try:
         graph = _Tracer().trace(model)
     except Exception as exc:
-        raise UserInputError(f"cannot trace {type(model).__name__} into a graph of supported layers "
-                             f"(data-dependent control flow?): {type(exc).__name__}: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UnsupportedModelError([f"{type(model).__name__} (cannot be traced into a graph of supported layers, "
+                                     f"data-dependent control flow?: {type(exc).__name__}: {first})"]) from None
     _TRACES[model] = (structure, graph)
     return graph, modules
 
 
-def _kind(fx_node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str | None]:
-    """(kind, problem) of one fx node; kind is one of the Node kinds or "skip"/"output"."""
-    op, target = fx_node.op, fx_node.target
-    nodes = [a for a in fx_node.args if isinstance(a, torch.fx.Node)]
-    if op == "placeholder":
-        return "input", None
-    if op == "output":
-        return "output", None if isinstance(fx_node.args[0], torch.fx.Node) else "output (several outputs)"
-    if op == "call_module":
-        m = modules[target]
-        if not isinstance(m, _LEAVES):
-            return "", f"{target} ({type(m).__name__})"
-        if isinstance(m, (nn.Dropout, nn.Identity)):
-            return "skip", None
-        kinds = {nn.ReLU: "relu", nn.MaxPool2d: "maxpool"}
-        return kinds.get(type(m), "affine"), _problem(target, m)
-    if op == "call_function" and target in _ADD and len(nodes) == 2 and not fx_node.kwargs:
-        return "add", None
-    if op == "call_function" and target in _RELU and len(fx_node.args) == 1:
-        return "relu", None
-    if op == "call_method" and target == "relu" and len(fx_node.args) == 1:
-        return "relu", None
-    if (op == "call_function" and target in _FLATTEN) or (op == "call_method" and target == "flatten"):
-        start = fx_node.args[1] if len(fx_node.args) > 1 else fx_node.kwargs.get("start_dim", 0)
-        if start == 1 and len(fx_node.args) <= 2 and not set(fx_node.kwargs) - {"start_dim"}:
-            return "flatten", None
-        return "", f"{fx_node.name} (flatten with start_dim={start})"
-    what = getattr(target, "__name__", str(target))
-    return "", f"{fx_node.name} ({op} {what})"
-
-
 def check_supported(model: nn.Module) -> None:
-    """Raise one :class:`UserInputError` that lists every unsupported layer of ``model``."""
+    """Raise one :class:`UnsupportedModelError` that lists every unsupported layer of ``model``.
+
+    Shape-dependent checks (a ``view`` that keeps the batch first, constants that broadcast) are made
+    by :func:`build_graph`, which knows the input size.
+    """
     graph, modules = _trace(model)
-    bad = [p for n in graph.nodes for _, p in [_kind(n, modules)] if p]
-    if bad:
-        raise UserInputError(f"unsupported by the bound propagators: {', '.join(bad)}; supported: Linear, "
-                             "Conv2d, ReLU, Flatten, BatchNorm1d/2d, AvgPool2d, MaxPool2d, Normalize, "
-                             "residual additions")
+    problems = scan(graph, modules)[1]
+    if problems:
+        raise UnsupportedModelError(problems, SUPPORTED)
 
 
-def _unit(t: Tensor) -> float:
-    """Unit roundoff of t's dtype (float16 and bfloat16 included)."""
-    return torch.finfo(t.dtype).eps / 2
+class _Build:
+    """The nodes being built (a :class:`certify.builder.Sink`)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.nodes: list[Node] = []
+        self.dtype = dtype  # of folded parameters and constants: the model's
+
+    def emit(self, kind: str, inputs: tuple[int, ...], op, shape: tuple[int, ...], name: str) -> Ref:
+        node = Node(len(self.nodes), kind, tuple(inputs), tuple(int(s) for s in shape), name, op)
+        for i in node.inputs:
+            self.nodes[i].consumers.append(node.index)
+        self.nodes.append(node)
+        return Ref(node.index)
+
+    def shape(self, ref: Ref) -> tuple[int, ...]:
+        return self.nodes[ref.index].shape
 
 
-def _affine(m: nn.Module, in_shape: tuple[int, ...], dtype: torch.dtype) -> AffineOp:
-    """The layer as an AffineOp. Folded parameters (Normalize, BatchNorm, AvgPool's 1/k^2) are computed in
-    the layer's dtype with correctly rounded operations only, and carry ``param_error``: elementwise bounds
-    on their distance to the exact values (counted per rounding: |fl(a op b) - a op b| <= u |a op b|)."""
-    if isinstance(m, nn.Linear):
-        return LinearOp(m.weight, m.bias, in_shape)
-    if isinstance(m, nn.Conv2d):
-        return ConvOp(m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, in_shape)
-    if isinstance(m, nn.AvgPool2d):
-        k = _pair(m.kernel_size)
-        c = in_shape[0]
-        weight = torch.full((c, 1, *k), 1.0 / (k[0] * k[1]), dtype=dtype)  # the model's dtype
-        op = ConvOp(weight, None, _pair(m.stride or m.kernel_size), _pair(m.padding), (1, 1), c, in_shape)
-        op.param_error = (weight * (2 * _unit(weight)), None)  # 1 / (k0 k1) rounded to double, then to the dtype
-        return op
-    if isinstance(m, Normalize):
-        std = m.std.flatten()
-        scale, shift = 1.0 / std, -m.mean.flatten() / std  # one rounding each
-        op = ChannelAffineOp(scale, shift, in_shape)
-        op.param_error = (scale.abs() * _unit(scale), shift.abs() * _unit(shift))
-        return op
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        scale = 1.0 / torch.sqrt(m.running_var + m.eps)  # three roundings (eps is the exact double given)
-        if m.weight is not None:
-            scale = scale * m.weight  # a fourth
-        mean_scale = m.running_mean * scale
-        shift = -mean_scale + (m.bias if m.bias is not None else 0.0)
-        u = _unit(scale)
-        scale_error = scale.abs() * (5 * u)  # (1 + u)^4 / (1 - u) - 1 <= 5u
-        bias = m.bias.abs() if m.bias is not None else 0.0
-        shift_error = m.running_mean.abs() * scale_error + (mean_scale.abs() + bias) * (3 * u)
-        op = ChannelAffineOp(scale, shift, in_shape)
-        op.param_error = (scale_error, shift_error)
-        return op
-    if isinstance(m, nn.Flatten):
-        return ReshapeOp(in_shape, (math.prod(in_shape),))
-    raise AssertionError(f"not an affine layer: {m}")
+def _attribute(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _constant(node: torch.fx.Node, args: tuple, kwargs: dict, modules: dict[str, nn.Module], sink: _Build):
+    """The value of a node that does not depend on the input: a shape query or a computation on constants."""
+    if rule_of(node, modules) == "shape" and isinstance(args[0], Ref):
+        full = (BATCH, *sink.shape(args[0]))
+        if node.target == "dim":
+            return len(full)
+        if node.target == "size" and (len(args) > 1 or "dim" in kwargs):
+            return full[args[1] if len(args) > 1 else kwargs["dim"]]
+        return full
+    try:
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        target = modules[node.target] if node.op == "call_module" else node.target
+        return target(*args, **kwargs)
+    except Exception as exc:
+        uses_batch = any(a is BATCH for a in _flat((args, kwargs)))
+        why = "computes with the batch size" if uses_batch else f"cannot be evaluated: {type(exc).__name__}"
+        raise UnsupportedModelError([f"{node.name} ({why})"]) from None
+
+
+def _flat(value) -> list:
+    if isinstance(value, (tuple, list)):
+        return [u for v in value for u in _flat(v)]
+    if isinstance(value, dict):
+        return [u for v in value.values() for u in _flat(v)]
+    return [value]
 
 
 def build_graph(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
     """Trace and lower ``model`` for per-example inputs of ``input_shape`` (e.g. (1, 28, 28)).
 
-    BatchNorm is folded with its running statistics (eval semantics) whatever the model's mode.
-    Raises :class:`UserInputError` listing every unsupported layer.
+    BatchNorm is folded with its running statistics (eval semantics) whatever the model's mode, and
+    dropout is the identity. Raises :class:`UnsupportedModelError` listing every unsupported layer.
     """
-    check_supported(model)
     fx_graph, modules = _trace(model)
+    values, problems = scan(fx_graph, modules)
+    if problems:
+        raise UnsupportedModelError(problems, SUPPORTED)
     dtype = next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
                  torch.get_default_dtype())
-    nodes: list[Node] = []
-    where: dict[torch.fx.Node, int] = {}
-    output = -1
+    sink, env, output = _Build(dtype), {}, -1
     for fx_node in fx_graph.nodes:
-        kind, _ = _kind(fx_node, modules)
-        args = [where[a] for a in fx_node.args if isinstance(a, torch.fx.Node)]
-        if kind == "output":
-            output = args[0]
-            continue
-        if kind == "skip":
-            where[fx_node] = args[0]
-            continue
-        if kind == "input":
-            if nodes:
-                raise UserInputError("the model must take exactly one input tensor")
-            shape = tuple(int(s) for s in input_shape)
-            node = Node(0, "input", (), shape, fx_node.name)
+        if fx_node.op == "placeholder":
+            env[fx_node] = sink.emit("input", (), None, tuple(input_shape), fx_node.name)
+        elif fx_node.op == "get_attr":
+            env[fx_node] = _attribute(model, fx_node.target)
+        elif fx_node.op == "output":
+            output = env[fx_node.args[0]].index
         else:
-            in_shape = nodes[args[0]].shape
-            op, shape = None, in_shape
-            if kind == "add":
-                if nodes[args[1]].shape != in_shape:
-                    raise UserInputError(f"{fx_node.name}: residual addition of shapes {in_shape} and "
-                                         f"{nodes[args[1]].shape}")
-            elif kind == "flatten":
-                kind, op = "affine", ReshapeOp(in_shape, (math.prod(in_shape),))
-            elif kind == "maxpool":
-                m = modules[fx_node.target]
-                op = MaxPoolOp(_pair(m.kernel_size), _pair(m.stride or m.kernel_size), _pair(m.padding),
-                               _pair(m.dilation), in_shape)
-            elif kind == "affine":
-                op = _affine(modules[fx_node.target], in_shape, dtype)
-            if op is not None:
-                shape = op.out_shape
-            node = Node(len(nodes), kind, tuple(args), tuple(shape), fx_node.name, op)
-        for i in node.inputs:
-            nodes[i].consumers.append(node.index)
-        where[fx_node] = node.index
-        nodes.append(node)
-    if output < 0 or not nodes:
-        raise UserInputError("the model has no output")
-    return Graph(nodes, output)
+            args, kwargs = torch.fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda n: env[n])
+            if fx_node in values:
+                rule = rule_of(fx_node, modules)
+                env[fx_node] = lower(rule, fx_node, args, kwargs, sink, modules)
+                if in_place(fx_node, modules, rule):  # later readers of the overwritten tensor see the result
+                    env[fx_node.args[0]] = env[fx_node]
+            else:
+                env[fx_node] = _constant(fx_node, args, kwargs, modules, sink)
+    if output < 0:
+        raise UnsupportedModelError(["output (the model has no output)"])
+    return Graph(sink.nodes, output)
+
+
+def _not_dense(graph: Graph) -> list[str]:
+    """The nodes that keep a graph from lowering to dense affine maps and ReLUs."""
+    bad = [f"{n.name} ({n.kind})" for n in graph.nodes if n.kind in ("maxpool", "add")]
+    return bad + [f"{n.name} (leaky relu)" for n in graph.nodes if n.kind == "relu" and n.op.negative_slope]
+
+
+def unsupported_reason(model: nn.Module, input_shape: tuple[int, ...], dense: bool = False) -> str | None:
+    """``unsupported layers: ...`` when ``model`` does not lower for ``input_shape`` (``dense``: to the
+    affine-ReLU maps of the LP and SDP), else None. Builds the graph, never the dense maps."""
+    try:
+        graph = build_graph(model, input_shape)
+    except UnsupportedModelError as exc:
+        return exc.reason
+    bad = _not_dense(graph) if dense else []
+    return UnsupportedModelError(bad).reason if bad else None
 
 
 def affine_segments(graph: Graph) -> list[tuple[list[AffineOp], tuple[int, ...]]]:
     """The affine ops between consecutive ReLUs of a plain ReLU network, each with its input shape.
 
-    Raises :class:`UserInputError` for max-pool and residual additions."""
-    bad = [f"{n.name} ({n.kind})" for n in graph.nodes if n.kind in ("maxpool", "add")]
+    Raises :class:`UnsupportedModelError` for max-pool, residual additions and LeakyReLU."""
+    bad = _not_dense(graph)
     if bad:
-        raise UserInputError(f"only chains of affine layers and ReLUs lower to dense maps; got {', '.join(bad)}")
+        raise UnsupportedModelError(bad, "only chains of affine layers and ReLUs lower to dense maps (LP, SDP)")
     segments: list[list[AffineOp]] = [[]]
     shapes = [graph.input_shape]
     for node in graph.nodes[1:graph.output + 1]:
@@ -301,7 +258,7 @@ def to_affine_relu(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple
 
     x is the flattened input; W_i (n_{i+1}, n_i), b_i (n_{i+1},). Normalize, Conv2d, AvgPool2d,
     BatchNorm and Flatten are folded into the maps. Only chains of affine layers and ReLUs are
-    accepted: MaxPool2d and residual additions raise :class:`UserInputError`.
+    accepted: MaxPool2d, residual additions and LeakyReLU raise :class:`UnsupportedModelError`.
     """
     maps = []
     for ops, in_shape in affine_segments(build_graph(model, input_shape)):

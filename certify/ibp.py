@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from robustbench_lite.threat import ThreatModel
 
 from .base import CertResult, Certifier, spec_matrix
-from .graph import Graph, build_graph, check_supported
+from .graph import Graph, build_graph, check_supported, unsupported_reason
 from .rounding import as_margin_lower, float64_model, proven_margins
 
 Interval = tuple[Tensor, Tensor]
@@ -59,9 +59,7 @@ def interval_bounds(graph: Graph, lower: Tensor, upper: Tensor, last: int | None
         if node.kind == "add":
             lo2, hi2 = out[node.inputs[1]]
             out.append((lo + lo2, hi + hi2))
-        elif node.kind == "relu":
-            out.append((lo.clamp(min=0), hi.clamp(min=0)))
-        elif node.kind == "maxpool":
+        elif node.kind in ("relu", "maxpool"):  # monotone
             out.append((node.op.forward(lo), node.op.forward(hi)))
         else:
             centre, radius = node.op.forward((hi + lo) * 0.5), node.op.forward_abs((hi - lo) * 0.5)
@@ -114,6 +112,9 @@ class IBP(Certifier):
 
     def check_supported(self, model: nn.Module) -> None:
         check_supported(model)
+
+    def unsupported(self, model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+        return unsupported_reason(model, input_shape)
 
     def bound_margins(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
         graph = build_graph(model, tuple(x.shape[1:]))

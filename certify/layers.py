@@ -48,6 +48,12 @@ class AffineOp:
         return 0
 
 
+def pooled_size(size, kernel, stride, padding, dilation) -> tuple[int, ...]:
+    """Spatial output size of a convolution or pooling window (floor mode), per spatial dimension."""
+    return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
+                 for i, k, s, p, d in zip(size, kernel, stride, padding, dilation))
+
+
 def _rows(a: Tensor, shape: tuple[int, ...]) -> Tensor:
     """(B, S, *shape) viewed as (B * S, *shape)."""
     return a.reshape(-1, *shape)
@@ -83,8 +89,7 @@ class ConvOp(AffineOp):
         self.weight, self.bias = weight, bias
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.in_shape = in_shape
-        self.out_shape = tuple(self.forward(torch.zeros(1, *in_shape, dtype=weight.dtype,
-                                                        device=weight.device)).shape[1:])
+        self.out_shape = (weight.shape[0], *pooled_size(in_shape[1:], weight.shape[2:], stride, padding, dilation))
         # output_padding that makes the transposed conv return exactly the input's size
         self._out_pad = tuple(
             i - ((o - 1) * s - 2 * p + d * (k - 1) + 1)
@@ -160,7 +165,7 @@ class MaxPoolOp:
     def __init__(self, kernel, stride, padding, dilation, in_shape: tuple[int, ...]) -> None:
         self.kernel, self.stride, self.padding, self.dilation = kernel, stride, padding, dilation
         self.in_shape = in_shape
-        self.out_shape = tuple(self.forward(torch.zeros(1, *in_shape)).shape[1:])
+        self.out_shape = (in_shape[0], *pooled_size(in_shape[1:], kernel, stride, padding, dilation))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation)
@@ -217,14 +222,22 @@ class Relaxation:
     """
 
     def __init__(self, kind: str, lower_slope: Tensor, upper_slope: Tensor, upper_intercept: Tensor,
-                 pool: MaxPoolOp | None = None, unstable: Tensor | None = None) -> None:
+                 pool: MaxPoolOp | None = None, unstable: Tensor | None = None, negative_slope: float = 0.0) -> None:
         self.kind, self.pool, self.unstable = kind, pool, unstable
         self.lower_slope, self.upper_slope, self.upper_intercept = lower_slope, upper_slope, upper_intercept
+        self.negative_slope = negative_slope  # LeakyReLU's; the sound lower slopes are [negative_slope, 1]
 
     def select(self, index: Tensor) -> "Relaxation":
         """The relaxation of the examples ``index`` only."""
         return Relaxation(self.kind, self.lower_slope[index], self.upper_slope[index], self.upper_intercept[index],
-                          self.pool, None if self.unstable is None else self.unstable[index])
+                          self.pool, None if self.unstable is None else self.unstable[index], self.negative_slope)
+
+    def optimised_slope(self, lower_slope: Tensor) -> Tensor:
+        """alpha-CROWN's slopes (N, S, *shape) in [0, 1] on the unstable neurons, the others' own slopes;
+        a LeakyReLU's are raised to its negative slope (a lower line below it is not sound)."""
+        if self.negative_slope:
+            lower_slope = lower_slope.clamp(min=self.negative_slope)
+        return torch.where(self.unstable.unsqueeze(1), lower_slope, self.lower_slope.unsqueeze(1))
 
     def backward(self, a: Tensor, lower_slope: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Lower bound of ``A y`` as ``A' x + bias``: A (B, S, *out) -> (A' (B', S, *in), bias (B', S)).
@@ -234,9 +247,7 @@ class Relaxation:
         """
         bias = _bias(a, self.upper_intercept)
         if self.kind == "relu":
-            low = self.lower_slope.unsqueeze(1)
-            if lower_slope is not None:
-                low = torch.where(self.unstable.unsqueeze(1), lower_slope, low)
+            low = self.lower_slope.unsqueeze(1) if lower_slope is None else self.optimised_slope(lower_slope)
             return a * torch.where(a >= 0, low, self.upper_slope.unsqueeze(1)), bias
         a = a.unsqueeze(-1)
         weights = a * torch.where(a >= 0, self.lower_slope.unsqueeze(1), self.upper_slope.unsqueeze(1))
@@ -245,15 +256,28 @@ class Relaxation:
         return out.reshape(*lead, *out.shape[1:]), bias
 
 
-def relu_relaxation(lower: Tensor, upper: Tensor) -> Relaxation:
-    """CROWN's ReLU relaxation: the chord above, an adaptive slope (1 if u >= -l else 0) below."""
+class ReluOp:
+    """ReLU, or LeakyReLU with ``negative_slope`` a in [0, 1]: ``x if x >= 0 else a x`` (monotone, convex)."""
+
+    def __init__(self, negative_slope: float = 0.0) -> None:
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.clamp(min=0) if not self.negative_slope else F.leaky_relu(x, self.negative_slope)
+
+
+def relu_relaxation(lower: Tensor, upper: Tensor, negative_slope: float = 0.0) -> Relaxation:
+    """CROWN's (Leaky)ReLU relaxation: the chord above, an adaptive slope below (1 if u >= -l, else the
+    negative slope a); a stable neuron is exact (slope 1 or a)."""
+    a = float(negative_slope)
     unstable = (lower < 0) & (upper > 0)
     active = lower >= 0
+    stable_slope = torch.where(active, torch.ones_like(upper), torch.full_like(upper, a))
     width = torch.where(unstable, upper - lower, torch.ones_like(upper))
-    up_slope = torch.where(unstable, upper / width, active.to(upper.dtype))
-    up_intercept = torch.where(unstable, -up_slope * lower, torch.zeros_like(upper))
-    low_slope = torch.where(unstable, (upper >= -lower).to(upper.dtype), active.to(upper.dtype))
-    return Relaxation("relu", low_slope, up_slope, up_intercept, unstable=unstable)
+    up_slope = torch.where(unstable, (upper - a * lower) / width, stable_slope)
+    up_intercept = torch.where(unstable, (a - up_slope) * lower, torch.zeros_like(upper))
+    low_slope = torch.where(unstable, torch.where(upper >= -lower, 1.0, a).to(upper.dtype), stable_slope)
+    return Relaxation("relu", low_slope, up_slope, up_intercept, unstable=unstable, negative_slope=a)
 
 
 def maxpool_relaxation(pool: MaxPoolOp, lower: Tensor, upper: Tensor) -> Relaxation:
@@ -344,7 +368,6 @@ class ReluPoolRelaxation:
         """As :meth:`Relaxation.backward` of the pool then the ReLU: A (B, S, C, Ho, Wo) -> (A', bias)."""
         positive = self.positive.unsqueeze(1)
         if lower_slope is not None:  # alpha-CROWN slopes (N, S, C, H, W) on the unstable ReLUs
-            slope = torch.where(self.relu.unstable.unsqueeze(1), lower_slope, self.relu.lower_slope.unsqueeze(1))
-            positive = self.lower_w.unsqueeze(1) * slope
+            positive = self.lower_w.unsqueeze(1) * self.relu.optimised_slope(lower_slope)
         bias = _bias(a, self.negative_bias)
         return self.tile(a, positive, self.negative.unsqueeze(1)), bias

@@ -51,7 +51,10 @@ from torch import Tensor, nn
 from robustbench_lite.threat import ThreatModel
 
 from .graph import Graph
+from .affine_ops import ElementwiseAffineOp, EmbedOp, SeparablePoolOp
 from .layers import AffineOp, ChannelAffineOp, ConvOp, LinearOp, ReshapeOp
+
+_EXACT = (ReshapeOp, EmbedOp)  # pure data movement: no rounding, errors carried as they are
 
 Interval = tuple[Tensor, Tensor]
 Boxes = Mapping[int, Interval] | Sequence["Interval | None"]
@@ -102,8 +105,10 @@ def _lengths(op: AffineOp) -> tuple[int, int]:
     if isinstance(op, ConvOp):
         c_out, c_in, kh, kw = op.weight.shape
         return max(c_in, c_out // op.groups) * kh * kw + 2, math.prod(op.out_shape[1:]) + c_out + 2
-    if isinstance(op, ChannelAffineOp):
+    if isinstance(op, (ChannelAffineOp, ElementwiseAffineOp)):
         return 3, math.prod(op.in_shape) + op.in_shape[0] + 2
+    if isinstance(op, SeparablePoolOp):  # two stages of sums, H and W long: within one sum of H * W
+        return op.in_shape[1] * op.in_shape[2] + 2, 2
     raise TypeError(f"no rounding model for {type(op).__name__}")
 
 
@@ -113,11 +118,15 @@ def _abs_bias(op: AffineOp, like: Tensor) -> Tensor | float:
         return 0.0 if op.bias is None else op.bias.detach().abs().to(like)
     if isinstance(op, ConvOp):
         return 0.0 if op.bias is None else op.bias.detach().abs().to(like).reshape(-1, 1, 1)
+    if isinstance(op, SeparablePoolOp):
+        return 0.0
     return op.shift.detach().abs().to(like)
 
 
 def _parameter_term(op: AffineOp, m: Tensor) -> Tensor | float:
     """|dW| m + |db| of an op whose parameters were folded with rounding (``op.param_error``)."""
+    if isinstance(op, SeparablePoolOp):  # |P_h' X P_w'^T - P_h X P_w^T| <= rel P_h |X| P_w^T (weights >= 0)
+        return op.relative_error * op.forward(m)
     if op.param_error is None:
         return 0.0
     weight_error, bias_error = op.param_error
@@ -129,7 +138,8 @@ def _parameter_term(op: AffineOp, m: Tensor) -> Tensor | float:
         else:  # ChannelAffineOp
             out = m * w.reshape(op.scale.shape)
     if bias_error is not None:
-        out = out + bias_error.detach().to(m).reshape(op.shift.shape if isinstance(op, ChannelAffineOp) else (-1,))
+        out = out + bias_error.detach().to(m).reshape(
+            op.shift.shape if isinstance(op, (ChannelAffineOp, ElementwiseAffineOp)) else (-1,))
     return out
 
 
@@ -142,11 +152,15 @@ def _abs_op(op: AffineOp) -> AffineOp:
                       op.dilation, op.groups, op.in_shape)
     if isinstance(op, ChannelAffineOp):
         return ChannelAffineOp(op.scale.abs(), op.shift.abs(), op.in_shape)
-    return op
+    if isinstance(op, ElementwiseAffineOp):
+        return ElementwiseAffineOp(op.scale.abs(), op.shift.abs(), op.in_shape)
+    return op  # reshapes, embeddings and averaging (weights >= 0)
 
 
 def _parameter_backward(op: AffineOp, a: Tensor) -> Tensor | float:
     """``a |dW|`` (a >= 0) for an op with folding errors (the transpose of :func:`_parameter_term`)."""
+    if isinstance(op, SeparablePoolOp):
+        return op.relative_error * op.backward(a)
     if op.param_error is None or op.param_error[0] is None:
         return 0.0
     weight_error = op.param_error[0].detach().to(a)
@@ -162,7 +176,7 @@ def fold_errors(ops: Sequence[AffineOp], a: Sequence[Tensor], b: Sequence[Tensor
     earlier steps' error through |W|."""
     error_a = torch.zeros_like(a[0])
     for step, op in enumerate(reversed(ops)):
-        if isinstance(op, ReshapeOp):
+        if isinstance(op, _EXACT):
             error_a = op.backward(error_a)
             continue
         g = gamma(_lengths(op)[0] + 4, u)
@@ -170,7 +184,7 @@ def fold_errors(ops: Sequence[AffineOp], a: Sequence[Tensor], b: Sequence[Tensor
         error_a = _abs_op(op).backward(error_a + g * magnitude) + _parameter_backward(op, magnitude + error_a)
     error_b = torch.zeros_like(b[0])
     for step, op in enumerate(ops):
-        if isinstance(op, ReshapeOp):
+        if isinstance(op, _EXACT):
             error_b = op.forward(error_b)
             continue
         g = gamma(_lengths(op)[0] + 4, u)
@@ -214,7 +228,7 @@ def error_bounds(graph: Graph, boxes: Boxes, x: Tensor, threat: ThreatModel, u: 
             a, b = node.inputs
             g = gamma(length + 4, u)
             e = (1 + g) * (err[a] + err[b]) + g * (mag[a] + mag[b])
-        elif isinstance(node.op, ReshapeOp):
+        elif isinstance(node.op, _EXACT):
             e = node.op.forward(err[node.inputs[0]])
         else:
             j, op = node.inputs[0], node.op

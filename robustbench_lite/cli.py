@@ -178,7 +178,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               certifiers=[c for _, c in cert_list], n_examples=args.n_examples,
                               batch_size=args.batch_size, seed=args.seed, device=args.device,
                               individual=args.individual, progress=bar, runner=runner, certifier_examples=prefixes,
-                              checks=CHECKS + ATTACK_CHECKS if args.masking_checks else None)
+                              checks=CHECKS + ATTACK_CHECKS if args.masking_checks else None,
+                              unsupported="skip" if args.certifiers is None else "error")
         except SoundnessError as err:
             if store is not None and group.is_main:
                 store.clear()  # the same batches would fail the same way: nothing worth resuming
@@ -192,6 +193,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         shutdown(group)
     if not group.is_main:
         return 0
+    for flag in result.flags:
+        if flag["name"] == "certifier_unsupported":  # a default certifier could not run: say so once
+            print(f"{PROG}: warning: {flag['explanation']}", file=sys.stderr)
     record = build_record(result, info, model)
     if not args.no_defense_metrics:
         from .reports import attach_defense_metrics

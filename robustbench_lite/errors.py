@@ -36,3 +36,17 @@ class SoundnessError(RobustBenchLiteError):
 
 class NonFiniteOutputError(RobustBenchLiteError):
     """The model produced NaN or infinite logits."""
+
+
+class UnsupportedModelError(UserInputError):
+    """A certifier cannot handle the model; ``layers`` names every unsupported piece (``"name (what)"``).
+
+    The message is one line, ``unsupported layers: a (X), b (Y)...``; the evaluator reads a default
+    certifier's examples as skipped with it, and raises it for a certifier the user named.
+    """
+
+    def __init__(self, layers: list[str] | str, hint: str = "", subject: str = "") -> None:
+        """``layers``: the unsupported pieces, or a reason already written (``unsupported layers: ...``)."""
+        self.layers = [layers] if isinstance(layers, str) else list(layers)
+        self.reason = layers if isinstance(layers, str) else "unsupported layers: " + ", ".join(self.layers)
+        super().__init__((f"{subject}: " if subject else "") + self.reason + (f"; {hint}" if hint else ""))

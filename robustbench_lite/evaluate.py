@@ -230,7 +230,7 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
              batch_size: int = 250, seed: int = 0, device: str | torch.device = "cpu",
              individual: bool = False, progress: Progress | bool | None = None,
              checks: list[checks_module.Check] | None = None, runner: BatchRunner | None = None,
-             certifier_examples: dict[str, int] | None = None) -> EvaluationResult:
+             certifier_examples: dict[str, int] | None = None, unsupported: str = "skip") -> EvaluationResult:
     """Evaluate ``model`` on the first ``n_examples`` of ``dataset`` under ``threat``.
 
     ``dataset``: a Dataset or a dataset name (its test split). ``attacks`` / ``certifiers``:
@@ -248,6 +248,9 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     (inside ball and box in float64, misclassified on a fresh forward pass): a failing point does not
     count, and the evaluation raises :class:`SoundnessError` (result attached) naming the plug-in. A
     certifier's checked counterexample counts against robust accuracy (``refuted_by``).
+    ``unsupported``: what a certifier that cannot handle the model does: ``"skip"`` (its examples read
+    ``skipped: unsupported layers: ...``, listed once in the flag ``certifier_unsupported``, and the
+    attacks run) or ``"error"`` (:class:`UnsupportedModelError` before anything runs).
     """
     if not isinstance(threat, ThreatModel):
         raise UserInputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
@@ -258,6 +261,9 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     if set(n for n, _ in attack_list) & set(n for n, _ in cert_list):
         raise UserInputError("an attack and a certifier share a name; give them distinct names")
     prefixes = certifier_prefixes(certifier_examples, [n for n, _ in cert_list], len(dataset))
+    from certify.base import guard_unsupported
+
+    cert_list, skipped = guard_unsupported(cert_list, model, tuple(dataset.x.shape[1:]), unsupported)
 
     was_training = any(m.training for m in model.modules())
     modes = [(m, m.training) for m in model.modules()]
@@ -269,6 +275,8 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
         ctx.model_was_training = was_training
         model.eval()
         result.flags = checks_module.run_checks(ctx, checks)
+        result.flags += [checks_module.make_flag("certifier_unsupported", f"{name} skipped: {reason}",
+                                                 examples=result.n_examples) for name, reason in skipped.items()]
     finally:
         for m, mode in modes:
             m.training = mode

@@ -62,7 +62,7 @@ def test_unsupported_functions_and_untraceable_models_are_reported():
 
     with pytest.raises(UserInputError, match="sin"):
         check_supported(nn.Sequential(nn.Linear(2, 2), Odd()))
-    with pytest.raises(UserInputError, match="cannot trace"):
+    with pytest.raises(UserInputError, match="cannot be traced"):
         check_supported(Branchy())
 
 
