@@ -213,6 +213,8 @@ def lower(rule: str, node: torch.fx.Node, args: tuple, kwargs: dict, sink: Sink,
         return x
     if rule == "cat":
         return _cat(args, kwargs, sink, name)
+    if rule in ("add", "sub", "mul", "div", "neg"):
+        return _arithmetic(rule, args, kwargs, sink, name)
     shape = sink.shape(x)
     emit = sink.emit
     if rule in ("relu", "leaky"):
@@ -264,7 +266,7 @@ def lower(rule: str, node: torch.fx.Node, args: tuple, kwargs: dict, sink: Sink,
     if rule in ("flatten", "reshape", "squeeze", "unsqueeze"):
         new = _reshaped(rule, args, kwargs, shape, name)
         return x if new == shape else emit("affine", (x.index,), ReshapeOp(shape, new), new, name)
-    return _arithmetic(rule, args, kwargs, shape, sink, name)
+    raise AssertionError(f"no lowering for rule {rule!r}")
 
 
 def _adaptive_size(shape: tuple[int, ...], out: Any) -> tuple[int, int]:
@@ -337,13 +339,15 @@ def _cat(args: tuple, kwargs: dict, sink: Sink, name: str) -> Ref:
     return total
 
 
-def _arithmetic(rule: str, args: tuple, kwargs: dict, shape: tuple[int, ...], sink: Sink, name: str) -> Ref:
+def _arithmetic(rule: str, args: tuple, kwargs: dict, sink: Sink, name: str) -> Ref:
     """add / sub of two values (a residual), or scaling and shifting a value by constants."""
     if rule == "neg":
+        shape = sink.shape(args[0])
         return sink.emit("affine", (args[0].index,), scale_shift(-1.0, 0.0, shape, name, sink.dtype), shape, name)
     alpha = kwargs.get("alpha", 1)
     a, b = args[0], args[1] if len(args) > 1 else kwargs["other"]
     if rule in ("add", "sub") and isinstance(a, Ref) and isinstance(b, Ref):
+        shape = sink.shape(a)
         if sink.shape(b) != shape:
             raise _fail(name, f"{rule} of activations of shapes {shape} and {sink.shape(b)}")
         factor = alpha if rule == "add" else -alpha

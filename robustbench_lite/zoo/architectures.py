@@ -18,12 +18,14 @@ DIGITS_MEAN, DIGITS_STD = (0.3,), (0.38,)
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel; a per-channel affine map that certifiers propagate exactly."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], persistent: bool = True) -> None:
+        """``persistent=False`` keeps mean and std out of the state dict (architectures whose checkpoints
+        do not carry them)."""
         super().__init__()
         if len(mean) != len(std) or any(s <= 0 for s in std):
             raise UserInputError("Normalize needs one mean and one positive std per channel")
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent)
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent)
 
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean) / self.std
@@ -98,3 +100,9 @@ def colored_cnn(num_classes: int = 2) -> nn.Sequential:
 
 ARCHITECTURES["mnist-cnn-elu"] = mnist_cnn_elu
 ARCHITECTURES["colored-cnn"] = colored_cnn
+
+
+# --- RobustBench's standard CIFAR architectures (issue 17) -------------------------------------------
+from .robustbench_archs import ARCHITECTURES as _ROBUSTBENCH  # noqa: E402 (needs Normalize above)
+
+ARCHITECTURES.update(_ROBUSTBENCH)

@@ -41,12 +41,14 @@ def is_torchscript(path: str | os.PathLike) -> bool:
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
-    """A flat ``{name: tensor}`` from what torch.load returned (``{"state_dict": ...}`` and
-    DataParallel's ``module.`` prefix are common wrappings and are undone)."""
-    if isinstance(obj, dict) and len(obj) == 1:
-        (key, inner), = obj.items()
-        if key in ("state_dict", "model", "model_state_dict") and isinstance(inner, dict):
-            obj = inner
+    """A flat ``{name: tensor}`` from what torch.load returned (``{"state_dict": ...}``, also next to other
+    entries such as an epoch or optimizer state, and DataParallel's ``module.`` prefix are common
+    wrappings and are undone)."""
+    if isinstance(obj, dict) and not all(torch.is_tensor(v) for v in obj.values()):
+        for key in ("state_dict", "model_state_dict", "model", "last"):  # "last": some RobustBench files
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     if obj and all(k.startswith("module.") for k in obj):

@@ -25,6 +25,8 @@ from robustbench_lite.hashing import file_sha256
 from . import architectures
 from .cards import (VERIFY_EXAMPLES, VERIFY_TOLERANCE, WEIGHTS_DIR, ZOO_DIR, normalization_of,
                     parameter_count, read_cards, read_json)
+from .robustbench_archs import ARCHITECTURES as ROBUSTBENCH_ARCHITECTURES
+from .robustbench_archs import from_state as robustbench_from_state
 from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, is_torchscript, load_state_dict_strict, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,10 @@ def _from_file(path: Path, arch: str | None, device: str | torch.device, verify:
     state = read_state_dict(path)
     head = [v for k, v in state.items() if k.endswith(".weight") and v.dim() == 2]
     num_classes = int(head[-1].shape[0]) if head else 10
-    model = architectures.build(arch, num_classes=num_classes)
+    if arch in ROBUSTBENCH_ARCHITECTURES:  # RobustBench's keys and optional parts, as the file has them
+        model, state = robustbench_from_state(arch, state, num_classes)
+    else:
+        model = architectures.build(arch, num_classes=num_classes)
     load_state_dict_strict(model, state, str(path), arch)
     model.to(device).eval()
     info = ModelInfo(name=name, architecture=arch, defense=None, dataset=None, weights_sha256=file_sha256(path),
