@@ -12,8 +12,10 @@ tensors unfolded into the same patches. Entries outside the image (padding) are 
 spatial step that can reach them; rows shared by every position (the start's channels) stay shared
 until the first position-dependent tensor, so the relaxations broadcast over them.
 
-For LeNet-sized networks this is ~8x less work and memory than the dense walk. Only chains of
-Conv2d, AvgPool2d, Normalize/BatchNorm2d, ReLU and MaxPool2d are handled here.
+For LeNet-sized networks this is ~8x less work and memory than the dense walk. Graphs of Conv2d,
+AvgPool2d, Normalize/BatchNorm2d, ReLU, MaxPool2d and residual sums are handled here: the branches of a
+sum are walked apart and their patches added, each placed in the frame (stride, offset, size) that
+covers both.
 """
 from __future__ import annotations
 
@@ -31,33 +33,68 @@ _GEMM_LIMIT = 1 << 21  # entries of a patch-level transposed-conv matrix worth a
 
 
 def eligible(graph: Graph, start: int) -> bool:
-    """True when the walk from ``start`` back to the input is a chain of patch-able layers."""
+    """True when every node from ``start`` back to the input is patch-able (convolutions, per-channel
+    affine maps, ReLU, max-pool, residual sums) on (C, H, W) activations."""
     node = graph.nodes[start]
     if len(node.shape) != 3:
         return False
     for i in graph.ancestors(start):
         n = graph.nodes[i]
-        if n.kind in ("add",) or (n.kind == "affine" and not isinstance(n.op, (ConvOp, ChannelAffineOp))):
+        if n.kind == "affine" and not isinstance(n.op, (ConvOp, ChannelAffineOp)):
             return False
         if len(n.shape) != 3:
             return False
     return True
 
 
+def _union(g1: Geometry, size1: tuple[int, int], g2: Geometry, size2: tuple[int, int]) -> tuple[Geometry, tuple]:
+    """The geometry and patch size covering two patch frames of the same stride (branches of a sum)."""
+    (stride, o1), (stride2, o2) = g1, g2
+    assert tuple(stride) == tuple(stride2), "branches of a sum reach a node at different strides"
+    offset = tuple(min(a, b) for a, b in zip(o1, o2))
+    end = tuple(max(a + s, b + t) for a, s, b, t in zip(o1, size1, o2, size2))
+    return (tuple(stride), offset), tuple(e - o for e, o in zip(end, offset))
+
+
+def _step(node: Node, geometry: Geometry, size: tuple[int, int]) -> tuple[Geometry, tuple[int, int]]:
+    """Geometry and patch size at a node's input after a conv / pool step (unchanged otherwise)."""
+    op = node.op
+    if not isinstance(op, (ConvOp, MaxPoolOp)):
+        return geometry, size
+    k = op.weight.shape[2:] if isinstance(op, ConvOp) else op.kernel
+    size = tuple((s - 1) * st + d * (kk - 1) + 1 for s, st, d, kk in zip(size, op.stride, op.dilation, k))
+    return PatchWalk._shift(geometry, op.stride, op.padding), size
+
+
 def patch_cost(graph: Graph, start: int) -> int:
     """Largest number of A elements per row (per position and row) on the walk from ``start``."""
-    size, cost = (1, 1), 1
+    frames: dict[int, tuple[Geometry, tuple[int, int]]] = {start: (((1, 1), (0, 0)), (1, 1))}
+    cost = 1
     for i in graph.ancestors(start):
+        if i not in frames:
+            continue
+        geometry, size = frames.pop(i)
         node = graph.nodes[i]
-        channels = node.shape[0]
         if node.kind == "maxpool":
-            cost = max(cost, channels * node.op.kernel[0] * node.op.kernel[1] * size[0] * size[1])
-        if isinstance(node.op, (ConvOp, MaxPoolOp)):
-            k = node.op.weight.shape[2:] if isinstance(node.op, ConvOp) else node.op.kernel
-            size = tuple((s - 1) * st + d * (kk - 1) + 1
-                         for s, st, d, kk in zip(size, node.op.stride, node.op.dilation, k))
-            cost = max(cost, graph.nodes[node.inputs[0]].shape[0] * size[0] * size[1])
+            cost = max(cost, node.shape[0] * node.op.kernel[0] * node.op.kernel[1] * size[0] * size[1])
+        if node.kind == "input":
+            continue
+        geometry, size = _step(node, geometry, size)
+        for j in node.inputs:
+            if j in frames:
+                geometry_j, size_j = _union(*frames[j], geometry, size)
+            else:
+                geometry_j, size_j = geometry, size
+            frames[j] = (geometry_j, size_j)
+            cost = max(cost, graph.nodes[j].shape[0] * size_j[0] * size_j[1])
     return cost
+
+
+def _aligned(a: Tensor, geometry: Geometry, target: Geometry, size: tuple[int, int]) -> Tensor:
+    """Patches ``a`` (..., h, w) in frame ``geometry`` placed in the larger frame ``target`` of ``size``."""
+    (_, (oh, ow)), (_, (th, tw)) = geometry, target
+    h, w = a.shape[-2:]
+    return F.pad(a, (ow - tw, size[1] - (ow - tw) - w, oh - th, size[0] - (oh - th) - h))
 
 
 def _unfold(t: Tensor, geometry: Geometry, size: tuple[int, int], grid: tuple[int, int], sel: Tensor) -> Tensor:
@@ -99,47 +136,63 @@ class PatchWalk:
         self._matrices: dict = {}  # (node, patch size) -> (transposed-conv matrix, out patch shape) or None
 
     def bound(self, start: int, a: Tensor, sel: Tensor) -> Tensor:
-        """A (B, P, R, C_start, 1, 1) at positions ``sel`` (P,) or (N, P) of the start grid -> bounds (N, P, R)."""
+        """A (B, P, R, C_start, 1, 1) at positions ``sel`` (P,) or (N, P) of the start grid -> bounds (N, P, R).
+
+        The two branches of a residual sum are walked separately and their patches added where they
+        meet, each placed in the frame that covers both.
+        """
         grid = self.graph.nodes[start].shape[1:]
-        geometry: Geometry = ((1, 1), (0, 0))
+        acc: dict[int, tuple[Tensor, Geometry]] = {start: (a, ((1, 1), (0, 0)))}
         bias: Tensor | float = 0.0
-        folded = {self.graph.nodes[i].inputs[0] for i in self.fused}
         for i in self.graph.ancestors(start):
+            if i not in acc:  # a ReLU folded into the max-pool after it
+                continue
+            a, geometry = acc.pop(i)
             node = self.graph.nodes[i]
+            target = node.inputs[0] if node.inputs else None
             if node.kind == "input":
                 return bias + self._concretize(a, geometry, grid, sel)
-            if i in folded:  # done with the max-pool after it
-                continue
-            if i in self.fused:
+            if node.kind == "add":
+                self._push(acc, node.inputs[1], a, geometry)
+            elif i in self.fused:
                 a, b, geometry = self._relu_pool(self.fused[i], a, geometry, grid, sel)
                 bias = bias + b
-                continue
-            if node.kind == "relu":
+                target = self.graph.nodes[target].inputs[0]
+            elif node.kind == "relu":
                 r = self.relax[i]
                 low, up, icpt = (_unfold(t, geometry, a.shape[-2:], grid, sel).unsqueeze(2)
                                  for t in (r.lower_slope, r.upper_slope, r.upper_intercept))
                 bias = bias + _row_dot(a.clamp(max=0), icpt)
                 a = a * torch.where(a >= 0, low, up)
-                continue
-            if node.kind == "maxpool":
+            elif node.kind == "maxpool":
                 a, b, geometry = self._maxpool(node, self.relax[i], a, geometry, grid, sel)
                 bias = bias + b
-                continue
-            op = node.op
-            if isinstance(op, ChannelAffineOp):
+            elif isinstance(node.op, ChannelAffineOp):
+                op = node.op
                 self.macs += a.numel()
                 bias = bias + a.sum(dim=(-1, -2)) @ op.shift.flatten()
                 a = a * op.scale
-                continue
-            # ConvOp
-            if op.bias is not None:
-                bias = bias + a.sum(dim=(-1, -2)) @ op.bias
-            a = self._conv_backward(i, op, a)
-            geometry = self._shift(geometry, op.stride, op.padding)
-            mask = self._mask(node.inputs[0], geometry, a.shape[-2:], grid, sel)
-            if not bool(mask.all()):  # keeps rows shared by every position when no patch leaves the image
-                a = a * mask
+            else:  # ConvOp
+                op = node.op
+                if op.bias is not None:
+                    bias = bias + a.sum(dim=(-1, -2)) @ op.bias
+                a = self._conv_backward(i, op, a)
+                geometry = self._shift(geometry, op.stride, op.padding)
+                mask = self._mask(target, geometry, a.shape[-2:], grid, sel)
+                if not bool(mask.all()):  # keeps rows shared by every position when no patch leaves the image
+                    a = a * mask
+            self._push(acc, target, a, geometry)
         raise AssertionError("the walk never reached the input")
+
+    @staticmethod
+    def _push(acc: dict, index: int, a: Tensor, geometry: Geometry) -> None:
+        """Add patches ``a`` to what node ``index`` already received (aligned to a common frame)."""
+        if index not in acc:
+            acc[index] = (a, geometry)
+            return
+        other, other_geometry = acc[index]
+        frame, size = _union(other_geometry, tuple(other.shape[-2:]), geometry, tuple(a.shape[-2:]))
+        acc[index] = (_aligned(other, other_geometry, frame, size) + _aligned(a, geometry, frame, size), frame)
 
     def _conv_backward(self, index: int, op: ConvOp, a: Tensor) -> Tensor:
         """Transposed conv of every patch: one GEMM with the patch-level matrix when it is small
