@@ -13,6 +13,13 @@ memory, each case in its own process so the peak is its own. For scale (issue 4)
 verification library needs ~22 s and several GB for 20 images and runs out of 24 GB at 100.
 Part 3: CROWN on the zoo's IBP-trained ``mnist5k-cnn-ibp``, 1000 test images at Linf 0.1 and 0.3
 (the cost of CROWN on the mnist5k leaderboard entries), each in its own process.
+Part 4 (``--cifar``, issue 17): IBP and CROWN on CIFAR-scale residual nets, RobustBench's ResNet-18 and a
+WideResNet-16-4 (random weights and BatchNorm statistics, seeded; 20 random 32x32 images at Linf 1/255),
+ours against auto_LiRPA (the peer, found on ``PYTHONPATH=../shared/peers``; without it the table says so
+and prints no ratio). Each case runs in its own process under the same address-space limit
+(``--limit-gb``) and wall-clock limit (``--time-limit``): wall and CPU seconds, peak resident memory
+(sampled every second, so a stopped case still shows it), how many margins are certified, and the
+ratio ours / peer (CPU seconds) where both finished. ``--cifar-only`` runs just this part.
 Nothing is written to the repository.
 """
 from __future__ import annotations
@@ -32,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from certify import CROWN, IBP  # noqa: E402
+from benchmarks import _cifar  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
 from robustbench_lite.zoo.architectures import build  # noqa: E402
@@ -157,16 +165,25 @@ def main() -> None:
     parser.add_argument("--zoo", help=argparse.SUPPRESS)
     parser.add_argument("--skip-part1", action="store_true")
     parser.add_argument("--skip-part3", action="store_true")
+    _cifar.add_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.case:
         print(json.dumps(part2_case(args.case, args.eps[0], args.memory_mb, args.zoo)))
+        return
+    if args.cifar_case:
+        _cifar.run_case(args)
+        return
+    if args.cifar_only:
+        _cifar.part4(args, __file__)
         return
     if not args.skip_part1:
         part1(1 if args.quick else 3)
     part2(args.eps, args.memory_mb, args.sizes)
     if not args.skip_part3:
         part3(args.memory_mb)
+    if args.cifar:
+        _cifar.part4(args, __file__)
 
 
 if __name__ == "__main__":

@@ -279,3 +279,23 @@ def test_regenerate_with_a_missing_registry_is_one_line(tmp_path, capsys):
                                                 "--root", str(tmp_path)]))
         assert "no leaderboard registry" in line
 
+
+
+def tanh_digits() -> torch.nn.Module:
+    """A digits model the bound propagators cannot handle (``--model test_cli:tanh_digits``)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 10))
+
+
+def test_default_certifier_skips_an_unsupported_model_and_a_named_one_is_an_error(tmp_path, capsys):
+    argv = ["evaluate", "--model", "test_cli:tanh_digits", "--dataset", "digits", "--eps", "0.05", "--n-examples", "8",
+            "--attacks", "fgsm", "--no-progress", "--leaderboard-dir", str(tmp_path)]
+    assert cli.main([*argv, "--json"]) == 0
+    out = capsys.readouterr()
+    warning = "robustbench-lite: warning: ibp skipped: unsupported layers: 2 (Tanh)"
+    assert out.err.count(warning) == 1 and "Traceback" not in out.err
+    record = json.loads(out.out)
+    assert record["certifiers"][0]["status_counts"] == {"skipped": 8}
+    assert [f["explanation"] for f in record["flags"] if f["name"] == "certifier_unsupported"] == [warning[27:]]
+    line = one_error_line(capsys, cli.main([*argv, "--certifiers", "ibp", "--replace"]))
+    assert "certifier 'ibp': unsupported layers: 2 (Tanh)" in line

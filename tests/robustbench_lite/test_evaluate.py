@@ -11,7 +11,7 @@ import robustbench_lite
 from attacks import PGD, Attack, AttackResult
 from certify.base import Certifier, spec_matrix
 from robustbench_lite.data.dataset import Dataset
-from robustbench_lite.errors import NonFiniteOutputError, SoundnessError, UserInputError
+from robustbench_lite.errors import NonFiniteOutputError, SoundnessError, UnsupportedModelError, UserInputError
 from robustbench_lite.evaluate import EvaluationResult, evaluate
 from robustbench_lite.hashing import indices_sha256
 from robustbench_lite.threat import ThreatModel
@@ -364,3 +364,44 @@ def test_registry_names_get_default_configs_and_ibp_is_no_tighter_than_exact():
     assert [c.name for c in r.certifiers] == ["ibp", "linear-exact"]
     ibp, exact = r.certified_by["ibp"], r.certified_by["linear-exact"]
     assert (ibp <= exact).all() and exact.any()
+
+
+def tanh_model() -> nn.Sequential:
+    """A model the bound propagators cannot handle (Tanh), in eval mode."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, K)).eval()
+
+
+def test_default_certifier_that_cannot_handle_the_model_is_skipped_and_attacks_run():
+    result = evaluate(tanh_model(), toy_dataset(12), ThreatModel("Linf", 0.1), attacks=["fgsm"],
+                      certifiers=["ibp", "crown"], n_examples=12, batch_size=5)
+    assert result.attacks[0].examples > 0
+    for report in result.certifiers:
+        assert report.status_counts == {"skipped": 12} and report.accuracy == 0.0
+    flags = [f for f in result.flags if f["name"] == "certifier_unsupported"]
+    assert [f["explanation"] for f in flags] == [f"{name} skipped: unsupported layers: 2 (Tanh)" for name in ("ibp", "crown")]
+
+
+def test_unsupported_error_names_the_certifier_before_anything_runs():
+    ran = []
+
+    class Recorder(PGD):
+        def run(self, *args, **kwargs):
+            ran.append(1)
+            return super().run(*args, **kwargs)
+
+    with pytest.raises(UnsupportedModelError, match="certifier 'ibp': unsupported layers: 2 \\(Tanh\\)"):
+        evaluate(tanh_model(), toy_dataset(12), ThreatModel("Linf", 0.1), attacks=[Recorder()], certifiers=["ibp"],
+                 n_examples=12, unsupported="error")
+    assert not ran
+
+
+def test_default_evaluate_on_torchvision_resnet18_runs_to_the_end():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    data = Dataset(name="rgb", split="test", x=torch.rand(2, 3, 16, 16), y=torch.arange(2), num_classes=10)
+    result = evaluate(model, data, ThreatModel("Linf", 1 / 255), attacks=["fgsm"], n_examples=2)
+    assert result.certifiers[0].name == "ibp" and "skipped" not in result.certifiers[0].status_counts
+    assert sum(result.certifiers[0].status_counts.values()) == 2

@@ -1,0 +1,151 @@
+"""Part 4 of ``benchmarks/certify.py``: IBP and CROWN on CIFAR-scale residual nets, ours against auto_LiRPA.
+
+Every (net, method, who) case runs in a fresh process (its own peak memory) under one address-space
+limit and one wall-clock limit; the child reports its peak resident memory every second, so a case
+stopped by the limit still shows how much it held.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+NETS = ("resnet-18", "wideresnet-16-4")
+EPS = 1 / 255
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cifar", action="store_true", help="also run part 4 (CIFAR-scale nets against the peer)")
+    parser.add_argument("--cifar-only", action="store_true", help="run only part 4")
+    parser.add_argument("--cifar-images", type=int, default=20, help="images per case of part 4")
+    parser.add_argument("--cifar-nets", nargs="*", default=list(NETS), help=f"nets of part 4 ({', '.join(NETS)})")
+    parser.add_argument("--methods", nargs="*", default=["IBP", "CROWN"], help="methods of part 4")
+    parser.add_argument("--time-limit", type=float, default=1800.0, help="wall seconds per case of part 4")
+    parser.add_argument("--limit-gb", type=float, default=20.0, help="address-space limit per case of part 4")
+    parser.add_argument("--cifar-case", nargs=3, metavar=("NET", "METHOD", "WHO"), help=argparse.SUPPRESS)
+
+
+def model(name: str) -> nn.Module:
+    """RobustBench's ResNet-18, or the WideResNet-16-4 of its WideResNet class, with seeded random weights
+    and BatchNorm statistics (the CIFAR data and trained weights are not on this machine)."""
+    from robustbench_lite.zoo.robustbench_archs import WideResNet
+    from robustbench_lite.zoo.architectures import build
+
+    torch.manual_seed(0)
+    net = build("resnet-18") if name == "resnet-18" else WideResNet(16, 4)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return net.eval()
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_case(args: argparse.Namespace) -> None:
+    """Child process: one case; prints progress lines and a final result line (JSON)."""
+    name, method, who = args.cifar_case
+    net, n = model(name), args.cifar_images
+    x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(n) % 10
+    started = time.perf_counter()
+
+    def report() -> None:
+        while True:
+            print(json.dumps({"progress": True, "peak_rss_mb": _peak_mb(), "wall_s": time.perf_counter() - started}),
+                  flush=True)
+            time.sleep(1.0)
+
+    threading.Thread(target=report, daemon=True).start()
+    cpu = time.process_time()
+    with torch.no_grad():
+        if who == "ours":
+            from certify import CROWN, IBP
+            from robustbench_lite.threat import ThreatModel
+
+            certifier = IBP() if method == "IBP" else CROWN(memory_mb=args.memory_mb)
+            margins = certifier(net, x, y, ThreatModel("Linf", EPS)).margin_lower
+        else:
+            from auto_LiRPA import BoundedModule, BoundedTensor
+            from auto_LiRPA.perturbations import PerturbationLpNorm
+
+            spec = torch.eye(10)[y].unsqueeze(1) - torch.eye(10).unsqueeze(0)
+            bounded = BoundedModule(net, torch.zeros(1, 3, 32, 32))
+            ptb = PerturbationLpNorm(norm=float("inf"), eps=EPS, x_L=(x - EPS).clamp(0, 1), x_U=(x + EPS).clamp(0, 1))
+            margins, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method=method, C=spec)
+    margins = margins.detach().scatter(1, y[:, None], float("inf"))
+    print(json.dumps({"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu,
+                      "peak_rss_mb": _peak_mb(), "certified": int((margins > 0).all(1).sum()),
+                      "min_margin": float(margins.min())}), flush=True)
+
+
+def _limit(gb: float):
+    def apply() -> None:
+        limit = int(gb * 2 ** 30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return apply
+
+
+def _case(script: str, args: argparse.Namespace, net: str, method: str, who: str) -> dict:
+    command = [sys.executable, script, "--cifar-case", net, method, who, "--cifar-images", str(args.cifar_images),
+               "--memory-mb", str(args.memory_mb)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.time_limit,
+                              preexec_fn=_limit(args.limit_gb))
+        out, status = done.stdout, ("ok" if done.returncode == 0 else
+                                    "out of memory" if "MemoryError" in done.stderr or "memory" in done.stderr.lower()
+                                    else f"failed ({(done.stderr.strip().splitlines() or ['?'])[-1][:60]})")
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        status = f"stopped at {args.time_limit:.0f} s"
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    final = next((r for r in reversed(lines) if not r.get("progress")), None)
+    peak = max((r["peak_rss_mb"] for r in lines), default=float("nan"))
+    return {"status": status if final is None else "ok", "peak_rss_mb": peak, **(final or {})}
+
+
+def peer_available() -> bool:
+    try:
+        import auto_LiRPA  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def part4(args: argparse.Namespace, script: str) -> None:
+    peer = peer_available()
+    print(f"\npart 4: {args.cifar_images} random 32x32 images, Linf 1/255, random weights; one thread, each case in "
+          f"its own process (limits: {args.time_limit:.0f} s, {args.limit_gb:g} GB address space); CROWN "
+          f"memory_mb={args.memory_mb:g}")
+    if not peer:
+        print("peer (auto_LiRPA) not found: run with PYTHONPATH=../shared/peers (see ../shared/peers/README.md); "
+              "no ratios")
+    print(f"{'net':16s} {'method':6s} {'who':5s} {'wall s':>8s} {'cpu s':>8s} {'peak RSS MB':>11s} {'certified':>9s} "
+          f"{'status':24s} {'ours/peer (cpu)':>16s}")
+    for net in args.cifar_nets:
+        for method in args.methods:
+            rows = {"ours": _case(script, args, net, method, "ours")}
+            if peer:
+                rows["peer"] = _case(script, args, net, method, "peer")
+            for who, r in rows.items():
+                ratio = ""
+                if who == "peer" and r["status"] == "ok" and rows["ours"]["status"] == "ok":
+                    ratio = f"{rows['ours']['cpu_s'] / r['cpu_s']:16.2f}"
+                wall = f"{r['wall_s']:8.1f}" if "wall_s" in r and r["status"] == "ok" else f"{'-':>8s}"
+                cpu = f"{r['cpu_s']:8.1f}" if "cpu_s" in r else f"{'-':>8s}"
+                cert = f"{r['certified']:9d}" if "certified" in r else f"{'-':>9s}"
+                print(f"{net:16s} {method:6s} {who:5s} {wall} {cpu} {r['peak_rss_mb']:11.0f} {cert} "
+                      f"{r['status']:24s} {ratio}", flush=True)
