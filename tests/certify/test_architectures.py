@@ -205,3 +205,21 @@ def test_patch_walk_through_residual_sums_equals_the_dense_walk(name):
             for i, (lo, hi) in plain.boxes.items():
                 assert torch.allclose(fast.boxes[i][0], lo, rtol=1e-4, atol=1e-4)
                 assert torch.allclose(fast.boxes[i][1], hi, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.1, 0.5, 1.0])
+def test_leaky_relu_relaxation_holds_on_its_interval_and_is_the_chord_above(slope):
+    from certify.layers import relu_relaxation
+
+    g = torch.Generator().manual_seed(0)
+    lo = torch.randn(1, 300, generator=g) * 2
+    hi = lo + torch.rand(1, 300, generator=g) * 3
+    r = relu_relaxation(lo, hi, slope)
+    x = lo + torch.rand(64, 300, generator=g) * (hi - lo)
+    f = F.leaky_relu(x, slope)
+    assert (r.lower_slope * x <= f + 1e-6).all() and (f <= r.upper_slope * x + r.upper_intercept + 1e-6).all()
+    for end in (lo, hi):  # the upper line touches at both ends (the chord), so it is the tightest one
+        assert torch.allclose(r.upper_slope * end + r.upper_intercept, F.leaky_relu(end, slope), atol=1e-5)
+    # alpha-CROWN's lower slopes in [0, 1] are raised to the negative slope (a lower line below it is unsound)
+    optimised = r.optimised_slope(torch.zeros(1, 1, 300))
+    assert (optimised >= slope - 1e-7).all() and (optimised[0, 0][~r.unstable[0]] == r.lower_slope[0][~r.unstable[0]]).all()
