@@ -105,9 +105,11 @@ def _case(script: str, args: argparse.Namespace, net: str, method: str, who: str
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.time_limit,
                               preexec_fn=_limit(args.limit_gb))
+        err = done.stderr
         out, status = done.stdout, ("ok" if done.returncode == 0 else
-                                    "out of memory" if "MemoryError" in done.stderr or "memory" in done.stderr.lower()
-                                    else f"failed ({(done.stderr.strip().splitlines() or ['?'])[-1][:60]})")
+                                    f"killed (signal {-done.returncode})" if done.returncode < 0 else
+                                    "out of memory" if "MemoryError" in err or "can't allocate memory" in err else
+                                    f"failed (exit {done.returncode})")
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         status = f"stopped at {args.time_limit:.0f} s"
