@@ -1,9 +1,10 @@
 """Common architectures through the shared graph walk (issue 17): torchvision's ResNet and VGG, RobustBench's
 WideResNet / PreActResNet / ResNet blocks, and a functional ``forward`` using every op the walk accepts.
 
-The lowered graph must compute the model's own logits, and IBP, CROWN and alpha-CROWN bounds must hold
-at random, corner and PGD points of the ball (the tests of :mod:`test_soundness`), at small widths and
-input sizes so that CROWN stays fast.
+The lowered graph must compute the model's own logits, and IBP, CROWN and alpha-CROWN bounds (float32,
+lowered by their proven rounding error) must hold against the exact network at random, corner and PGD
+points of the ball (:func:`test_soundness.check_bounds`), at small widths and input sizes so that
+CROWN stays fast.
 """
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from certify import CROWN, IBP, AlphaCROWN
+from certify import IBP
 from certify.graph import build_graph, check_supported
 from robustbench_lite.errors import UnsupportedModelError
 from robustbench_lite.threat import ThreatModel
 from robustbench_lite.zoo.robustbench_archs import BasicBlock, Bottleneck, PreActBlock, WideStage
-from test_soundness import K, candidate_points, margins
+from test_soundness import K, check_bounds
 
 
 def _randomize(model: nn.Module, seed: int) -> nn.Module:
@@ -122,16 +123,9 @@ def test_bounds_hold_on_common_architectures(name):
     graph = build_graph(model, shape)
     with torch.no_grad():
         assert torch.allclose(graph.forward(x)[graph.output], model(x), atol=1e-5)
-    certifiers = [IBP(), CROWN()] + ([AlphaCROWN(alpha_steps=3)] if name == "functional" else [])
-    for norm, eps in (("Linf", 0.01), ("L2", 0.1)):
-        threat = ThreatModel(norm, eps)
-        bounds = {c.name: c(model, x, y, threat).margin_lower for c in certifiers}
-        assert all(torch.isfinite(b).all() for b in bounds.values())
-        for pt in candidate_points(model, x, y, threat, 0):
-            m = margins(model, pt, y)
-            for cert, lower in bounds.items():
-                gap = (lower - m).max().item()
-                assert gap <= 1e-4 * (1 + m.abs().max().item()), f"{name} {cert} {norm}: bound above a margin by {gap}"
+    threats = [("Linf", 0.01)] + ([("L2", 0.1)] if name in ("functional", "resnet") else [])  # keeps the suite fast
+    for norm, eps in threats:  # float32 bounds against the exact (float64) network
+        check_bounds(model, x, y, ThreatModel(norm, eps), 0)  # IBP, CROWN, alpha-CROWN (seed 0)
 
 
 def _vgg_cifar() -> nn.Module:  # VGG's features end at 1x1 on 32x32 inputs: AdaptiveAvgPool2d((7, 7)) replicates
@@ -197,7 +191,7 @@ def test_patch_walk_through_residual_sums_equals_the_dense_walk(name):
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(5))
     graph = build_graph(model, shape)
     with torch.no_grad():
-        for norm, eps in (("Linf", 0.02), ("L2", 0.2)):
+        for norm, eps in (("Linf", 0.02),) if name != "resnet" else (("Linf", 0.02), ("L2", 0.2)):
             fast = Propagator(graph, x, ThreatModel(norm, eps))
             plain = Propagator(graph, x, ThreatModel(norm, eps), plain=True)
             fast.compute_bounds()
