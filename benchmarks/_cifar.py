@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cifar", action="store_true", help="also run part 4 (CIFAR-scale nets against the peer)")
     parser.add_argument("--cifar-only", action="store_true", help="run only part 4")
     parser.add_argument("--cifar-images", type=int, default=20, help="images per case of part 4")
-    parser.add_argument("--cifar-nets", nargs="*", default=list(NETS), help=f"nets of part 4 ({', '.join(NETS)})")
+    parser.add_argument("--cifar-nets", nargs="*", default=list(NETS), help=f"nets of part 4 (default {', '.join(NETS)}; any wideresnet-D-W)")
     parser.add_argument("--methods", nargs="*", default=["IBP", "CROWN"], help="methods of part 4")
     parser.add_argument("--time-limit", type=float, default=1800.0, help="wall seconds per case of part 4")
     parser.add_argument("--limit-gb", type=float, default=20.0, help="address-space limit per case of part 4")
@@ -35,13 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model(name: str) -> nn.Module:
-    """RobustBench's ResNet-18, or the WideResNet-16-4 of its WideResNet class, with seeded random weights
-    and BatchNorm statistics (the CIFAR data and trained weights are not on this machine)."""
+    """RobustBench's ResNet-18 (``resnet-*``), or ``wideresnet-D-W`` of its WideResNet class, with seeded
+    random weights and BatchNorm statistics (the CIFAR data and trained weights are not on this machine)."""
     from robustbench_lite.zoo.robustbench_archs import WideResNet
     from robustbench_lite.zoo.architectures import build
 
     torch.manual_seed(0)
-    net = build("resnet-18") if name == "resnet-18" else WideResNet(16, 4)
+    net = build(name) if name.startswith("resnet") else WideResNet(*map(int, name.split("-")[1:]))  # wideresnet-D-W
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in net.modules():
