@@ -31,7 +31,7 @@ from robustbench_lite.threat import ThreatModel
 from .base import CERTIFIED, NOT_CERTIFIED, SKIPPED, TIMEOUT, CertResult, Certifier
 from .crown import CROWN, intermediate_bounds
 from .dual import interval_margin
-from .graph import affine_segments, build_graph, check_supported, fold_affine
+from .graph import affine_segments, build_graph, check_supported, fold_affine, unsupported_reason
 from .rounding import float64_model, fold_errors, gamma, round_down
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,6 @@ class ConvexCertifier(Certifier):
         check_supported(model)
 
     def unsupported(self, model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
-        from .graph import unsupported_reason
-
         return unsupported_reason(model, input_shape, dense=True)
 
     # --- subclasses --------------------------------------------------------------------------
