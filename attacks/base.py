@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from robustbench_lite.errors import NonFiniteOutputError, UserInputError
 from robustbench_lite.seeding import ExampleRNG, example_seeds
-from robustbench_lite.threat import ThreatModel
+from robustbench_lite.threat import ThreatModel, check_call
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Attack(abc.ABC):
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
                  seeds: Tensor | None = None, target: Tensor | None = None) -> AttackResult:
-        threat.check_inputs(x, y)
+        check_call(model, x, y, threat)
         if target is not None and not self.supports_targeted:
             raise UserInputError(f"attack {self.name!r} has no targeted mode")
         if seeds is None:

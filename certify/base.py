@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from robustbench_lite.errors import UnsupportedModelError, UserInputError
-from robustbench_lite.threat import ThreatModel
+from robustbench_lite.threat import ThreatModel, check_call
 
 CERTIFIED = "certified"
 NOT_CERTIFIED = "not_certified"
@@ -111,8 +111,7 @@ class Certifier(abc.ABC):
                           forward_equivalents=forward_equivalents)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
-        threat.check_inputs(x, y)
-        self.check_supported(model)
+        check_call(model, x, y, threat, supported=self.check_supported)
         y = y.to(torch.int64)
         modes = [(m, m.training) for m in model.modules()]
         try:

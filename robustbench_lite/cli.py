@@ -51,6 +51,22 @@ def _eps(text: str) -> float:
         raise argparse.ArgumentTypeError(f"eps must be a number or a fraction like 8/255, got {text!r}") from None
 
 
+def path_text(text: str) -> Path:
+    """A path option: not empty, no NUL byte (argparse type)."""
+    if not text.strip() or "\x00" in text:
+        raise argparse.ArgumentTypeError(f"not a usable path: {text!r}")
+    return Path(text).expanduser()
+
+
+def folder_text(text: str) -> Path:
+    """A folder option (created when needed): a usable path that is not an existing file (argparse type)."""
+    path = path_text(text)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is a file, not a folder")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Attack, certify, train and rank image classifiers.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -81,12 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="run seed (mixed with each example's index)")
     ev.add_argument("--individual", action="store_true", help="run every attack on every correct point")
     ev.add_argument("--device", default="cpu", help="torch device")
-    ev.add_argument("--leaderboard-dir", type=Path, default=None, help="default: $RBL_LEADERBOARD_DIR or leaderboards/")
+    ev.add_argument("--leaderboard-dir", type=folder_text, default=None, help="default: $RBL_LEADERBOARD_DIR or leaderboards/")
     ev.add_argument("--no-write", action="store_true", help="do not write the leaderboard record")
     ev.add_argument("--replace", action="store_true", help="overwrite the model's record instead of merging into it")
     ev.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
     ev.add_argument("--download", action="store_true", help="download torchvision datasets when missing")
-    ev.add_argument("--data-dir", type=Path, default=None, help="where torchvision datasets live")
+    ev.add_argument("--data-dir", type=folder_text, default=None, help="where torchvision datasets live")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--no-resume", action="store_true",
                     help="do not keep per-batch results under <leaderboard-dir>/.state (kept by default while "
@@ -105,21 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     board.required = True
     show = board.add_parser("show", help="print the leaderboard tables (as in leaderboards/README.md)")
     show.add_argument("--dataset", default=None)
-    show.add_argument("--leaderboard-dir", "--root", type=Path, default=None, dest="leaderboard_dir")
-    show.add_argument("--registry", type=Path, default=None, help="default: <leaderboard-dir>/registry.toml")
+    show.add_argument("--leaderboard-dir", "--root", type=folder_text, default=None, dest="leaderboard_dir")
+    show.add_argument("--registry", type=path_text, default=None, help="default: <leaderboard-dir>/registry.toml")
     show.set_defaults(handler=cmd_leaderboard_show)
     regen = board.add_parser("regenerate", help="re-evaluate registry entries whose inputs changed, then re-render")
     regen.add_argument("--only", default=None, metavar="PATTERN", help="glob on the model name or dataset/norm-eps/model")
     regen.add_argument("--dry-run", action="store_true", help="list what would run and why; evaluate nothing")
     regen.add_argument("--force", action="store_true", help="re-run every selected entry")
     regen.add_argument("--no-resume", action="store_true", help="do not resume from or keep per-batch results")
-    regen.add_argument("--registry", type=Path, default=None, help="default: <leaderboard-dir>/registry.toml")
-    regen.add_argument("--leaderboard-dir", "--root", type=Path, default=None, dest="leaderboard_dir",
+    regen.add_argument("--registry", type=path_text, default=None, help="default: <leaderboard-dir>/registry.toml")
+    regen.add_argument("--leaderboard-dir", "--root", type=folder_text, default=None, dest="leaderboard_dir",
                        help="where the records, README.md and index.html go (default: the checkout's leaderboards/)")
     regen.set_defaults(handler=cmd_leaderboard_regenerate)
     render = board.add_parser("render", help="re-render README.md, index.html and plots from the JSON records")
-    render.add_argument("--leaderboard-dir", "--root", type=Path, default=None, dest="leaderboard_dir")
-    render.add_argument("--registry", type=Path, default=None, help="default: <leaderboard-dir>/registry.toml")
+    render.add_argument("--leaderboard-dir", "--root", type=folder_text, default=None, dest="leaderboard_dir")
+    render.add_argument("--registry", type=path_text, default=None, help="default: <leaderboard-dir>/registry.toml")
     render.set_defaults(handler=cmd_leaderboard_render)
 
     train = sub.add_parser("train", help="train a model with a defense")
@@ -362,13 +378,23 @@ def cmd_leaderboard_regenerate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"would run {counts[RUN]}, skip {counts['skip']}; unavailable {counts['unavailable']}, "
               f"error {counts['error']}")
-        return 1 if counts["error"] else 0
+        _error_when_not_evaluated(report, ("error",), {})
+        return 0
     for key, message in report.failed.items():
         print(f"failed {key}: {message}")
     print(f"ran {len(report.ran)}, skipped {counts['skip']}, unavailable {counts['unavailable']}, "
           f"error {counts['error']}, failed {len(report.failed)}; rendered {len(report.rendered)} file(s); "
           f"wall time {report.seconds:.1f} s")
-    return 1 if report.failed or counts["error"] or counts["unavailable"] else 0
+    _error_when_not_evaluated(report, ("error", "unavailable"), report.failed)
+    return 0
+
+
+def _error_when_not_evaluated(report: Any, actions: tuple[str, ...], failed: dict[str, str]) -> None:
+    """After regenerate's per-entry lines: one error line (exit 2) when an entry was refused or failed."""
+    bad = [(p.job.key, "; ".join(p.reasons)) for p in report.planned if p.action in actions] + list(failed.items())
+    if bad:
+        raise UserInputError(f"{len(bad)} of {len(report.planned)} registry entries were not evaluated (listed "
+                             f"above); the first: {bad[0][0]}: {bad[0][1]}")
 
 
 # --- entry point ----------------------------------------------------------------------------------

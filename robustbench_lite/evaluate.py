@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import checks as checks_module
 from .claims import rejected_claims_flag
-from .errors import SoundnessError, UserInputError
+from .errors import SoundnessError, UserInputError, checked_int, short_repr
 from .hashing import indices_sha256
 from .outcome import (COST_FIELDS, BatchOutcome, BatchRunner, LocalRunner, add_counts, batch_bounds,
                       certifier_prefixes, evaluate_batch)
@@ -155,7 +155,7 @@ def _resolve(items: Sequence[Any] | str | None, kind: str) -> list[tuple[str, An
         return []
     if isinstance(items, str):
         items = [s for s in items.split(",") if s.strip()]
-    registry = None
+    registry, cls = None, _plugin_base(kind)
     out: list[tuple[str, Any]] = []
     for item in items:
         if isinstance(item, str):
@@ -164,14 +164,24 @@ def _resolve(items: Sequence[Any] | str | None, kind: str) -> list[tuple[str, An
             plugin = registry.create(item.strip())
         else:
             plugin = item
-        if not callable(plugin):
-            raise UserInputError(f"{kind} {plugin!r} is neither a registered name nor a callable {kind}")
+        if not isinstance(plugin, cls):
+            raise UserInputError(f"{kind} {short_repr(plugin)} is neither a registered name nor a "
+                                 f"{cls.__module__}.{cls.__name__}")
         base = str(getattr(plugin, "name", type(plugin).__name__)).lower()
         name, k = base, 2
         while any(name == n for n, _ in out):
             name, k = f"{base}#{k}", k + 1
         out.append((name, plugin))
     return out
+
+
+def _plugin_base(kind: str) -> type:
+    """The class every plug-in of ``kind`` derives from (its ``__call__`` checks inputs and re-scores)."""
+    if kind == "attack":
+        from attacks.base import Attack
+        return Attack
+    from certify.base import Certifier
+    return Certifier
 
 
 def _registry(kind: str):
@@ -188,12 +198,15 @@ def _config(plugin: Any) -> dict[str, Any]:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device that exists on this machine, else UserInputError."""
+    """A device that holds real tensors on this machine (cpu, an existing cuda:N, mps), else UserInputError."""
     try:
         target = torch.device(device)
-    except (RuntimeError, TypeError):
+    except (RuntimeError, TypeError, ValueError):
         raise UserInputError(f"unknown device {device!r}") from None
-    if target.type == "cuda" and not torch.cuda.is_available():
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if target.type not in available:
+        raise UserInputError(f"device {device!r} cannot run an evaluation: use cpu, cuda or cuda:N")
+    if not available[target.type] or (target.type == "cuda" and (target.index or 0) >= torch.cuda.device_count()):
         raise UserInputError(f"device {device!r} is not available on this machine")
     return target
 
@@ -202,17 +215,18 @@ def evaluation_examples(model: Any, dataset: Any, n_examples: int | None, batch_
     """The first ``n_examples`` of ``dataset`` (a Dataset, or a dataset name: its test split), after the
     checks every evaluation makes: ``model`` is an nn.Module, ``batch_size`` >= 1, ``n_examples`` >= 1
     (more than the split holds evaluates all of it), at least one example, inputs in [0, 1]."""
+    from .data import Dataset, load_dataset
+
     if not isinstance(model, nn.Module):
         raise UserInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if int(batch_size) < 1:
-        raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
+    checked_int("batch_size", batch_size, minimum=1)
     if isinstance(dataset, str):
-        from .data import load_dataset
         dataset = load_dataset(dataset, "test")
+    if not isinstance(dataset, Dataset):
+        raise UserInputError(f"dataset must be a Dataset or a dataset name, got {type(dataset).__name__}")
     total = len(dataset)
     if n_examples is not None:
-        if int(n_examples) < 1:
-            raise UserInputError(f"n_examples must be >= 1, got {n_examples}")
+        checked_int("n_examples", n_examples, minimum=1)
         if int(n_examples) > total:
             log.info("n_examples=%d > %d examples in the split: evaluating all of them", n_examples, total)
         dataset = dataset.subset(slice(0, min(int(n_examples), total)))
@@ -256,6 +270,7 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
         raise UserInputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
     dataset = evaluation_examples(model, dataset, n_examples, batch_size)
     threat.check_inputs(dataset.x, dataset.y)
+    checked_int("seed", seed)
     batch_size, dev = int(batch_size), resolve_device(device)
     attack_list, cert_list = _resolve(attacks, "attack"), _resolve(certifiers, "certifier")
     if set(n for n, _ in attack_list) & set(n for n, _ in cert_list):

@@ -25,6 +25,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def bytes_sha256(data: bytes) -> str:
+    """sha256 of bytes in memory (equal to :func:`file_sha256` of a file holding them)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_json(data: Any) -> str:
     """sha256 of ``data`` as canonical JSON (sorted keys, no spaces)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -66,4 +71,4 @@ def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["arrays_sha256", "dataset_sha256", "file_sha256", "indices_sha256", "sha256_json", "state_dict_sha256"]
+__all__ = ["arrays_sha256", "bytes_sha256", "dataset_sha256", "file_sha256", "indices_sha256", "sha256_json", "state_dict_sha256"]

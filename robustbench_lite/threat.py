@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .errors import UserInputError
+from .errors import UserInputError, first_line, short_repr
 
 _TINY = 1e-12
 #: the ``norm`` of the common-corruptions threat model (its records live in ``<dataset>/corruptions/``)
@@ -22,6 +23,11 @@ CORRUPTIONS_NORM = "corruptions"
 def threat_folder(norm: str, eps: float) -> str:
     """The records' folder name of a threat model: ``<norm>-<eps:g>``, or ``corruptions``."""
     return CORRUPTIONS_NORM if norm == CORRUPTIONS_NORM else f"{norm}-{eps:g}"
+
+
+#: the largest eps and box bound: any image box's diameter in pixel units is far below it, and the
+#: few multiples of eps (and its square) that attacks and certifiers form stay finite in float32
+LIMIT = 1e6
 
 
 def _flat_norm(t: Tensor, p: float) -> Tensor:
@@ -96,21 +102,29 @@ class ThreatModel:
     _ops: object = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        norm = _ALIASES.get(str(self.norm).lower(), self.norm)
+        numeric = isinstance(self.norm, (int, float)) and not isinstance(self.norm, bool)  # 2, math.inf
+        norm = _ALIASES.get(str(self.norm).lower(), self.norm) if isinstance(self.norm, str) or numeric else None
         if norm not in NORMS:
-            raise UserInputError(f"unknown norm {self.norm!r}: choose one of {', '.join(NORMS)}")
+            raise UserInputError(f"unknown norm {short_repr(self.norm)}: choose one of {', '.join(NORMS)}")
         try:
+            if isinstance(self.eps, bool):
+                raise TypeError
             eps = float(self.eps)
-        except (TypeError, ValueError):
-            raise UserInputError(f"eps must be a number, got {self.eps!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise UserInputError(f"eps must be a number, got {short_repr(self.eps)}") from None
         if not math.isfinite(eps) or eps < 0:
-            raise UserInputError(f"eps must be finite and >= 0, got {self.eps!r}")
+            raise UserInputError(f"eps must be finite and >= 0, got {short_repr(self.eps)}")
+        if eps > LIMIT:
+            raise UserInputError(f"eps {short_repr(self.eps)} is above {LIMIT:g}: a ball that large already holds the "
+                                 "whole input box, and attacks and certifiers would overflow float32 with it (eps "
+                                 "is in pixel units of [0, 1] images, e.g. 0.3 or 8/255)")
         try:
             lo, hi = (float(v) for v in self.box)
-        except (TypeError, ValueError):
-            raise UserInputError(f"box must be a pair of numbers, got {self.box!r}") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise UserInputError(f"box must be finite with low < high, got {self.box!r}")
+        except (TypeError, ValueError, OverflowError):
+            raise UserInputError(f"box must be a pair of numbers, got {short_repr(self.box)}") from None
+        if not (-LIMIT <= lo < hi <= LIMIT):
+            raise UserInputError(f"box must be two numbers low < high within [-{LIMIT:g}, {LIMIT:g}], "
+                                 f"got {short_repr(self.box)}")
         object.__setattr__(self, "norm", norm)
         object.__setattr__(self, "eps", eps)
         object.__setattr__(self, "box", (lo, hi))
@@ -149,6 +163,8 @@ class ThreatModel:
         """Raise a clear error for inputs an attack or certifier cannot be asked about."""
         if not torch.is_tensor(x) or x.dim() < 2:
             raise UserInputError(f"x must be a batched tensor (N, ...), got shape {tuple(getattr(x, 'shape', ()))}")
+        if x.device.type not in _REAL_DEVICES:
+            raise UserInputError(f"x is on device {x.device}, which holds no values: use cpu or cuda")
         if not torch.is_floating_point(x):
             raise UserInputError(f"x must be floating point, got {x.dtype}")
         if not torch.isfinite(x).all():
@@ -156,7 +172,7 @@ class ThreatModel:
         lo, hi = self.box
         if x.numel() and (x.min() < lo - 1e-6 or x.max() > hi + 1e-6):
             raise UserInputError(
-                f"inputs must lie in the box [{lo:g}, {hi:g}] (got [{x.min().item():.4g}, {x.max().item():.4g}]); "
+                f"x must lie in the box [{lo:g}, {hi:g}] (got [{x.min().item():.4g}, {x.max().item():.4g}]); "
                 "normalization belongs inside the model, not the data"
             )
         if y is not None:
@@ -164,6 +180,54 @@ class ThreatModel:
                 raise UserInputError(f"y must have shape ({x.shape[0]},), got {tuple(getattr(y, 'shape', ()))}")
             if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise UserInputError(f"y must be integer class labels, got {y.dtype}")
+            if y.device != x.device:
+                raise UserInputError(f"y is on {y.device} but x on {x.device}: put them on one device")
+            if y.numel() and y.min() < 0:
+                raise UserInputError(f"y must hold class labels >= 0, got {int(y.min())}")
 
     def to_dict(self) -> dict:
         return {"norm": self.norm, "eps": self.eps, "box": list(self.box)}
+
+
+_REAL_DEVICES = ("cpu", "cuda", "mps")
+
+
+def check_call(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
+               supported: Callable[[nn.Module], None] | None = None) -> None:
+    """What every attack and certifier call checks before any work: ``threat`` a ThreatModel, ``model`` an
+    nn.Module, x and y valid for the threat (:meth:`ThreatModel.check_inputs`), x of the dtype and on the
+    device of the model's parameters, ``supported(model)`` (a certifier's layer check), and a model that
+    maps x's shape to logits (N, K) with 0 <= y < K.
+
+    The model is probed with an empty batch (x[:0], no example-row, in eval mode, without gradients), so
+    counted passes and queries stay exact; x (N, ...), y (N,).
+    """
+    if not isinstance(threat, ThreatModel):
+        raise UserInputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
+    if not isinstance(model, nn.Module):
+        raise UserInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if y is None:
+        raise UserInputError("y must be a tensor of class labels (N,), got None")
+    threat.check_inputs(x, y)
+    weight = next((p for p in model.parameters() if torch.is_floating_point(p)), None)
+    if weight is not None and (x.dtype, x.device) != (weight.dtype, weight.device):
+        raise UserInputError(f"x is {x.dtype} on {x.device} but the model computes in {weight.dtype} on "
+                             f"{weight.device}: convert x (x.to(...)) or the model")
+    if supported is not None:
+        supported(model)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = model(x[:0])
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise UserInputError(f"the model cannot take x of shape {tuple(x.shape[1:])} ({first_line(exc)})") from None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not torch.is_tensor(logits) or logits.dim() != 2:
+        raise UserInputError(f"the model must return logits of shape (N, classes) for x; got "
+                             f"{tuple(getattr(logits, 'shape', ())) or type(logits).__name__}")
+    if y.numel() and int(y.max()) >= logits.shape[1]:
+        raise UserInputError(f"y must hold class labels below the model's {logits.shape[1]} logits, "
+                             f"got {int(y.max())}")

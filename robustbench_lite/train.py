@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from robustbench_lite.atomic import atomic_write_bytes, atomic_write_text
 from robustbench_lite.defenses import DEFENSES, Defense
-from robustbench_lite.errors import CheckpointError, UserInputError
+from robustbench_lite.errors import CheckpointError, UserInputError, checked_int, checked_number
 from robustbench_lite.seeding import mix
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 _META_KEY = "robustbench_lite"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,12 @@ class TrainConfig:
     lr_schedule: str = "cosine"
 
     def __post_init__(self) -> None:
-        if int(self.epochs) < 1:
-            raise UserInputError(f"epochs must be >= 1, got {self.epochs}")
-        if int(self.batch_size) < 1:
-            raise UserInputError(f"batch size must be >= 1, got {self.batch_size}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UserInputError(f"learning rate must be > 0, got {self.lr}")
-        if not self.weight_decay >= 0:
-            raise UserInputError(f"weight decay must be >= 0, got {self.weight_decay}")
+        checked_int("epochs", self.epochs, minimum=1)
+        checked_int("batch size", self.batch_size, minimum=1)
+        checked_int("seed", self.seed)
+        checked_number("learning rate", self.lr, above=0)
+        checked_number("weight decay", self.weight_decay, minimum=0)
+        checked_number("momentum", self.momentum, minimum=0)
         if self.optimizer not in OPTIMIZERS:
             raise UserInputError(f"unknown optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -189,7 +189,8 @@ def train(model: nn.Module, dataset: Any, defense: Defense, config: TrainConfig,
                 batch["groups"] = groups[pos].to(device)
             loss = defense.loss(model, x[pos.to(device)], y[pos.to(device)], **batch)
             if not torch.isfinite(loss):
-                raise UserInputError(f"the training loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
+                raise UserInputError(f"the training loss became {loss.item()} at epoch {epoch + 1}: training diverged; "
+                                     "lower --lr or the defense's loss weights")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -197,6 +198,9 @@ def train(model: nn.Module, dataset: Any, defense: Defense, config: TrainConfig,
             bar.set_postfix(loss=f"{total_loss / min(n, (step + 1) * bs):.4f}")
             bar.update()
         bar.close()
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise UserInputError(f"the weights became NaN or infinite in epoch {epoch + 1}: training diverged; "
+                                 "lower --lr or the defense's loss weights")
         entry = {"epoch": epoch + 1, "loss": total_loss / n, "train_acc": accuracy(model, x, y),
                  "lr": learning_rate(config, epoch * steps_per_epoch, total_steps), **defense.schedule(),
                  "seconds": round(time.perf_counter() - began, 2)}
@@ -275,6 +279,8 @@ class WorstGroupSelection:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``robustbench-lite train``; each registered defense adds its own."""
+    from robustbench_lite.cli import folder_text
+
     defaults = TrainConfig()
     parser.add_argument("--defense", default="standard", help=f"one of: {', '.join(DEFENSES.names())}")
     parser.add_argument("--dataset", default="mnist5k", help="embedded or local dataset name")
@@ -288,7 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True, help="folder for NAME.safetensors, NAME.card.json, NAME.ckpt.safetensors")
+    parser.add_argument("--out", required=True, type=folder_text, help="folder for NAME.safetensors, NAME.card.json, NAME.ckpt.safetensors")
     parser.add_argument("--name", default=None, help="model name (default DATASET-ARCH-DEFENSE, e.g. mnist5k-cnn-pgd-at)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch checkpoint")
     parser.add_argument("--register", action="store_true", help="also add the model to the package's zoo")
@@ -327,11 +333,15 @@ def run(args: argparse.Namespace) -> int:
 
     from robustbench_lite import __version__
     from robustbench_lite.data import load_dataset
+    from robustbench_lite.evaluate import resolve_device
+    from robustbench_lite.hashing import bytes_sha256
     from robustbench_lite.zoo import architectures
-    from robustbench_lite.hashing import file_sha256
     from robustbench_lite.zoo.cards import VERIFY_EXAMPLES, normalization_of, parameter_count
 
     defense_cls = DEFENSES.get(args.defense)
+    if args.name is not None and not _PLAIN_NAME.fullmatch(args.name):
+        raise UserInputError(f"--name must be letters, digits and . _ + - (a file name), got {args.name!r}")
+    resolve_device(args.device)
     config = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                          optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
                          lr_schedule=args.lr_schedule)
@@ -346,8 +356,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"architecture {args.arch!r} does not take {args.dataset} images of shape "
                              f"{tuple(train_set.x.shape[1:])}") from None
     name = args.name or default_name(args.dataset, args.arch, defense.name)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created by the first write
     ckpt = out / f"{name}.ckpt.safetensors"
     if ckpt.exists() and not args.resume:
         raise UserInputError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out or --name")
@@ -360,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
     model_selection = "last epoch" if selector is None else selector.restore_best(model)
     model.cpu().eval()
     weights = out / f"{name}.safetensors"
-    atomic_write_bytes(weights, save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"name": name}))
+    weights_bytes = save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"name": name})
     n_check = min(VERIFY_EXAMPLES, len(test_set))
     card = {
         "name": name, "architecture": args.arch, "dataset": args.dataset, "num_classes": train_set.num_classes,
@@ -371,11 +380,12 @@ def run(args: argparse.Namespace) -> int:
         "clean_acc": accuracy(model, test_set.x, test_set.y), "test_examples": len(test_set),
         "verification": {"split": "test", "n_examples": n_check,
                          "correct": round(accuracy(model, test_set.x[:n_check], test_set.y[:n_check]) * n_check)},
-        "weights": weights.name, "weights_sha256": file_sha256(weights), "normalization": normalization_of(model),
-        "parameter_count": parameter_count(model),
+        "weights": weights.name, "weights_sha256": bytes_sha256(weights_bytes),
+        "normalization": normalization_of(model), "parameter_count": parameter_count(model),
         "versions": {"robustbench_lite": __version__, "torch": torch.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    atomic_write_bytes(weights, weights_bytes)  # the card is complete before either file is written
     atomic_write_text(out / f"{name}.card.json", json.dumps(card, indent=1) + "\n")
     log.info("%s: clean accuracy %.4f on %d %s test images; wrote %s", name, card["clean_acc"], len(test_set),
              args.dataset, weights)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks.pgd import PGD
-from robustbench_lite.errors import UserInputError
+from robustbench_lite.errors import checked_int, checked_number
 from robustbench_lite.seeding import example_seeds, mix
 from robustbench_lite.threat import ThreatModel
 
@@ -51,18 +51,12 @@ class PGDAT(Defense):
                  random_start: bool = True, eps_ramp_epochs: int = 0, seed: int = 0) -> None:
         super().__init__(seed=seed)
         threat = ThreatModel(norm, eps)  # validates norm and eps
-        if int(steps) < 1:
-            raise UserInputError(f"steps must be >= 1, got {steps}")
-        if not step_size > 0:
-            raise UserInputError(f"step_size must be > 0, got {step_size}")
-        if int(eps_ramp_epochs) < 0:
-            raise UserInputError(f"eps_ramp_epochs must be >= 0, got {eps_ramp_epochs}")
         self.eps = threat.eps
         self.norm = threat.norm
-        self.steps = int(steps)
-        self.step_size = float(step_size)
+        self.steps = checked_int("steps", steps, minimum=1)
+        self.step_size = checked_number("step_size", step_size, above=0)
         self.random_start = bool(random_start)
-        self.eps_ramp_epochs = int(eps_ramp_epochs)
+        self.eps_ramp_epochs = checked_int("eps_ramp_epochs", eps_ramp_epochs, minimum=0)
 
     @property
     def current_eps(self) -> float:

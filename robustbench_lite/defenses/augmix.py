@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torchvision.transforms import AugMix as TorchvisionAugMix
 from torchvision.transforms.autoaugment import _apply_op
 
-from robustbench_lite.errors import UserInputError
+from robustbench_lite.errors import UserInputError, checked_int, checked_number
 from robustbench_lite.seeding import mix
 
 from .base import Defense, add_option
@@ -73,21 +73,13 @@ class AugMix(Defense):
     def __init__(self, *, lam: float = 12.0, severity: int = 3, width: int = 3, depth: int = -1, alpha: float = 1.0,
                  all_ops: bool = False, seed: int = 0) -> None:
         super().__init__(seed=seed)
-        if not lam >= 0:
-            raise UserInputError(f"lam must be >= 0, got {lam!r}")
-        if not 1 <= int(severity) <= 10:
-            raise UserInputError(f"severity must be 1..10, got {severity!r}")
-        if int(width) < 1:
-            raise UserInputError(f"width must be >= 1, got {width!r}")
-        if not int(depth) == -1 and not int(depth) >= 1:
+        self.lam = checked_number("lam", lam, minimum=0)
+        self.severity = checked_int("severity", severity, minimum=1, maximum=10)
+        self.width = checked_int("width", width, minimum=1)
+        self.depth = checked_int("depth", depth, minimum=-1)
+        if self.depth == 0:
             raise UserInputError(f"depth must be >= 1, or -1 for random 1..3, got {depth!r}")
-        if not alpha > 0:
-            raise UserInputError(f"alpha must be > 0, got {alpha!r}")
-        self.lam = float(lam)
-        self.severity = int(severity)
-        self.width = int(width)
-        self.depth = int(depth)
-        self.alpha = float(alpha)
+        self.alpha = checked_number("alpha", alpha, above=0)
         self.all_ops = bool(all_ops)
         self._augmix = TorchvisionAugMix(severity=self.severity, mixture_width=self.width, chain_depth=self.depth,
                                          alpha=self.alpha, all_ops=self.all_ops)

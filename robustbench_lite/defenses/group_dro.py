@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustbench_lite.errors import UserInputError
+from robustbench_lite.errors import UserInputError, checked_int, checked_number
 
 from .base import Defense, add_option
 
@@ -43,16 +43,10 @@ class GroupDRO(Defense):
     def __init__(self, *, num_groups: int = 4, group_counts: Sequence[int] | None = None, eta_q: float = 0.01,
                  adjustment: float = 0.0, l2: float = 0.0, seed: int = 0) -> None:
         super().__init__(seed=seed)
-        if int(num_groups) < 1:
-            raise UserInputError(f"num_groups must be >= 1, got {num_groups!r}")
-        if not eta_q >= 0:
-            raise UserInputError(f"eta_q must be >= 0, got {eta_q!r}")
-        if not adjustment >= 0 or not l2 >= 0:
-            raise UserInputError("adjustment and l2 must be >= 0")
-        self.num_groups = int(num_groups)
-        self.eta_q = float(eta_q)
-        self.adjustment = float(adjustment)
-        self.l2 = float(l2)
+        self.num_groups = checked_int("num_groups", num_groups, minimum=1)
+        self.eta_q = checked_number("eta_q", eta_q, minimum=0)
+        self.adjustment = checked_number("adjustment", adjustment, minimum=0)
+        self.l2 = checked_number("l2", l2, minimum=0)
         self.group_counts: list[int] | None = None
         if group_counts is not None:
             self.set_group_counts(group_counts)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks.base import frozen
-from robustbench_lite.errors import UserInputError
+from robustbench_lite.errors import checked_int, checked_number
 from robustbench_lite.seeding import ExampleRNG, example_seeds, mix
 from robustbench_lite.threat import ThreatModel
 
@@ -43,17 +43,11 @@ class TRADES(Defense):
                  beta: float = 6.0, seed: int = 0) -> None:
         super().__init__(seed=seed)
         self.threat = ThreatModel(norm, eps)
-        if int(steps) < 1:
-            raise UserInputError(f"steps must be >= 1, got {steps!r}")
-        if not step_size > 0:
-            raise UserInputError(f"step_size must be > 0, got {step_size!r}")
-        if not beta >= 0:
-            raise UserInputError(f"beta must be >= 0, got {beta!r}")
         self.eps = self.threat.eps
         self.norm = self.threat.norm
-        self.steps = int(steps)
-        self.step_size = float(step_size)
-        self.beta = float(beta)
+        self.steps = checked_int("steps", steps, minimum=1)
+        self.step_size = checked_number("step_size", step_size, above=0)
+        self.beta = checked_number("beta", beta, minimum=0)
 
     def perturb(self, model: nn.Module, x: Tensor, indices: Tensor | None = None) -> Tensor:
         """argmax of KL(f(x) || f(x')) over the ball by PGD; x (N, ...) -> x' (N, ...), detached.

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustbench_lite.errors import UserInputError
+from robustbench_lite.errors import checked_int, checked_number
 
 from .base import Defense, add_option
 
@@ -32,13 +32,9 @@ def wrm_maximize(model: nn.Module, x: Tensor, y: Tensor, *, gamma: float, steps:
     x (N, ...), y (N,) -> x' (N, ...), detached; with ``return_grad_norm`` also the (N,) norm of the
     objective's projected gradient at the last iterate (0 at a constrained stationary point).
     """
-    if not gamma > 0:
-        raise UserInputError(f"gamma must be > 0, got {gamma!r}")
-    if int(steps) < 1:
-        raise UserInputError(f"steps must be >= 1, got {steps!r}")
-    alpha = 1.0 / (2.0 * gamma) if step_size is None else float(step_size)
-    if not alpha > 0:
-        raise UserInputError(f"step_size must be > 0, got {step_size!r}")
+    gamma = checked_number("gamma", gamma, above=0)
+    steps = checked_int("steps", steps, minimum=1)
+    alpha = 1.0 / (2.0 * gamma) if step_size is None else checked_number("step_size", step_size, above=0)
     lo, hi = box
     x = x.detach()
     x_adv = x.clone()
@@ -75,15 +71,9 @@ class WRM(Defense):
 
     def __init__(self, *, gamma: float = 2.0, steps: int = 15, step_size: float | None = None, seed: int = 0) -> None:
         super().__init__(seed=seed)
-        if not gamma > 0:
-            raise UserInputError(f"gamma must be > 0, got {gamma!r}")
-        if int(steps) < 1:
-            raise UserInputError(f"steps must be >= 1, got {steps!r}")
-        if step_size is not None and not step_size > 0:
-            raise UserInputError(f"step_size must be > 0, got {step_size!r}")
-        self.gamma = float(gamma)
-        self.steps = int(steps)
-        self.step_size = None if step_size is None else float(step_size)
+        self.gamma = checked_number("gamma", gamma, above=0)
+        self.steps = checked_int("steps", steps, minimum=1)
+        self.step_size = None if step_size is None else checked_number("step_size", step_size, above=0)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """The inner maximiser, computed with the model frozen (eval mode, no parameter gradients)."""

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from robustbench_lite.errors import UserInputError
+from robustbench_lite.errors import UserInputError, checked_int
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 DIGITS_MEAN, DIGITS_STD = (0.3,), (0.38,)
@@ -76,11 +76,19 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+#: the most classes an architecture is built with (a head of that many logits is still small)
+MAX_CLASSES = 100_000
+
+
 def build(arch: str, **kwargs) -> nn.Module:
+    """A fresh ``arch`` network; ``num_classes`` (optional) must be an integer from 1 to MAX_CLASSES."""
     try:
         factory = ARCHITECTURES[arch]
-    except KeyError:
-        raise UserInputError(f"unknown architecture {arch!r}: choose one of {', '.join(sorted(ARCHITECTURES))}") from None
+    except (KeyError, TypeError):
+        raise UserInputError(f"unknown architecture {arch!r}: choose one of "
+                             f"{', '.join(sorted(ARCHITECTURES))}") from None
+    if "num_classes" in kwargs:
+        kwargs["num_classes"] = checked_int("num_classes", kwargs["num_classes"], minimum=1, maximum=MAX_CLASSES)
     return factory(**kwargs)
 
 

@@ -103,7 +103,7 @@ def test_train_delegates_to_the_training_module(monkeypatch, capsys):
     seen = {}
     monkeypatch.setattr(train_module, "run", lambda args: seen.setdefault("args", args) and 0)
     assert cli.main(["train", "--out", "somewhere", "--epochs", "1"]) == 0
-    assert seen["args"].out == "somewhere" and seen["args"].epochs == 1
+    assert str(seen["args"].out) == "somewhere" and seen["args"].epochs == 1
 
 
 @pytest.fixture
@@ -178,7 +178,7 @@ def test_corrupt_record_is_an_error_and_kept(tmp_path, capsys):
 def test_unwritable_leaderboard_dir_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    line = one_error_line(capsys, cli.main(["evaluate", *FAST, "--leaderboard-dir", str(blocker)]), expected=1)
+    line = one_error_line(capsys, cli.main(["evaluate", *FAST, "--leaderboard-dir", str(blocker)]))
     assert str(blocker) in line and blocker.read_text() == "not a folder"
 
 

@@ -137,8 +137,10 @@ def test_unavailable_models_and_corrupt_records_are_reported_not_run(tmp_path, c
     assert acts["mnist5k/Linf-0.05/no-such-model"][0] == UNAVAILABLE
     assert acts["digits/Linf-0.05/digits-mlp-standard"][0] == "error"
     code = cli.main(["leaderboard", "regenerate", "--leaderboard-dir", str(tmp_path), "--only", "*0.05*"])
-    out = capsys.readouterr().out
-    assert code == 1 and "unavailable" in out and "error" in out
+    out, err = capsys.readouterr()
+    assert code == 2 and "unavailable" in out and "error" in out
+    assert err.startswith("robustbench-lite: error: 2 of 2 registry entries were not evaluated")
+    assert len(err.strip().splitlines()) == 1
     assert (tmp_path / RECORD).read_text() == "{broken"  # never overwritten
 
 

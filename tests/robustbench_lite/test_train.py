@@ -219,7 +219,7 @@ def test_train_command_writes_weights_card_and_checkpoint_and_registers(tmp_path
 
 def vars_to_argv(args: argparse.Namespace) -> list[str]:
     return ["--defense", args.defense, "--dataset", args.dataset, "--arch", args.arch, "--epochs", str(args.epochs),
-            "--attack-steps", str(args.attack_steps), "--eps", str(args.eps), "--out", args.out, "--no-progress"]
+            "--attack-steps", str(args.attack_steps), "--eps", str(args.eps), "--out", str(args.out), "--no-progress"]
 
 
 def test_train_command_refuses_an_architecture_that_does_not_fit_the_data(tmp_path):
