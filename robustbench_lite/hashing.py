@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,14 +35,20 @@ def sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def tensors_sha256(named: Iterable[tuple[str | None, Tensor]]) -> str:
+    """sha256 over ``(name, tensor)`` pairs in order: ``name|`` (when not None), ``dtype|shape|``, the bytes
+    (bfloat16 as float32)."""
+    h = hashlib.sha256()
+    for name, tensor in named:
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{'' if name is None else name + '|'}{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
 def dataset_sha256(x: Tensor, y: Tensor) -> str:
     """sha256 of an evaluated subset's image and label tensors (dtype, shape and bytes)."""
-    h = hashlib.sha256()
-    for t in (x, y):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    return tensors_sha256([(None, x), (None, y)])
 
 
 def indices_sha256(indices: Tensor | Sequence[int]) -> str:
@@ -53,12 +59,7 @@ def indices_sha256(indices: Tensor | Sequence[int]) -> str:
 
 def state_dict_sha256(model: nn.Module) -> str:
     """sha256 of the parameters and buffers (name, dtype, shape, bytes in key order)."""
-    h = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    return h.hexdigest()
+    return tensors_sha256(model.state_dict().items())
 
 
 def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
@@ -71,4 +72,5 @@ def arrays_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["arrays_sha256", "bytes_sha256", "dataset_sha256", "file_sha256", "indices_sha256", "sha256_json", "state_dict_sha256"]
+__all__ = ["arrays_sha256", "bytes_sha256", "dataset_sha256", "file_sha256", "indices_sha256", "sha256_json", "state_dict_sha256",
+           "tensors_sha256"]

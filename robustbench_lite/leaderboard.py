@@ -83,9 +83,38 @@ def _validator():
 
 
 def schema_errors(record: Any) -> list[str]:
-    """Every way ``record`` breaks the schema, as ``path: message`` lines (empty when valid)."""
+    """Every way ``record`` breaks the schema, as ``path: message`` lines (empty when valid), then the
+    ways a schema-valid record contradicts itself (:func:`consistency_errors`)."""
     errors = sorted(_validator().iter_errors(record), key=lambda e: list(e.absolute_path))
-    return [f"{'/'.join(str(p) for p in e.absolute_path) or '(record)'}: {e.message}" for e in errors]
+    lines = [f"{'/'.join(str(p) for p in e.absolute_path) or '(record)'}: {e.message}" for e in errors]
+    return lines or consistency_errors(record)
+
+
+def consistency_errors(record: dict[str, Any]) -> list[str]:
+    """What the schema cannot say: one flag per example everywhere, flags for exactly the listed
+    plug-ins (each named once), certified <= robust <= correct, and aggregates that are the flags' means."""
+    per, n = record["per_example"], record["dataset"]["n_examples"]
+    lists = {f"per_example/{k}": per[k] for k in ("correct", "robust", "certified", "group") if k in per}
+    for group in ("attack_success", "certified_by", "distances"):
+        lists.update({f"per_example/{group}/{k}": v for k, v in per.get(group, {}).items()})
+    for name, rows in per.get("corruption_correct", {}).items():
+        lists.update({f"per_example/corruption_correct/{name}/{i}": row for i, row in enumerate(rows)})
+    errors = [f"{path}: {len(flags)} values for n_examples {n}" for path, flags in lists.items() if len(flags) != n]
+    for kind, group in (("attacks", "attack_success"), ("certifiers", "certified_by")):
+        names = [p["name"] for p in record[kind]]
+        if len(set(names)) != len(names) or set(names) != set(per[group]):
+            errors.append(f"per_example/{group}: flags for {sorted(per[group])}, {kind} listed {names}")
+    if errors:
+        return errors
+    correct, robust, certified = per["correct"], per["robust"], per["certified"]
+    if any(c > r or r > k for c, r, k in zip(certified, robust, correct)):
+        errors.append("per_example: certified <= robust <= correct fails")
+    if any(r and s for flags in per["attack_success"].values() for r, s in zip(robust, flags)):
+        errors.append("per_example/robust: an example an attack broke is marked robust")
+    for field, flags in (("clean_acc", correct), ("robust_acc", robust), ("certified_acc", certified)):
+        if abs(record[field] - sum(flags) / n) > 1e-9:
+            errors.append(f"{field}: {record[field]} is not the mean of per_example flags ({sum(flags)}/{n})")
+    return errors
 
 
 def validate_record(record: dict[str, Any]) -> None:
@@ -95,11 +124,16 @@ def validate_record(record: dict[str, Any]) -> None:
         raise UserInputError(f"leaderboard record does not match the schema: {errors[0]}")
 
 
+def _no_constant(name: str) -> None:
+    """JSON has no NaN or Infinity (records are written with allow_nan=False): a file holding one is corrupt."""
+    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+
+
 def read_record(path: str | Path) -> dict[str, Any]:
     """Load and check one record; a broken file raises CorruptFileError (the file is left alone)."""
     path = Path(path)
     try:
-        record = json.loads(path.read_text("utf-8"))
+        record = json.loads(path.read_text("utf-8"), parse_constant=_no_constant)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptFileError(f"{path}: not a readable JSON record ({exc}); fix or move it, it will not be overwritten") from None
     errors = schema_errors(record)

@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import UserInputError
+from .errors import UserInputError, short_repr
 from .hashing import file_sha256, indices_sha256, sha256_json
 from .threat import CORRUPTIONS_NORM, threat_folder
 
@@ -38,6 +38,8 @@ PROJECT_PACKAGES = ("robustbench_lite", "attacks", "certify")
 EVALUATOR_MODULES = ("robustbench_lite.evaluate", "robustbench_lite.checks", "robustbench_lite.reports",
                      "robustbench_lite.defenses.wrm")
 MODES = ("cascade", "individual")
+#: the largest n_examples (and batch size) a registry entry may ask for: more than any dataset here holds
+MAX_EXAMPLES = 100_000_000
 _ENTRY_KEYS = {"model", "dataset", "split", "norm", "eps", "attacks", "certifiers", "n_examples", "seed", "mode",
                "batch_size", "corruptions"}
 #: a certifier's registry option that is the evaluator's, not the certifier's: run it on the first N examples
@@ -112,8 +114,14 @@ def _specs(value: Any, what: str, where: str) -> tuple[tuple[str, tuple[tuple[st
     for item in value:
         if isinstance(item, str) and item.strip():
             out.append((item.strip().lower(), ()))
-        elif isinstance(item, dict) and isinstance(item.get("name"), str):
-            opts = {k: tuple(v) if isinstance(v, list) else v for k, v in item.items() if k != "name"}
+        elif isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"].strip():
+            opts = {k: v for k, v in item.items() if k != "name"}
+            bad = sorted(k for k, v in opts.items() if not (_scalar(v) or (isinstance(v, list)
+                                                                           and all(_scalar(e) for e in v))))
+            if bad:
+                raise UserInputError(f"{where}: {what} option(s) {', '.join(bad)} of {item['name']!r} must be "
+                                     "strings, numbers, booleans or lists of them")
+            opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
             if PREFIX_KEY in opts:
                 prefix = opts[PREFIX_KEY]
                 if what != "certifiers":
@@ -124,8 +132,45 @@ def _specs(value: Any, what: str, where: str) -> tuple[tuple[str, tuple[tuple[st
                                          f"integer, got {prefix!r}")
             out.append((item["name"].strip().lower(), tuple(sorted(opts.items()))))
         else:
-            raise UserInputError(f"{where}: bad {what} item {item!r}")
+            raise UserInputError(f"{where}: bad {what} item {short_repr(item)}")
     return tuple(out)
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool))
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+#: the type each registry key must have (attacks and certifiers are checked by _specs), and how to say it
+_KEY_TYPES: dict[str, tuple[Any, str]] = {
+    "model": (_text, "a non-empty string"), "dataset": (_text, "a non-empty string"),
+    "split": (_text, "a non-empty string"), "norm": (_text, "a string (Linf, L2 or corruptions)"),
+    "mode": (_text, f"one of {', '.join(MODES)}"),
+    "eps": (lambda v: _number(v) or (isinstance(v, list) and bool(v) and all(_number(e) for e in v)),
+            "a number or a non-empty list of numbers"),
+    "n_examples": (lambda v: _integer(v) and 1 <= v <= MAX_EXAMPLES, f"an integer from 1 to {MAX_EXAMPLES:,}"),
+    "seed": (_integer, "an integer"),
+    "batch_size": (lambda v: _integer(v) and 1 <= v <= MAX_EXAMPLES, f"an integer from 1 to {MAX_EXAMPLES:,}"),
+    "corruptions": (lambda v: isinstance(v, list) and bool(v) and all(_text(e) for e in v),
+                    "a non-empty list of corruption names (leave it out for all)"),
+}
+
+
+def _check_types(entry: dict[str, Any], where: str) -> None:
+    for key, (ok, wanted) in _KEY_TYPES.items():
+        if key in entry and not ok(entry[key]):
+            raise UserInputError(f"{where}: '{key}' must be {wanted}, got {short_repr(entry[key])}")
 
 
 def jobs_from_entries(entries: Iterable[dict[str, Any]], defaults: dict[str, Any] | None = None) -> list[Job]:
@@ -134,18 +179,19 @@ def jobs_from_entries(entries: Iterable[dict[str, Any]], defaults: dict[str, Any
 
     jobs: list[Job] = []
     for number, raw in enumerate(entries, start=1):
+        if not isinstance(raw, dict):
+            raise UserInputError(f"registry entry {number} must be a table, got {short_repr(raw)}")
         entry = {**(defaults or {}), **raw}
-        where = f"registry entry {number} ({entry.get('model', '?')})"
+        where = f"registry entry {number} ({short_repr(entry.get('model', '?'))})"
         unknown = set(entry) - _ENTRY_KEYS
         if unknown:
             raise UserInputError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         for key in ("model", "dataset", "norm", "n_examples"):
             if key not in entry:
                 raise UserInputError(f"{where}: '{key}' is missing")
+        _check_types(entry, where)
         n = entry["n_examples"]
-        if not isinstance(n, int) or n < 1:
-            raise UserInputError(f"{where}: n_examples must be a positive integer, got {n!r}")
-        if str(entry["norm"]).lower() == CORRUPTIONS_NORM:
+        if entry["norm"].lower() == CORRUPTIONS_NORM:
             jobs.append(_corruption_job(entry, raw, where))
             continue
         if "corruptions" in entry:
@@ -199,11 +245,22 @@ def load_registry(path: str | Path) -> list[Job]:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text("utf-8"))
-    except (FileNotFoundError, IsADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise UserInputError(f"no leaderboard registry at {path}") from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"{path}: not a TOML registry (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserInputError(f"{path}: not valid TOML ({exc})") from None
-    jobs = jobs_from_entries(data.get("entry", []), data.get("defaults", {}))
+    unknown = sorted(set(data) - {"defaults", "entry"})
+    if unknown:
+        raise UserInputError(f"{path}: unknown top-level key(s) {', '.join(unknown)} (a registry holds [defaults] "
+                             "and [[entry]] tables)")
+    entries, defaults = data.get("entry", []), data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise UserInputError(f"{path}: 'defaults' must be a table ([defaults]), got {short_repr(defaults)}")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise UserInputError(f"{path}: 'entry' must be an array of tables ([[entry]]), got {short_repr(entries)}")
+    jobs = jobs_from_entries(entries, defaults)
     check_one_protocol_per_table(jobs)
     return jobs
 

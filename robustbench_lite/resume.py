@@ -3,12 +3,13 @@
 ``ResumeRunner(state_dir, key)`` writes one safetensors shard per batch (for a leaderboard record,
 under ``<leaderboard dir>/.state/<dataset>/<norm>-<eps>/<model>/``, see :func:`state_dir_for`),
 ``batch-<start>-<stop>.safetensors`` (written by :mod:`robustbench_lite.atomic`: a shard is
-complete or absent, never half-written), next to a ``manifest.json`` holding ``key``,
-the sha256 of everything that decides the numbers (weights, data, threat model, plug-in configs,
-seed, batch size, mode). A folder whose manifest names another key is stale: it is cleared before
-the run. Batches found are loaded instead of computed; since seeds are per example and batches are
-cut the same way, a resumed run gives exactly the numbers of an uninterrupted one (AutoAttack's
-resumable ``state.py`` idea, at batch granularity).
+complete or absent, never half-written), next to a ``manifest.json`` holding ``key``, the sha256
+of everything that decides the numbers (weights, data, threat model, plug-in configs, seed, batch
+size, mode). Each shard is stamped with ``key`` and a sha256 of its content: a damaged shard, or
+one copied from another evaluation, is recomputed, never trusted. A folder whose manifest names
+another key is stale: it is cleared before the run. Batches found are loaded instead of computed;
+since seeds are per example and batches are cut the same way, a resumed run gives exactly the
+numbers of an uninterrupted one (AutoAttack's resumable ``state.py`` idea, at batch granularity).
 """
 from __future__ import annotations
 
@@ -19,14 +20,22 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
+from torch import Tensor
 
 from .atomic import atomic_write_bytes
+from .hashing import sha256_json, tensors_sha256
 from .leaderboard import safe_name
 from .outcome import BatchOutcome, Bounds, Compute, Done
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+_KEY, _DIGEST = "resume_key", "sha256"
+
+
+def _shard_sha256(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
+    """sha256 of a shard's metadata and tensors (names in sorted order)."""
+    return sha256_json({"meta": meta, "tensors": tensors_sha256((name, tensors[name]) for name in sorted(tensors))})
 
 
 class ResumeRunner:
@@ -65,21 +74,31 @@ class ResumeRunner:
         return self.state_dir / f"batch-{start:07d}-{stop:07d}.safetensors"
 
     def load(self, start: int, stop: int) -> BatchOutcome | None:
-        """The stored outcome of rows start:stop, or None (absent or unreadable: recomputed)."""
+        """The stored outcome of rows start:stop, or None (absent, unreadable, damaged, or written by
+        another evaluation: recomputed)."""
         path = self.shard_path(start, stop)
         if not path.exists():
             return None
         try:
             with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
+                meta = dict(fh.metadata() or {})
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-            return BatchOutcome.from_tensors(tensors, meta)
-        except (OSError, SafetensorError, KeyError, ValueError) as exc:
-            log.warning("ignoring unreadable shard %s (%s): recomputing it", path, exc)
+            digest = meta.pop(_DIGEST, None)
+            if meta.get(_KEY) != self.key or digest != _shard_sha256(tensors, meta):
+                raise ValueError("written by another evaluation, or damaged since")
+            outcome = BatchOutcome.from_tensors(tensors, meta)
+            if (outcome.start, outcome.stop) != (start, stop):
+                raise ValueError(f"it holds rows {outcome.start}:{outcome.stop}")
+            return outcome
+        except (OSError, SafetensorError, KeyError, ValueError, TypeError) as exc:
+            log.warning("ignoring shard %s (%s): recomputing it", path, exc)
             return None
 
     def save(self, outcome: BatchOutcome) -> None:
+        """Write the shard, stamped with this evaluation's key and a sha256 of its content."""
         tensors, meta = outcome.to_tensors()
+        meta = {**meta, _KEY: self.key}
+        meta[_DIGEST] = _shard_sha256(tensors, meta)
         atomic_write_bytes(self.shard_path(outcome.start, outcome.stop), st_save(tensors, metadata=meta))
 
     def settle(self, i: int, bounds: tuple[int, int], compute: Compute) -> BatchOutcome:

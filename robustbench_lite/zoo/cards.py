@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from robustbench_lite.atomic import atomic_write_text
-from robustbench_lite.errors import CorruptFileError
+from robustbench_lite.errors import CorruptFileError, short_repr
 
 ZOO_DIR = Path(__file__).resolve().parent
 CARDS_FILE = "cards.json"
@@ -59,7 +59,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_cards(zoo_dir: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
-    """All cards of a zoo folder, by model name (empty when it has no ``cards.json``)."""
+    """All cards of a zoo folder, by model name (empty when it has no ``cards.json``), each checked."""
     path = Path(zoo_dir or ZOO_DIR) / CARDS_FILE
     if not path.exists():
         return {}
@@ -67,7 +67,48 @@ def read_cards(zoo_dir: str | os.PathLike | None = None) -> dict[str, dict[str, 
     models = data.get("models")
     if not isinstance(models, dict):
         raise CorruptFileError(f"{path} has no 'models' object")
+    for name, card in models.items():
+        check_card(card, f"{path} (model {name!r})")
+        if not _plain_file_name(card.get("weights")):
+            raise CorruptFileError(f"{path} (model {name!r}): model card field 'weights' must be a file name in "
+                                   f"{WEIGHTS_DIR}/, got {short_repr(card.get('weights'))}")
     return models
+
+
+def _plain_file_name(value: Any) -> bool:
+    return isinstance(value, str) and value not in ("", ".", "..") and Path(value).name == value
+
+
+def _count(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+#: the card fields the loader reads, what each must be, and how to say it
+_CARD_FIELDS: dict[str, tuple[Any, str]] = {
+    "architecture": (lambda v: isinstance(v, str) and bool(v), "an architecture name"),
+    "dataset": (lambda v: isinstance(v, str) and bool(v), "a dataset name"),
+    "num_classes": (lambda v: _count(v, 2), "an integer >= 2"),
+    "weights_sha256": (lambda v: isinstance(v, str) and len(v) == 64, "a sha256 (64 hex digits)"),
+    "verification": (lambda v: isinstance(v, dict) and _count(v.get("n_examples"), 1)
+                     and _count(v.get("correct"), 0) and v["correct"] <= v["n_examples"],
+                     "{split, n_examples >= 1, correct <= n_examples}"),
+    "defense": (lambda v: v is None or isinstance(v, str), "a defense name or null"),
+    "defense_config": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def check_card(card: Any, source: str) -> dict[str, Any]:
+    """``card`` when it is an object with the fields the loader reads, of the right types; else a
+    CorruptFileError naming the first bad field (architecture, dataset, weights_sha256 and verification
+    are required)."""
+    if not isinstance(card, dict):
+        raise CorruptFileError(f"{source}: a model card must be a JSON object, got {short_repr(card)}")
+    for field, (ok, wanted) in _CARD_FIELDS.items():
+        required = field in ("architecture", "dataset", "weights_sha256", "verification")
+        if (field in card or required) and not ok(card.get(field)):
+            raise CorruptFileError(f"{source}: model card field {field!r} must be {wanted}, "
+                                   f"got {short_repr(card.get(field))}")
+    return card
 
 
 def write_cards(cards: dict[str, dict[str, Any]], zoo_dir: str | os.PathLike | None = None) -> None:

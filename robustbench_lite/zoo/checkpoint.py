@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from robustbench_lite.errors import CheckpointError
+from robustbench_lite.errors import CheckpointError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def is_torchscript(path: str | os.PathLike) -> bool:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError):  # damaged names, versions
         return False
     return any("/code/" in n or n.endswith("constants.pkl") for n in names)
 
@@ -69,7 +69,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+            raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
     if suffix in PICKLE_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -82,8 +82,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
                 f"{path} was refused: it holds pickled Python objects that are not tensors "
                 "(loaded with weights_only=True, nothing was executed); save a plain state dict or use safetensors"
             ) from None
-        except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # damaged bytes fail inside torch's zip / legacy-tar readers with many types
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line(exc)})") from None
         return _unwrap(obj, path)
     raise CheckpointError(
         f"{path}: unknown weights format {suffix!r}; use .safetensors, or a state dict saved as .pt/.pth"

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustbench_lite.errors import CheckpointError, UserInputError
+from robustbench_lite.errors import CheckpointError, UserInputError, first_line
 from robustbench_lite.hashing import file_sha256
 
 from . import architectures
-from .cards import (VERIFY_EXAMPLES, VERIFY_TOLERANCE, WEIGHTS_DIR, ZOO_DIR, normalization_of,
+from .cards import (VERIFY_EXAMPLES, VERIFY_TOLERANCE, WEIGHTS_DIR, ZOO_DIR, check_card, normalization_of,
                     parameter_count, read_cards, read_json)
 from .robustbench_archs import ARCHITECTURES as ROBUSTBENCH_ARCHITECTURES
 from .robustbench_archs import from_state as robustbench_from_state
@@ -113,8 +113,8 @@ def _from_file(path: Path, arch: str | None, device: str | torch.device, verify:
             with warnings.catch_warnings():  # torch >= 2.9 marks TorchScript deprecated; loading still works
                 warnings.simplefilter("ignore", FutureWarning)
                 model = torch.jit.load(str(path), map_location=device)
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise CheckpointError(f"{path} is not a loadable TorchScript file ({str(exc).splitlines()[0]})") from None
+        except Exception as exc:  # a damaged archive fails in torch's C++ reader with any of its exception types
+            raise CheckpointError(f"{path} is not a loadable TorchScript file ({first_line(exc)})") from None
         model.eval()
         info = ModelInfo(name=path.stem, architecture=f"torchscript:{getattr(model, 'original_name', 'Module')}",
                          defense=None, dataset=None, weights_sha256=file_sha256(path),
@@ -123,9 +123,10 @@ def _from_file(path: Path, arch: str | None, device: str | torch.device, verify:
         return model, info
     name = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.stem
     card_path = path.with_name(name + CARD_SUFFIX)
-    if card_path.is_file() and arch in (None, read_json(card_path).get("architecture")):
+    card = check_card(read_json(card_path), str(card_path)) if card_path.is_file() else None
+    if card is not None and arch in (None, card["architecture"]):
         # a file written by `robustbench-lite train`: its card gives the architecture and the checks
-        return _from_card(path, read_json(card_path), str(path), name, device, verify, "state_dict")
+        return _from_card(path, card, str(path), name, device, verify, "state_dict")
     if arch is None:
         raise UserInputError(
             f"{path} is a state dict: name its architecture (arch=..., --arch; one of {', '.join(sorted(architectures.ARCHITECTURES))})"
@@ -156,7 +157,7 @@ def _from_factory(reference: str, device: str | torch.device) -> tuple[nn.Module
         raise UserInputError(f"model factory {reference!r} is not callable")
     try:
         model = obj()
-    except Exception as exc:  # user code: report it on one line instead of a traceback
+    except (Exception, SystemExit) as exc:  # user code: report it on one line instead of a traceback or an exit
         raise UserInputError(f"model factory {reference!r} failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise UserInputError(f"model factory {reference!r} returned {type(model).__name__}, not a torch.nn.Module")
