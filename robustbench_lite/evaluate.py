@@ -164,9 +164,11 @@ def _resolve(items: Sequence[Any] | str | None, kind: str) -> list[tuple[str, An
             plugin = registry.create(item.strip())
         else:
             plugin = item
-        if not isinstance(plugin, cls):
+        # a third-party plug-in may implement the call contract without the base class: the evaluator
+        # re-checks every point it claims (robustbench_lite.claims), so only non-callables are refused here
+        if not (isinstance(plugin, cls) or (callable(plugin) and not isinstance(plugin, type))):
             raise UserInputError(f"{kind} {short_repr(plugin)} is neither a registered name nor a "
-                                 f"{cls.__module__}.{cls.__name__}")
+                                 f"{cls.__module__}.{cls.__name__} (or a callable {kind})")
         base = str(getattr(plugin, "name", type(plugin).__name__)).lower()
         name, k = base, 2
         while any(name == n for n, _ in out):

@@ -140,6 +140,16 @@ def clean_logits(model: nn.Module, x: Tensor, num_classes: int | None) -> Tensor
     return logits
 
 
+def _check_returned(plugin: Any, result: Any, fields: tuple[str, ...], kind: str) -> None:
+    """A plug-in that returns something other than its result type is a user error naming it."""
+    missing = [f for f in fields if not hasattr(result, f)]
+    if missing:
+        name = getattr(plugin, "name", getattr(plugin, "__name__", type(plugin).__name__))
+        role = "attack" if kind == "AttackResult" else "certifier"
+        raise UserInputError(f"{role} {name!r} returned {type(result).__name__}, not a {kind} "
+                             f"(missing {', '.join(missing)})")
+
+
 def attack_batch(attack: Any, cost: dict[str, Any], model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
                  seeds: Tensor, todo: Tensor, alive: Tensor, worst: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
     """Run ``attack`` on rows ``todo`` of the batch; add its cost to ``cost``; return its successes
@@ -153,6 +163,7 @@ def attack_batch(attack: Any, cost: dict[str, Any], model: nn.Module, x: Tensor,
     started = time.perf_counter()
     res = attack(model, x[dev_todo], y[dev_todo], threat, seeds=seeds[todo])
     cost["seconds"] += time.perf_counter() - started
+    _check_returned(attack, res, ("x_adv", "success", "forward", "backward", "queries"), "AttackResult")
     cost["forward"] += int(res.forward)
     cost["backward"] += int(res.backward)
     cost["queries"] += int(res.queries)
@@ -294,6 +305,7 @@ def evaluate_batch(model: nn.Module, x: Tensor, y: Tensor, seeds: Tensor, start:
             t0 = time.perf_counter()
             idx = rows.to(x.device)
             res = certifier(model, x[idx], y[idx], threat)
+            _check_returned(certifier, res, ("certified", "margin_lower", "status"), "CertResult")
             cost["seconds"] += time.perf_counter() - t0
             cost["forward_equivalents"] += float(getattr(res, "forward_equivalents", 0.0) or 0.0)
             certified[name][rows] = as_bool(res.certified)

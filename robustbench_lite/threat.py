@@ -199,8 +199,10 @@ def check_call(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
     device of the model's parameters, ``supported(model)`` (a certifier's layer check), and a model that
     maps x's shape to logits (N, K) with 0 <= y < K.
 
-    The model is probed with an empty batch (x[:0], no example-row, in eval mode, without gradients), so
-    counted passes and queries stay exact; x (N, ...), y (N,).
+    The model is probed with an empty batch (x[:0], in eval mode, without gradients), so no example-row is
+    spent; a model that cannot take zero rows (``x.view(x.size(0), -1)`` flattening, as RobustBench's
+    models do) is probed with the first example instead, outside every pass and query counter. x (N, ...),
+    y (N,).
     """
     if not isinstance(threat, ThreatModel):
         raise UserInputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
@@ -219,7 +221,12 @@ def check_call(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, *,
     try:
         model.eval()
         with torch.no_grad():
-            logits = model(x[:0])
+            try:
+                logits = model(x[:0])
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                if x.shape[0] == 0:
+                    raise
+                logits = model(x[:1])
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         raise UserInputError(f"the model cannot take x of shape {tuple(x.shape[1:])} ({first_line(exc)})") from None
     finally:
