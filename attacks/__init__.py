@@ -3,7 +3,7 @@
 Find one with ``attacks.ATTACKS.create("pgd", steps=100)``; third-party packages add theirs through
 the ``robustbench_lite.attacks`` entry-point group.
 """
-from robustbench_lite.registry import Registry
+from robustbench_lite.plugins import Registry
 
 from .base import Attack, AttackResult, PassCounter, QueryOracle, frozen, margin_loss
 from .pgd import PGD

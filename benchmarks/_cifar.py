@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=1800.0, help="wall seconds per case of part 4")
     parser.add_argument("--limit-gb", type=float, default=20.0, help="address-space limit per case of part 4")
     parser.add_argument("--cifar-case", nargs=3, metavar=("NET", "METHOD", "WHO"), help=argparse.SUPPRESS)
+    parser.add_argument("--case-eps", type=float, default=None, help=argparse.SUPPRESS)
 
 
 def model(name: str) -> nn.Module:
@@ -55,12 +56,24 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def workload(name: str, n: int, eps: float | None) -> tuple[nn.Module, torch.Tensor, torch.Tensor, float]:
+    """(net, x, y, eps) of a case: ``mnist-lenet`` is part 2's LeNet (trained 2 epochs of mnist5k, seeded) on
+    the first ``n`` mnist5k test images at ``eps``; any other name is a CIFAR-scale net (:func:`model`) on
+    ``n`` seeded random 32x32 images at Linf 1/255."""
+    if name == "mnist-lenet":
+        from benchmarks.certify import lenet
+        from robustbench_lite.data import load_dataset
+
+        test = load_dataset("mnist5k", "test")
+        return lenet(), test.x[:n], test.y[:n], float(eps)
+    x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    return model(name), x, torch.arange(n) % 10, EPS
+
+
 def run_case(args: argparse.Namespace) -> None:
     """Child process: one case; prints progress lines and a final result line (JSON)."""
     name, method, who = args.cifar_case
-    net, n = model(name), args.cifar_images
-    x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    y = torch.arange(n) % 10
+    net, x, y, eps = workload(name, args.cifar_images, args.case_eps)
     started = time.perf_counter()
 
     def report() -> None:
@@ -70,26 +83,35 @@ def run_case(args: argparse.Namespace) -> None:
             time.sleep(1.0)
 
     threading.Thread(target=report, daemon=True).start()
-    cpu = time.process_time()
+    cpu, note = time.process_time(), ""
     with torch.no_grad():
         if who == "ours":
             from certify import CROWN, IBP
             from robustbench_lite.threat import ThreatModel
 
             certifier = IBP() if method == "IBP" else CROWN(memory_mb=args.memory_mb)
-            margins = certifier(net, x, y, ThreatModel("Linf", EPS)).margin_lower
+            margins = certifier(net, x, y, ThreatModel("Linf", eps)).margin_lower
         else:
             from auto_LiRPA import BoundedModule, BoundedTensor
             from auto_LiRPA.perturbations import PerturbationLpNorm
 
             spec = torch.eye(10)[y].unsqueeze(1) - torch.eye(10).unsqueeze(0)
-            bounded = BoundedModule(net, torch.zeros(1, 3, 32, 32))
-            ptb = PerturbationLpNorm(norm=float("inf"), eps=EPS, x_L=(x - EPS).clamp(0, 1), x_U=(x + EPS).clamp(0, 1))
-            margins, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method=method, C=spec)
+            ptb = PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
+            for conv_mode in ("patches", "matrix"):  # its default first; matrix where patches fails on a net
+                started, cpu = time.perf_counter(), time.process_time()
+                try:
+                    bounded = BoundedModule(net, torch.zeros(1, *x.shape[1:]), bound_opts={"conv_mode": conv_mode})
+                    margins, _ = bounded.compute_bounds(x=(BoundedTensor(x, ptb),), method=method, C=spec)
+                    break
+                except RuntimeError as exc:
+                    if conv_mode == "matrix":
+                        raise
+                    print(f"peer: conv_mode patches failed ({str(exc)[:80]}); timing matrix mode", file=sys.stderr)
+                    note = "matrix mode (patches failed)"
     margins = margins.detach().scatter(1, y[:, None], float("inf"))
     print(json.dumps({"wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - cpu,
                       "peak_rss_mb": _peak_mb(), "certified": int((margins > 0).all(1).sum()),
-                      "min_margin": float(margins.min())}), flush=True)
+                      "min_margin": float(margins.min()), "note": note}), flush=True)
 
 
 def _limit(gb: float):
@@ -99,9 +121,12 @@ def _limit(gb: float):
     return apply
 
 
-def _case(script: str, args: argparse.Namespace, net: str, method: str, who: str) -> dict:
-    command = [sys.executable, script, "--cifar-case", net, method, who, "--cifar-images", str(args.cifar_images),
-               "--memory-mb", str(args.memory_mb)]
+def _case(script: str, args: argparse.Namespace, net: str, method: str, who: str, n: int | None = None,
+          eps: float | None = None) -> dict:
+    command = [sys.executable, script, "--cifar-case", net, method, who,
+               "--cifar-images", str(args.cifar_images if n is None else n), "--memory-mb", str(args.memory_mb)]
+    if eps is not None:
+        command += ["--case-eps", str(eps)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.time_limit,
                               preexec_fn=_limit(args.limit_gb))
@@ -116,6 +141,8 @@ def _case(script: str, args: argparse.Namespace, net: str, method: str, who: str
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     final = next((r for r in reversed(lines) if not r.get("progress")), None)
     peak = max((r["peak_rss_mb"] for r in lines), default=float("nan"))
+    if final is None and status.startswith("failed"):
+        status += ": " + (err.strip().splitlines() or [""])[-1][:60]
     return {"status": status if final is None else "ok", "peak_rss_mb": peak, **(final or {})}
 
 
@@ -136,18 +163,25 @@ def part4(args: argparse.Namespace, script: str) -> None:
         print("peer (auto_LiRPA) not found: run with PYTHONPATH=../shared/peers (see ../shared/peers/README.md); "
               "no ratios")
     print(f"{'net':16s} {'method':6s} {'who':5s} {'wall s':>8s} {'cpu s':>8s} {'peak RSS MB':>11s} {'certified':>9s} "
-          f"{'status':24s} {'ours/peer (cpu)':>16s}")
+          f"{'status':24s} {'peer/ours (cpu)':>15s}")
     for net in args.cifar_nets:
         for method in args.methods:
             rows = {"ours": _case(script, args, net, method, "ours")}
             if peer:
                 rows["peer"] = _case(script, args, net, method, "peer")
-            for who, r in rows.items():
-                ratio = ""
-                if who == "peer" and r["status"] == "ok" and rows["ours"]["status"] == "ok":
-                    ratio = f"{rows['ours']['cpu_s'] / r['cpu_s']:16.2f}"
-                wall = f"{r['wall_s']:8.1f}" if "wall_s" in r and r["status"] == "ok" else f"{'-':>8s}"
-                cpu = f"{r['cpu_s']:8.1f}" if "cpu_s" in r else f"{'-':>8s}"
-                cert = f"{r['certified']:9d}" if "certified" in r else f"{'-':>9s}"
-                print(f"{net:16s} {method:6s} {who:5s} {wall} {cpu} {r['peak_rss_mb']:11.0f} {cert} "
-                      f"{r['status']:24s} {ratio}", flush=True)
+            print_pair(f"{net:16s} {method:6s}", rows)
+
+
+def print_pair(lead: str, rows: dict[str, dict]) -> None:
+    """One line per who (ours, peer) after ``lead``; on the peer's line, peer / ours CPU seconds when both
+    finished (above 1: ours is faster)."""
+    for who, r in rows.items():
+        ratio = ""
+        if who == "peer" and r["status"] == "ok" and rows["ours"]["status"] == "ok":
+            ratio = f"{r['cpu_s'] / rows['ours']['cpu_s']:15.2f}"
+        ok = r["status"] == "ok"
+        wall = f"{r['wall_s']:8.1f}" if ok else f"{'-':>8s}"
+        cpu = f"{r['cpu_s']:8.1f}" if "cpu_s" in r else f"{'-':>8s}"
+        cert = f"{r['certified']:9d}" if "certified" in r else f"{'-':>9s}"
+        status = r["status"] + (f", {r['note']}" if r.get("note") else "")
+        print(f"{lead} {who:5s} {wall} {cpu} {r['peak_rss_mb']:11.0f} {cert} {status:24s} {ratio}", flush=True)

@@ -9,8 +9,9 @@ them, else random) next to a forward pass; IBP should cost a small constant numb
 over those of a forward pass: machine-independent), next to the measured CPU-time ratio.
 Part 2: CROWN margins of 20 and 100 (``--sizes``) MNIST test images on ``mnist-lenet`` (two conv +
 max-pool blocks), trained here for two epochs of mnist5k: wall and CPU seconds and peak resident
-memory, each case in its own process so the peak is its own. For scale (issue 4): a leading
-verification library needs ~22 s and several GB for 20 images and runs out of 24 GB at 100.
+memory, each case in its own process so the peak is its own, ours next to auto_LiRPA's CROWN (the peer, found
+on ``PYTHONPATH=../shared/peers``; without it the table says so and prints no ratio) under the same
+address-space and wall-clock limits as part 4.
 Part 3: CROWN on the zoo's IBP-trained ``mnist5k-cnn-ibp``, 1000 test images at Linf 0.1 and 0.3
 (the cost of CROWN on the mnist5k leaderboard entries), each in its own process.
 Part 4 (``--cifar``, issue 17): IBP and CROWN on CIFAR-scale residual nets, RobustBench's ResNet-18 and a
@@ -43,8 +44,6 @@ from benchmarks import _cifar  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
 from robustbench_lite.zoo.architectures import build  # noqa: E402
-
-REFERENCE_SECONDS_20 = 22.0  # the peer's CROWN time for 20 LeNet images (issue 4)
 
 
 def _timed(fn, repeats: int) -> tuple[float, float, object]:
@@ -142,17 +141,22 @@ def part3(memory_mb: float) -> None:
               f"{r['certified']:9.3f} {r['forward_equivalents']:8.0f}")
 
 
-def part2(eps_list: list[float], memory_mb: float, sizes: list[int]) -> None:
-    print(f"\npart 2: CROWN margins on mnist-lenet with max-pool (memory_mb={memory_mb:g}); "
-          f"peer reference: {REFERENCE_SECONDS_20:g} s for 20, out of memory (24 GB) at 100")
-    print(f"{'N':>4s} {'eps':>5s} {'wall s':>8s} {'cpu s':>7s} {'peak RSS MB':>11s} {'growth MB':>9s} "
-          f"{'certified':>9s} {'x faster (cpu, N=20)':>20s}")
-    for eps in eps_list:
-        for n in sizes:
-            r = _case(n, eps, memory_mb)
-            ratio = f"{REFERENCE_SECONDS_20 / r['cpu_s']:20.1f}" if n == 20 else f"{'':20s}"
-            print(f"{n:4d} {eps:5.2f} {r['wall_s']:8.2f} {r['cpu_s']:7.2f} {r['peak_rss_mb']:11.0f} "
-                  f"{r['rss_growth_mb']:9.0f} {r['certified']:9.2f} {ratio}")
+def part2(args: argparse.Namespace) -> None:
+    peer = _cifar.peer_available()
+    print(f"\npart 2: CROWN margins of the first N mnist5k test images on mnist-lenet with max-pool, ours "
+          f"(memory_mb={args.memory_mb:g}) and the peer, each in its own process (limits: {args.time_limit:.0f} s, "
+          f"{args.limit_gb:g} GB address space); one thread")
+    if not peer:
+        print("peer (auto_LiRPA) not found: run with PYTHONPATH=../shared/peers (see ../shared/peers/README.md); "
+              "no ratios")
+    print(f"{'N':>4s} {'eps':>5s} {'who':5s} {'wall s':>8s} {'cpu s':>8s} {'peak RSS MB':>11s} {'certified':>9s} "
+          f"{'status':24s} {'peer/ours (cpu)':>15s}")
+    for eps in args.eps:
+        for n in args.sizes:
+            rows = {"ours": _cifar._case(__file__, args, "mnist-lenet", "CROWN", "ours", n=n, eps=eps)}
+            if peer:
+                rows["peer"] = _cifar._case(__file__, args, "mnist-lenet", "CROWN", "peer", n=n, eps=eps)
+            _cifar.print_pair(f"{n:4d} {eps:5.2f}", rows)
 
 
 def main() -> None:
@@ -179,7 +183,7 @@ def main() -> None:
         return
     if not args.skip_part1:
         part1(1 if args.quick else 3)
-    part2(args.eps, args.memory_mb, args.sizes)
+    part2(args)
     if not args.skip_part3:
         part3(args.memory_mb)
     if args.cifar:

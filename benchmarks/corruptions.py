@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/corruptions.py --models a b DIR/c.safetensors --n 500 --json out.json
 
 Each model (a zoo name, or a weights file written by ``robustbench-lite train`` with its card) is
-evaluated by :func:`robustbench_lite.corruptions.corruption_accuracy` on the first ``--n`` test images
+evaluated by :func:`robustbench_lite.corruptions.ops.corruption_accuracy` on the first ``--n`` test images
 of its dataset: one row per corruption (mean over the five severities, and the five values), then the
 clean accuracy and the mean corruption accuracy, and for each model after the first its difference
 in mean corruption accuracy to the first with a 95% paired bootstrap interval over test images (the
@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from robustbench_lite.corruptions import CORRUPTIONS, corruption_accuracy  # noqa: E402
+from robustbench_lite.corruptions.ops import CORRUPTIONS, corruption_accuracy  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.zoo import load_model_with_info  # noqa: E402
 

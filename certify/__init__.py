@@ -6,7 +6,7 @@ share one graph walk, :mod:`certify.graph`; LP, SDP and the exact MIP share the 
 and per-example loop of :mod:`certify.convex`. Every certified verdict is sound under floating-point
 rounding by one rule, :mod:`certify.rounding` (docs/soundness.md).
 """
-from robustbench_lite.registry import Registry
+from robustbench_lite.plugins import Registry
 
 from .base import CertResult, Certifier, margins_certified, spec_matrix
 from .crown import CROWN, AlphaCROWN, intermediate_bounds

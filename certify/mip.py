@@ -29,7 +29,7 @@ branch-and-bound certifier re-derives its bounds itself). An example without uns
 the solver's multipliers in float64 (:func:`verified_bound`, ``"rigorous": True``). Margins within the
 slack of 0 are undecided (``not_certified``, no counterexample). Counterexamples: when the MILP's
 minimiser has margin < 0 in float64, it is projected into ball ∩ box and re-checked with a plain
-float32 forward pass of the model (:func:`robustbench_lite.claims.check_points`); only a point that
+float32 forward pass of the model (:func:`robustbench_lite.evaluation.claims.check_points`); only a point that
 passes is returned in ``CertResult.counterexample`` (NaN rows elsewhere) and marks the example
 ``info["refuted"]``.
 
@@ -56,7 +56,7 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 from torch import Tensor, nn
 
-from robustbench_lite.claims import check_points
+from robustbench_lite.evaluation.claims import check_points
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
 

@@ -7,8 +7,8 @@ from .errors import RobustBenchLiteError, UserInputError  # noqa: E402
 from .threat import ThreatModel  # noqa: E402
 
 _LAZY = {
-    "evaluate": ("robustbench_lite.evaluate", "evaluate"),
-    "EvaluationResult": ("robustbench_lite.evaluate", "EvaluationResult"),
+    "evaluate": ("robustbench_lite.evaluation.core", "evaluate"),
+    "EvaluationResult": ("robustbench_lite.evaluation.core", "EvaluationResult"),
     "load_dataset": ("robustbench_lite.data", "load_dataset"),
     "load_model": ("robustbench_lite.zoo", "load_model"),
 }

@@ -1,9 +1,10 @@
 """The ``robustbench-lite`` command: a thin door to the library (see shared ARCHITECTURE.md).
 
-``robustbench-lite evaluate`` evaluates a model and writes its leaderboard record,
+``robustbench-lite evaluate`` evaluates a model and writes its record (to ``$RBL_RESULTS_DIR``, default
+``./results``; the published leaderboards are written by ``leaderboard regenerate``),
 ``robustbench-lite zoo list`` lists the model zoo, ``robustbench-lite leaderboard show`` prints
 the tables, ``leaderboard regenerate`` re-evaluates what changed in ``leaderboards/registry.toml``
-and re-renders (:mod:`robustbench_lite.regenerate`), ``robustbench-lite train`` trains a defense (:mod:`robustbench_lite.train`). Every
+and re-renders (:mod:`robustbench_lite.leaderboard.regenerate`), ``robustbench-lite train`` trains a defense (:mod:`robustbench_lite.train`). Every
 user error is one line on stderr (``robustbench-lite: error: ...``) and a non-zero exit.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import RobustBenchLiteError, SoundnessError, UserInputError
-from .render.terminal import format_corruptions, format_result
+from .leaderboard.render.terminal import format_corruptions
+from .leaderboard.render.terminal import format_result
 from .threat import CORRUPTIONS_NORM
 
 PROG = "robustbench-lite"
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    ev = sub.add_parser("evaluate", help="evaluate a model and write its leaderboard record",
+    ev = sub.add_parser("evaluate", help="evaluate a model and write its record (to ./results unless told)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("--model", default=DEFAULTS["model"], help="zoo name, weights file or package.module:factory")
     ev.add_argument("--arch", default=None, help="architecture of a state-dict file")
@@ -97,15 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="run seed (mixed with each example's index)")
     ev.add_argument("--individual", action="store_true", help="run every attack on every correct point")
     ev.add_argument("--device", default="cpu", help="torch device")
-    ev.add_argument("--leaderboard-dir", type=folder_text, default=None, help="default: $RBL_LEADERBOARD_DIR or leaderboards/")
-    ev.add_argument("--no-write", action="store_true", help="do not write the leaderboard record")
+    ev.add_argument("--results-dir", type=folder_text, default=None,
+                    help="where the record goes (default: $RBL_RESULTS_DIR, else ./results)")
+    ev.add_argument("--leaderboard-dir", type=folder_text, default=None,
+                    help="write into this leaderboard folder instead of the results folder")
+    ev.add_argument("--no-write", action="store_true", help="do not write the record")
     ev.add_argument("--replace", action="store_true", help="overwrite the model's record instead of merging into it")
     ev.add_argument("--json", action="store_true", help="print the record as JSON instead of the table")
     ev.add_argument("--download", action="store_true", help="download torchvision datasets when missing")
     ev.add_argument("--data-dir", type=folder_text, default=None, help="where torchvision datasets live")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.add_argument("--no-resume", action="store_true",
-                    help="do not keep per-batch results under <leaderboard-dir>/.state (kept by default while "
+                    help="do not keep per-batch results under <results-dir>/.state (kept by default while "
                          "writing, so an interrupted run resumes where it stopped)")
     ev.add_argument("--no-defense-metrics", action="store_true",
                     help="skip the WRM certificate of models whose card says defense wrm (group accuracies are always kept)")
@@ -155,104 +160,84 @@ def _unavailable(what: str, exc: Exception) -> int:
 
 # --- commands -------------------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .distributed import init_from_env, shutdown
-    from .evaluate import _resolve, evaluate, resolve_device
-    from .leaderboard import build_record, read_record, write_record
-    from .outcome import certifier_prefixes
-    from .threat import ThreatModel
-    from .zoo import load_model_with_info
+    from .evaluation.distributed import init_from_env, shutdown
+    from .evaluation.core import _resolve, resolve_device
+    from .evaluation.outcome import certifier_prefixes
+    from .leaderboard.jobs import RunOptions, cli_job, run_job
+    from .leaderboard.records import read_record, write_record
 
     started = time.perf_counter()
-    if args.threat == CORRUPTIONS_NORM:
-        return _evaluate_corruptions(args, started)
-    if args.corruptions is not None:
-        raise UserInputError("--corruptions needs --threat corruptions")
-    threat = ThreatModel(args.norm, args.eps)
-    attacks = _names(DEFAULTS["attacks"] if args.attacks is None else args.attacks)
-    certifiers = _names(DEFAULTS["certifiers"] if args.certifiers is None else args.certifiers)
-    _check_plugins(attacks, certifiers)
-    attack_list, cert_list = _resolve(attacks, "attack"), _resolve(certifiers, "certifier")
-    prefixes = _certifier_examples(args.certifier_examples)
-    certifier_prefixes(prefixes, [name for name, _ in cert_list], args.n_examples)  # bad names fail before loading
+    corruptions = args.threat == CORRUPTIONS_NORM
+    if corruptions:
+        for option in ("attacks", "certifiers", "certifier_examples"):
+            if getattr(args, option) is not None:
+                flag = "--" + option.replace("_", "-")
+                raise UserInputError(f"{flag} does not apply to --threat corruptions (the corruptions are the threat)")
+        if args.corruptions is not None and not args.corruptions.strip():
+            raise UserInputError("--corruptions is empty: name at least one corruption or leave the option out")
+        from .corruptions.evaluate import corruption_names
+
+        attacks, certifiers, prefixes = corruption_names(args.corruptions), [], {}
+    else:
+        if args.corruptions is not None:
+            raise UserInputError("--corruptions needs --threat corruptions")
+        from .threat import ThreatModel
+
+        ThreatModel(args.norm, args.eps)  # a bad norm or eps fails before anything loads
+        attacks = _names(DEFAULTS["attacks"] if args.attacks is None else args.attacks)
+        certifiers = _names(DEFAULTS["certifiers"] if args.certifiers is None else args.certifiers)
+        _check_plugins(attacks, certifiers)
+        prefixes = _certifier_examples(args.certifier_examples)
+        certifier_prefixes(prefixes, [name for name, _ in _resolve(certifiers, "certifier")], args.n_examples)
     resolve_device(args.device)
-    dataset = load_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download)
-    model, info = load_model_with_info(args.model, arch=args.arch, device=args.device)
-    from .checks import ATTACK_CHECKS, CHECKS
+    job = cli_job(args.model, args.dataset, args.split, CORRUPTIONS_NORM if corruptions else args.norm,
+                  0.0 if corruptions else args.eps, attacks, certifiers, prefixes, args.n_examples, args.batch_size,
+                  args.seed, args.individual or corruptions)
+    root = _results_dir(args)
+    from .evaluation.checks import ATTACK_CHECKS, CHECKS
 
     group = init_from_env(args.device)  # under torchrun: the batches are shared over the ranks; rank 0 writes
+    bar = _progress_bar(args) if group.is_main and not corruptions else None
+    options = RunOptions(device=args.device, arch=args.arch, data_dir=args.data_dir, download=args.download,
+                         state_root=None if args.no_write or args.no_resume else root, progress=bar, group=group,
+                         checks=CHECKS + ATTACK_CHECKS if args.masking_checks else None,
+                         unsupported="skip" if args.certifiers is None else "error",
+                         defense_metrics=not args.no_defense_metrics)
     try:
-        store = None if args.no_write or args.no_resume else _resume_store(args, dataset, threat, info,
-                                                                           attack_list, cert_list, prefixes)
-        runner = store
-        if group.active:
-            from .distributed import DistributedRunner
-            runner = DistributedRunner(group, store)
-        bar = _progress_bar(args) if group.is_main else None
-        try:
-            result = evaluate(model, dataset, threat, attacks=[a for _, a in attack_list],
-                              certifiers=[c for _, c in cert_list], n_examples=args.n_examples,
-                              batch_size=args.batch_size, seed=args.seed, device=args.device,
-                              individual=args.individual, progress=bar, runner=runner, certifier_examples=prefixes,
-                              checks=CHECKS + ATTACK_CHECKS if args.masking_checks else None,
-                              unsupported="skip" if args.certifiers is None else "error")
-        except SoundnessError as err:
-            if store is not None and group.is_main:
-                store.clear()  # the same batches would fail the same way: nothing worth resuming
-            if getattr(err, "result", None) is not None and not args.json and group.is_main:
-                print(format_result(err.result, info.name, None, time.perf_counter() - started))
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
+        run = run_job(job, options)
+    except SoundnessError as err:
+        if getattr(err, "result", None) is not None and not args.json and group.is_main:
+            print(format_result(err.result, args.model, None, time.perf_counter() - started))
+        raise
     finally:
+        if bar is not None:
+            bar.close()
         shutdown(group)
-    if not group.is_main:
+    if run.record is None:  # not rank 0
         return 0
-    for flag in result.flags:
+    for flag in getattr(run.result, "flags", []):
         if flag["name"] == "certifier_unsupported":  # a default certifier could not run: say so once
             print(f"{PROG}: warning: {flag['explanation']}", file=sys.stderr)
-    record = build_record(result, info, model)
-    if not args.no_defense_metrics:
-        from .reports import attach_defense_metrics
-
-        attach_defense_metrics(record, model, info, dataset)
-    path = None if args.no_write else write_record(record, args.leaderboard_dir, replace=args.replace)
-    if store is not None:
-        store.clear()
+    path = None if args.no_write else write_record(run.record, root, replace=args.replace)
+    run.done()
     if args.json:
-        print(json.dumps(read_record(path) if path else record, indent=1))
+        print(json.dumps(read_record(path) if path else run.record, indent=1))
+    elif corruptions:
+        print(format_corruptions(run.record, path, time.perf_counter() - started))
     else:
-        print(format_result(result, record["model"]["name"], path, time.perf_counter() - started, record))
+        print(format_result(run.result, run.record["model"]["name"], path, time.perf_counter() - started, run.record))
     return 0
 
 
-def _evaluate_corruptions(args: argparse.Namespace, started: float) -> int:
-    """``evaluate --threat corruptions``: accuracy per corruption and severity, written as a record."""
-    from .corruption_eval import corruption_names, evaluate_corruptions
-    from .data import load_dataset
-    from .evaluate import resolve_device
-    from .leaderboard import build_record, read_record, write_record
-    from .zoo import load_model_with_info
+def _results_dir(args: argparse.Namespace) -> Path:
+    """Where ``evaluate`` writes: ``--leaderboard-dir`` when given (a leaderboard folder, e.g. one's own),
+    else ``--results-dir``, else ``$RBL_RESULTS_DIR``, else ``./results``: never the published leaderboards
+    unless asked (those are written by ``leaderboard regenerate``)."""
+    from .leaderboard.records import default_results_dir
 
-    for option in ("attacks", "certifiers"):
-        if getattr(args, option) is not None:
-            raise UserInputError(f"--{option} does not apply to --threat corruptions (the corruptions are the threat)")
-    if args.corruptions is not None and not args.corruptions.strip():
-        raise UserInputError("--corruptions is empty: name at least one corruption or leave the option out")
-    names = corruption_names(args.corruptions)
-    resolve_device(args.device)
-    dataset = load_dataset(args.dataset, args.split, data_dir=args.data_dir, download=args.download)
-    model, info = load_model_with_info(args.model, arch=args.arch, device=args.device)
-    result = evaluate_corruptions(model, dataset, corruptions=names, n_examples=args.n_examples,
-                                  batch_size=args.batch_size, seed=args.seed, device=args.device)
-    record = build_record(result, info, model)
-    path = None if args.no_write else write_record(record, args.leaderboard_dir, replace=args.replace)
-    if args.json:
-        print(json.dumps(read_record(path) if path else record, indent=1))
-        return 0
-    print(format_corruptions(record, path, time.perf_counter() - started))
-    return 0
+    if args.leaderboard_dir is not None:
+        return Path(args.leaderboard_dir)
+    return Path(args.results_dir) if args.results_dir is not None else default_results_dir()
 
 
 def _certifier_examples(text: str | None) -> dict[str, int]:
@@ -266,27 +251,6 @@ def _certifier_examples(text: str | None) -> dict[str, int]:
             raise UserInputError(f"--certifier-examples takes NAME=N items, got {item.strip()!r}")
         out[name.strip().lower()] = int(count)
     return out
-
-
-def _resume_store(args: argparse.Namespace, dataset: Any, threat: Any, info: Any, attack_list: list, cert_list: list,
-                  prefixes: dict[str, int]):
-    """The resume folder of this evaluation, keyed by everything that decides its numbers."""
-    from .evaluate import _config
-    from .hashing import dataset_sha256, sha256_json
-    from .leaderboard import default_leaderboard_dir
-    from .protocol import code_files
-    from .resume import resume_runner_for
-
-    n = min(args.n_examples, len(dataset))
-    plugins = attack_list + cert_list
-    key = sha256_json({
-        "weights": info.weights_sha256, "data": dataset_sha256(dataset.x[:n], dataset.y[:n]),
-        "threat": threat.to_dict(), "plugins": [(name, type(p).__module__, _config(p)) for name, p in plugins],
-        "seed": args.seed, "batch_size": args.batch_size, "individual": args.individual, "prefixes": prefixes,
-        "code": code_files(sorted({type(p).__module__ for _, p in plugins}) + ["robustbench_lite.evaluate"]),
-    })
-    root = args.leaderboard_dir if args.leaderboard_dir is not None else default_leaderboard_dir()
-    return resume_runner_for(root, dataset.name, threat.norm, threat.eps, info.name, key)
 
 
 def _check_plugins(attacks: list[str], certifiers: list[str]) -> None:
@@ -337,20 +301,21 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
 
 
 def _board_dir(args: argparse.Namespace) -> Path:
-    from .leaderboard import default_leaderboard_dir
+    from .leaderboard.records import default_leaderboard_dir
 
     return Path(args.leaderboard_dir) if args.leaderboard_dir is not None else default_leaderboard_dir()
 
 
 def cmd_leaderboard_show(args: argparse.Namespace) -> int:
-    from .render import render_text, tables_for
+    from .leaderboard.render import render_text
+    from .leaderboard.render import tables_for
 
     print(render_text(tables_for(_board_dir(args), args.dataset, args.registry)), end="")
     return 0
 
 
 def cmd_leaderboard_render(args: argparse.Namespace) -> int:
-    from .render import render_all
+    from .leaderboard.render import render_all
 
     for path in render_all(_board_dir(args), args.registry):
         print(f"wrote {path}")
@@ -358,8 +323,8 @@ def cmd_leaderboard_render(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard_regenerate(args: argparse.Namespace) -> int:
-    from .distributed import init_from_env, shutdown
-    from .regenerate import RUN, regenerate
+    from .evaluation.distributed import init_from_env, shutdown
+    from .leaderboard.regenerate import RUN, regenerate
 
     group = init_from_env()
     try:

@@ -1,6 +1,6 @@
 """Every sha256 the package computes: of files, JSON data, tensors, index lists, state dicts, arrays.
 
-One module so that a record's code fingerprint (:func:`robustbench_lite.protocol.code_files`) follows
+One module so that a record's code fingerprint (:func:`robustbench_lite.leaderboard.protocol.code_files`) follows
 these few functions, not the registry code that happened to hold them. Each digest is hex and covers
 what makes two inputs different (dtype and shape as well as bytes, where they apply).
 """

@@ -333,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
 
     from robustbench_lite import __version__
     from robustbench_lite.data import load_dataset
-    from robustbench_lite.evaluate import resolve_device
+    from robustbench_lite.evaluation.core import resolve_device
     from robustbench_lite.hashing import bytes_sha256
     from robustbench_lite.zoo import architectures
     from robustbench_lite.zoo.cards import VERIFY_EXAMPLES, normalization_of, parameter_count

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from robustbench_lite.errors import UserInputError
-from robustbench_lite.registry import Registry
+from robustbench_lite.plugins import Registry
 
 from .dataset import Dataset
 

@@ -3,7 +3,7 @@
 ``DEFENSES.create("pgd-at", eps=0.3)``; third-party packages add theirs through the
 ``robustbench_lite.defenses`` entry-point group. ``robustbench-lite train`` is one loop that uses them.
 """
-from robustbench_lite.registry import Registry
+from robustbench_lite.plugins import Registry
 
 from .adversarial import PGDAT
 from .augmix import AugMix

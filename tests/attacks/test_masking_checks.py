@@ -1,4 +1,4 @@
-"""The attack-based masking checks added to robustbench_lite/checks.py: each fires on its trap only."""
+"""The attack-based masking checks added to robustbench_lite/evaluation/checks.py: each fires on its trap only."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -9,8 +9,8 @@ from torch import nn
 from attacks import PGD
 from attacks.square import Square
 from digits_model import held_out, trained_mlp
-from robustbench_lite import checks
-from robustbench_lite.checks import CheckContext
+from robustbench_lite.evaluation import checks
+from robustbench_lite.evaluation.checks import CheckContext
 from robustbench_lite.threat import ThreatModel
 
 LINF = ThreatModel("Linf", 0.3)

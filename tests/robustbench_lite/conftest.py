@@ -43,7 +43,7 @@ n_examples = 8
 
 @pytest.fixture(scope="module")
 def one_record(tmp_path_factory) -> Path:
-    from robustbench_lite.regenerate import regenerate
+    from robustbench_lite.leaderboard.regenerate import regenerate
 
     root = tmp_path_factory.mktemp("board")
     (root / "registry.toml").write_text(REGISTRY)

@@ -10,10 +10,11 @@ import pytest
 
 from robustbench_lite import cli
 from robustbench_lite.errors import UserInputError
-from robustbench_lite.leaderboard import read_record
-from robustbench_lite.protocol import job_protocol, jobs_from_entries, load_registry, protocol_differences
-from robustbench_lite.regenerate import SKIP, plan, regenerate
-from robustbench_lite.render.tables import build_tables, row_cells
+from robustbench_lite.leaderboard.records import read_record
+from robustbench_lite.leaderboard.protocol import job_protocol, jobs_from_entries, load_registry, protocol_differences
+from robustbench_lite.leaderboard.regenerate import SKIP, plan, regenerate
+from robustbench_lite.leaderboard.render.tables import build_tables
+from robustbench_lite.leaderboard.render.tables import row_cells
 
 REGISTRY = """
 [[entry]]

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from robustbench_lite import checks
-from robustbench_lite.checks import CheckContext, make_flag, run_checks, second_batch_size
+from robustbench_lite.evaluation import checks
+from robustbench_lite.evaluation.checks import CheckContext, make_flag, run_checks, second_batch_size
 
 
 def context(model: nn.Module, n: int = 10, **overrides) -> CheckContext:

@@ -13,13 +13,13 @@ from test_evaluate import K, TEMPLATES, LinearExact, toy_dataset, toy_model
 from attacks import AttackResult
 from certify import MIP
 from certify.base import CertResult, Certifier
-from robustbench_lite.claims import NOT_MISCLASSIFIED, OUTSIDE, check_points
+from robustbench_lite.evaluation.claims import NOT_MISCLASSIFIED, OUTSIDE, check_points
 from robustbench_lite.data.dataset import Dataset
 from robustbench_lite.errors import SoundnessError, UserInputError
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.leaderboard import build_record
-from robustbench_lite.outcome import BatchOutcome
-from robustbench_lite.resume import ResumeRunner
+from robustbench_lite.evaluation.core import evaluate
+from robustbench_lite.leaderboard.records import build_record
+from robustbench_lite.evaluation.outcome import BatchOutcome
+from robustbench_lite.evaluation.resume import ResumeRunner
 from robustbench_lite.threat import ThreatModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "certify"))

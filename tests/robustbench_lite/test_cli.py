@@ -13,8 +13,9 @@ from certify import CERTIFIERS
 from certify.base import Certifier
 from safetensors.torch import save_file
 
-import robustbench_lite.evaluate as evaluate_module
-from robustbench_lite import cli, leaderboard
+import robustbench_lite.evaluation.core as evaluate_module
+from robustbench_lite import cli
+from robustbench_lite.leaderboard import records as leaderboard
 from robustbench_lite.zoo.architectures import digits_mlp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +61,7 @@ def test_progress_bar_path(tmp_path, capsys):
 
 
 def test_masking_checks_option_runs_the_attack_checks(tmp_path, capsys, monkeypatch):
-    from robustbench_lite import checks
+    from robustbench_lite.evaluation import checks
 
     calls = []
     monkeypatch.setattr(checks, "ATTACK_CHECKS", [lambda ctx: calls.append(ctx.x.shape[0])])
@@ -250,7 +251,7 @@ def test_evaluate_corruptions_prints_the_table_and_writes_its_record(tmp_path, c
 
 
 def test_evaluate_reports_group_accuracies_and_the_wrm_certificate(tmp_path, capsys, monkeypatch):
-    from robustbench_lite import reports
+    from robustbench_lite.leaderboard import sections as reports
 
     monkeypatch.setattr(reports, "WRM_STEPS", 4)
     colored = ["evaluate", "--model", "colored-mnist5k-cnn-erm", "--dataset", "colored-mnist5k", "--eps", "0.02",
@@ -299,3 +300,22 @@ def test_default_certifier_skips_an_unsupported_model_and_a_named_one_is_an_erro
     assert [f["explanation"] for f in record["flags"] if f["name"] == "certifier_unsupported"] == [warning[27:]]
     line = one_error_line(capsys, cli.main([*argv, "--certifiers", "ibp", "--replace"]))
     assert "certifier 'ibp': unsupported layers: 2 (Tanh)" in line
+
+
+def test_evaluate_writes_to_the_results_folder_and_never_to_the_published_leaderboards(tmp_path, monkeypatch):
+    from robustbench_lite.leaderboard.protocol import load_registry
+    from robustbench_lite.leaderboard.regenerate import plan
+
+    published = sorted(p.read_bytes() for p in (REPO / "leaderboards").rglob("*.json"))
+    monkeypatch.setenv("RBL_RESULTS_DIR", str(tmp_path / "results"))
+    assert cli.main(["evaluate", *FAST, "--attacks", "pgd", "--certifiers", "ibp"]) == 0
+    record = json.loads(record_file(tmp_path / "results").read_text())
+    assert sorted(p.read_bytes() for p in (REPO / "leaderboards").rglob("*.json")) == published
+    # one evaluate-and-record path: the command's record carries the fingerprint regeneration would give it,
+    # so the same protocol in a registry is up to date without a re-run
+    registry = tmp_path / "registry.toml"
+    registry.write_text(f'[[entry]]\nmodel = "{MODEL}"\ndataset = "digits"\nsplit = "test"\nnorm = "Linf"\n'
+                        'eps = [0.05]\nn_examples = 30\nattacks = ["pgd"]\ncertifiers = ["ibp"]\n')
+    [planned] = plan(load_registry(registry), tmp_path / "results")
+    assert record["inputs"]["fingerprint"] == planned.inputs["fingerprint"]
+    assert planned.action == "skip", planned.reasons

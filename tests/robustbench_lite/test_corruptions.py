@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from robustbench_lite.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corruption_accuracy
+from robustbench_lite.corruptions.ops import CORRUPTIONS, SEVERITIES, corrupt, corruption_accuracy
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.seeding import example_seeds
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from robustbench_lite import cli
-from robustbench_lite.distributed import Group, all_gather, shard
+from robustbench_lite.evaluation.distributed import Group, all_gather, shard
 
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["--model", "digits-mlp-standard", "--dataset", "digits", "--eps", "0.05", "--n-examples", "60",

@@ -12,7 +12,7 @@ from attacks import PGD, Attack, AttackResult
 from certify.base import Certifier, spec_matrix
 from robustbench_lite.data.dataset import Dataset
 from robustbench_lite.errors import NonFiniteOutputError, SoundnessError, UnsupportedModelError, UserInputError
-from robustbench_lite.evaluate import EvaluationResult, evaluate
+from robustbench_lite.evaluation.core import EvaluationResult, evaluate
 from robustbench_lite.hashing import indices_sha256
 from robustbench_lite.threat import ThreatModel
 
@@ -101,8 +101,9 @@ def test_flags_and_aggregates_are_consistent():
     assert r.flags == [] and r.violations == []
 
 
-def test_package_level_evaluate_is_callable():
+def test_package_level_evaluate_is_the_function():
     ds, model = toy_dataset(12), toy_model()
+    assert robustbench_lite.evaluate is robustbench_lite.evaluation.core.evaluate
     r = robustbench_lite.evaluate(model, ds, ThreatModel("Linf", 0.0), attacks=(), certifiers=())
     assert r.robust_acc == r.clean_acc and r.certified_acc == 0.0
 

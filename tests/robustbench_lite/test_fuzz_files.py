@@ -285,7 +285,7 @@ def test_records_broken_field_by_field(tmp_path, monkeypatch, examples, one_reco
     that merges into it keep the guarantee, and none of them rewrites a record it refused."""
     monkeypatch.chdir(tmp_path)
     from robustbench_lite.errors import CorruptFileError
-    from robustbench_lite.leaderboard import read_record
+    from robustbench_lite.leaderboard.records import read_record
 
     good = json.loads((one_record / RECORD).read_text())
 
@@ -376,7 +376,7 @@ def test_registries_with_wrong_types(tmp_path, monkeypatch, examples, board_with
     refuses it with a UserInputError or accepts it, and show / render / regenerate --dry-run keep the
     guarantee without touching a record or the registry."""
     monkeypatch.chdir(tmp_path)
-    from robustbench_lite.protocol import load_registry
+    from robustbench_lite.leaderboard.protocol import load_registry
 
     commands = [["leaderboard", action, "--leaderboard-dir", "b"] for action in ("show", "render")]
     commands.append(["leaderboard", "regenerate", "--dry-run", "--leaderboard-dir", "b"])
@@ -404,7 +404,7 @@ def toy_run(runner=None, eps: float = 0.15, attacks=None):
     from test_evaluate import toy_dataset, toy_model
 
     from attacks import PGD
-    from robustbench_lite.evaluate import evaluate
+    from robustbench_lite.evaluation.core import evaluate
     from robustbench_lite.threat import ThreatModel
 
     return evaluate(toy_model(), toy_dataset(16), ThreatModel("Linf", eps), batch_size=4, runner=runner,
@@ -414,7 +414,7 @@ def toy_run(runner=None, eps: float = 0.15, attacks=None):
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """Shards of run A (key "A") and of run B (key "B": no attack, so other flags), and A's result."""
-    from robustbench_lite.resume import ResumeRunner
+    from robustbench_lite.evaluation.resume import ResumeRunner
 
     root = tmp_path_factory.mktemp("shards")
     full = toy_run()
@@ -436,7 +436,7 @@ def test_damaged_swapped_or_foreign_shards_are_recomputed(tmp_path, monkeypatch,
     """A resumed run over shards that are truncated, damaged, taken from another evaluation (another
     key: other protocol or other run) or from other rows gives exactly the uninterrupted numbers."""
     monkeypatch.chdir(tmp_path)
-    from robustbench_lite.resume import ResumeRunner
+    from robustbench_lite.evaluation.resume import ResumeRunner
 
     root, full = two_runs
     assert not same_result(toy_run(eps=0.3, attacks=[]), full)  # B's flags differ from A's: a swap would show

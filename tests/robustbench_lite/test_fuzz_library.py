@@ -17,7 +17,7 @@ from attacks import ATTACKS
 from certify import CERTIFIERS
 from robustbench_lite.data import Dataset, load_dataset
 from robustbench_lite.errors import UserInputError
-from robustbench_lite.evaluate import evaluate
+from robustbench_lite.evaluation.core import evaluate
 from robustbench_lite.threat import ThreatModel
 from robustbench_lite.zoo import load_model
 

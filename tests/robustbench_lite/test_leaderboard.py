@@ -10,10 +10,10 @@ import torch
 from certify.base import Certifier
 from test_evaluate import LinearExact, toy_dataset, toy_model
 
-from robustbench_lite import leaderboard
+from robustbench_lite.leaderboard import records as leaderboard
 from robustbench_lite.errors import CorruptFileError, SoundnessError, UserInputError
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.leaderboard import (build_record, default_leaderboard_dir, load_records, read_record, record_path,
+from robustbench_lite.evaluation.core import evaluate
+from robustbench_lite.leaderboard.records import (build_record, default_leaderboard_dir, load_records, read_record, record_path,
                                           render_table, schema_errors, write_record)
 from robustbench_lite.threat import ThreatModel
 
@@ -255,7 +255,7 @@ def test_defense_sections_are_checked_by_the_schema():
 
     from test_reports import bar_model, bars, grouped
 
-    from robustbench_lite.corruption_eval import evaluate_corruptions
+    from robustbench_lite.corruptions.evaluate import evaluate_corruptions
 
     grouped_rec = build_record(evaluate(toy_model(), grouped(), ThreatModel("Linf", 0.1), attacks=["fgsm"],
                                         certifiers=[]), INFO, toy_model())

@@ -10,10 +10,10 @@ import pytest
 
 from robustbench_lite import cli
 from robustbench_lite.errors import UserInputError
-from robustbench_lite.leaderboard import read_record
-from robustbench_lite.protocol import (EVALUATOR_MODULES, PROJECT_PACKAGES, PROJECT_ROOT, code_files, job_protocol,
+from robustbench_lite.leaderboard.records import read_record
+from robustbench_lite.leaderboard.protocol import (EVALUATOR_MODULES, PROJECT_PACKAGES, PROJECT_ROOT, code_files, job_protocol,
                                        jobs_from_entries, load_registry, protocol_differences)
-from robustbench_lite.regenerate import RUN, SKIP, UNAVAILABLE, plan, regenerate
+from robustbench_lite.leaderboard.regenerate import RUN, SKIP, UNAVAILABLE, plan, regenerate
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = """
@@ -102,7 +102,7 @@ def test_regenerate_runs_then_skips_until_an_input_changes(tmp_path):
     assert sorted(report.ran) == ["digits/Linf-0.05/digits-mlp-standard", "digits/Linf-0.1/digits-mlp-standard"]
     rec = read_record(tmp_path / RECORD)
     assert rec["inputs"]["weights_sha256"] == rec["model"]["weights_sha256"]
-    assert "attacks/pgd.py" in rec["inputs"]["code_files"] and "robustbench_lite/evaluate.py" in rec["inputs"]["code_files"]
+    assert "attacks/pgd.py" in rec["inputs"]["code_files"] and "robustbench_lite/evaluation/core.py" in rec["inputs"]["code_files"]
     assert not (tmp_path / ".state").exists() and not list(tmp_path.rglob("*.partial"))
     assert (tmp_path / "README.md").exists() and (tmp_path / "index.html").exists()
     assert {a for a, _ in actions(tmp_path).values()} == {SKIP}
@@ -184,8 +184,8 @@ def test_code_fingerprint_of_lp_follows_crown_and_not_the_registry_code():
     edit to the registry code (protocol.py) must re-run nothing."""
     files = code_files(["certify.lp"])
     assert {"certify/crown.py", "certify/graph.py", "certify/layers.py", "certify/convex.py"} <= set(files)
-    assert "robustbench_lite/protocol.py" not in code_files(list(EVALUATOR_MODULES) + ["robustbench_lite.merge",
-                                                                                      "robustbench_lite.corruption_eval"])
+    assert "robustbench_lite/leaderboard/protocol.py" not in code_files(list(EVALUATOR_MODULES) + ["robustbench_lite.leaderboard.merge",
+                                                                                      "robustbench_lite.corruptions.evaluate"])
 
 
 def test_certifiers_import_project_modules_at_module_level():
@@ -231,7 +231,7 @@ DEFENSE_ENTRIES = '[defaults]\nmode = "cascade"\nattacks = ["fgsm"]\n' + "".join
 def test_defense_tables_end_to_end_from_a_registry_elsewhere(tmp_path, capsys, monkeypatch):
     """Corruptions, worst-group and WRM entries: records, README, index.html; the registry is a copy
     outside the output root (--registry / --root), and a second run skips everything."""
-    from robustbench_lite import reports
+    from robustbench_lite.leaderboard import sections as reports
 
     monkeypatch.setattr(reports, "WRM_STEPS", 4)
     monkeypatch.setattr(reports, "_WRM_CACHE", {})
@@ -247,7 +247,7 @@ def test_defense_tables_end_to_end_from_a_registry_elsewhere(tmp_path, capsys, m
     corrupt = read_record(root / "mnist5k" / "corruptions" / "mnist5k-cnn-augmix.json")
     assert list(corrupt["corruptions"]["accuracy"]) == ["gaussian_noise", "jpeg"]
     assert corrupt["inputs"]["registry_key"] == "mnist5k/corruptions/mnist5k-cnn-augmix"
-    assert "robustbench_lite/corruptions.py" in corrupt["inputs"]["code_files"]
+    assert "robustbench_lite/corruptions/ops.py" in corrupt["inputs"]["code_files"]
     erm, dro = (read_record(root / "colored-mnist5k" / "Linf-0.02" / f"colored-mnist5k-cnn-{m}.json")
                 for m in ("erm", "group-dro"))
     wrm = read_record(root / "mnist5k" / "L2-1" / "mnist5k-cnn-wrm.json")

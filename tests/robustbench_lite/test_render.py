@@ -13,10 +13,14 @@ import torch
 from test_evaluate import toy_dataset, toy_model
 
 from robustbench_lite import cli
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.leaderboard import build_record, write_record
-from robustbench_lite.protocol import record_protocol
-from robustbench_lite.render import build_tables, render_all, render_html, render_markdown, render_text
+from robustbench_lite.evaluation.core import evaluate
+from robustbench_lite.leaderboard.records import build_record, write_record
+from robustbench_lite.leaderboard.protocol import record_protocol
+from robustbench_lite.leaderboard.render import build_tables
+from robustbench_lite.leaderboard.render import render_all
+from robustbench_lite.leaderboard.render import render_html
+from robustbench_lite.leaderboard.render import render_markdown
+from robustbench_lite.leaderboard.render import render_text
 from robustbench_lite.threat import ThreatModel
 
 INFO = {"name": "toy", "architecture": "linear", "defense": "none", "dataset": "toy", "weights_sha256": "ab" * 32,
@@ -81,7 +85,7 @@ class TableReader(HTMLParser):
 
 
 def test_tables_group_sort_and_set_apart_other_protocols(tmp_path):
-    from robustbench_lite.leaderboard import load_records
+    from robustbench_lite.leaderboard.records import load_records
 
     tables = build_tables(load_records(board(tmp_path)))
     assert [(t.dataset, t.norm, t.eps) for t in tables] == [("toy", "Linf", 0.05), ("toy", "Linf", 0.1)]
@@ -98,7 +102,7 @@ def test_tables_group_sort_and_set_apart_other_protocols(tmp_path):
 
 
 def test_markdown_text_and_html_show_the_same_rows(tmp_path):
-    from robustbench_lite.leaderboard import load_records
+    from robustbench_lite.leaderboard.records import load_records
 
     tables = build_tables(load_records(board(tmp_path)))
     md = render_markdown(tables)
@@ -214,7 +218,7 @@ def test_group_tables_rank_by_worst_group_and_corruption_tables_by_mean(tmp_path
     column per corruption, no plot against eps, and its own heading in README and index.html."""
     from test_reports import INFO as GROUP_INFO, bar_model, bars, grouped
 
-    from robustbench_lite.corruption_eval import evaluate_corruptions
+    from robustbench_lite.corruptions.evaluate import evaluate_corruptions
 
     records = []
     for name, worst in (("average-winner", 0.2), ("worst-group-winner", 0.6)):
@@ -248,7 +252,8 @@ def test_group_tables_rank_by_worst_group_and_corruption_tables_by_mean(tmp_path
 
 
 def test_adversarial_rows_list_each_certifiers_own_accuracy():
-    from robustbench_lite.render.tables import COLUMNS, row_cells
+    from robustbench_lite.leaderboard.render.tables import COLUMNS
+    from robustbench_lite.leaderboard.render.tables import row_cells
 
     record = {"model": {"name": "m", "defense": None}, "clean_acc": 0.9, "robust_acc": 0.6, "certified_acc": 0.5,
               "certifiers": [{"name": "ibp", "certified_acc": 0.25}, {"name": "crown", "certified_acc": 0.5}]}

@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from test_evaluate import toy_dataset, toy_model
 from torch import nn
 
-from robustbench_lite import reports
-from robustbench_lite.corruption_eval import corruption_names, evaluate_corruptions
+from robustbench_lite.leaderboard import sections as reports
+from robustbench_lite.corruptions.evaluate import corruption_names, evaluate_corruptions
 from robustbench_lite.data.dataset import Dataset
 from robustbench_lite.errors import UserInputError
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.leaderboard import build_record, read_record, record_path, schema_errors, write_record
+from robustbench_lite.evaluation.core import evaluate
+from robustbench_lite.leaderboard.records import build_record, read_record, record_path, schema_errors, write_record
 from robustbench_lite.metrics import worst_group_accuracy
 from robustbench_lite.threat import ThreatModel
 

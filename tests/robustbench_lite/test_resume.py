@@ -14,9 +14,9 @@ import torch
 from test_evaluate import toy_dataset, toy_model
 
 from attacks import PGD
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.outcome import BatchOutcome, LocalRunner
-from robustbench_lite.resume import ResumeRunner
+from robustbench_lite.evaluation.core import evaluate
+from robustbench_lite.evaluation.outcome import BatchOutcome, LocalRunner
+from robustbench_lite.evaluation.resume import ResumeRunner
 from robustbench_lite.threat import ThreatModel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,8 +115,8 @@ import sys, time, torch
 sys.path.insert(0, {tests!r})
 from test_evaluate import toy_dataset, toy_model
 from attacks import PGD
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.resume import ResumeRunner
+from robustbench_lite.evaluation.core import evaluate
+from robustbench_lite.evaluation.resume import ResumeRunner
 from robustbench_lite.threat import ThreatModel
 
 class SlowPGD(PGD):

@@ -46,7 +46,7 @@ class CheckContext:
     ran), ``robust`` (N,) the reported robust flags, ``attack_flags`` the ``AttackResult.flags``
     summed per attack, ``model_was_training`` the mode the caller handed the model over in.
     ``extras`` holds what checks that re-run attacks need: ``threat``, ``result`` (the
-    :class:`~robustbench_lite.evaluate.EvaluationResult`), ``attacks`` and ``certifiers`` (name ->
+    :class:`~robustbench_lite.evaluation.core.EvaluationResult`), ``attacks`` and ``certifiers`` (name ->
     instance) and ``seeds`` (N,) per-example seeds.
     """
 
@@ -273,7 +273,7 @@ def check_more_iterations(ctx: CheckContext) -> Flag | None:
     )
 
 
-#: the checks :func:`robustbench_lite.evaluate` runs, in order
+#: the checks :func:`robustbench_lite.evaluation.core` runs, in order
 CHECKS: list[Check] = [check_train_mode, check_randomized, check_probabilities, check_zero_gradients,
                        check_black_box_only, check_rescoring]
 #: checks that re-run small attacks on a probe of examples (pass ``checks=CHECKS + ATTACK_CHECKS``)

@@ -22,9 +22,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .atomic import atomic_write_bytes
-from .hashing import sha256_json, tensors_sha256
-from .leaderboard import safe_name
+from ..atomic import atomic_write_bytes
+from ..hashing import sha256_json, tensors_sha256
+from ..leaderboard.records import safe_name
 from .outcome import BatchOutcome, Bounds, Compute, Done
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def _shard_sha256(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
 class ResumeRunner:
     """Load batches already in ``state_dir`` (for the same ``key``), compute and persist the others.
 
-    :meth:`settle` handles one batch, so :class:`robustbench_lite.distributed.DistributedRunner` can
+    :meth:`settle` handles one batch, so :class:`robustbench_lite.evaluation.distributed.DistributedRunner` can
     resume a rank's share through it.
     """
 

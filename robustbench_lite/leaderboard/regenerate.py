@@ -1,9 +1,9 @@
 """``robustbench-lite leaderboard regenerate``: re-evaluate what changed, then re-render.
 
-For every job of ``leaderboards/registry.toml`` (:mod:`robustbench_lite.protocol`) the plan compares
+For every job of ``leaderboards/registry.toml`` (:mod:`robustbench_lite.leaderboard.protocol`) the plan compares
 the record's stored ``inputs`` (weights, data, plug-in and evaluator source, protocol) with the
 current ones: a job runs when there is no record, when an input changed (the reason names it) or
-with ``force``; the others are skipped. Jobs run resumably (:mod:`robustbench_lite.resume`; the
+with ``force``; the others are skipped. Jobs run resumably (:mod:`robustbench_lite.evaluation.resume`; the
 state folder ``<root>/.state/...`` is removed after the write) and, under torchrun, spread
 over the ranks round-robin; rank 0 gathers the records, writes them (replacing, not merging: a
 record holds exactly the registry's protocol) and re-renders README.md, index.html and the plots.
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .distributed import Group, all_gather, shard
-from .errors import CorruptFileError, RobustBenchLiteError
-from .hashing import dataset_sha256, file_sha256
+from ..evaluation.distributed import Group, all_gather, shard
+from ..errors import CorruptFileError, RobustBenchLiteError
+from ..hashing import dataset_sha256, file_sha256
 from .protocol import Job, job_inputs, job_protocol, load_registry, protocol_differences
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,14 @@ def select(jobs: list[Job], only: str | None) -> list[Job]:
 
 def current_weights_sha256(model: str) -> str:
     """The weights' sha256 without evaluating: the zoo card's, else the file's / loaded module's."""
-    from .zoo import read_cards
+    from ..zoo import read_cards
 
     card = read_cards().get(model)
     if isinstance(card, dict) and card.get("weights_sha256"):
         return str(card["weights_sha256"])
     if Path(model).is_file():
         return file_sha256(model)
-    from .zoo import load_model_with_info
+    from ..zoo import load_model_with_info
 
     _, info = load_model_with_info(model)
     return str(info.weights_sha256)
@@ -75,7 +75,7 @@ _DATA_SHA: dict[tuple[str, str, int], str] = {}
 def current_data_sha256(job: Job) -> str:
     key = (job.dataset, job.split, job.n_examples)
     if key not in _DATA_SHA:
-        from .data import load_dataset
+        from ..data import load_dataset
 
         ds = load_dataset(job.dataset, job.split)
         sub = ds.subset(slice(0, min(job.n_examples, len(ds))))
@@ -107,7 +107,7 @@ def why_run(record: dict[str, Any] | None, inputs: dict[str, Any], job: Job) -> 
 
 def plan(jobs: list[Job], root: Path, force: bool = False) -> list[Planned]:
     """What to run and why, without evaluating anything."""
-    from .leaderboard import read_record, record_path
+    from .records import read_record, record_path
 
     out = []
     for job in jobs:
@@ -132,43 +132,19 @@ def plan(jobs: list[Job], root: Path, force: bool = False) -> list[Planned]:
 
 def run_job(job: Job, root: Path, inputs: dict[str, Any], resume: bool = True,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Evaluate one job (resumably) and return its record with ``inputs``; writes nothing."""
-    from .data import load_dataset
-    from .evaluate import evaluate
-    from .leaderboard import build_record
-    from .reports import attach_defense_metrics
-    from .resume import resume_runner_for
-    from .threat import ThreatModel
-    from .zoo import load_model_with_info
+    """Evaluate one job (resumably under ``root``) and return its record with ``inputs``; writes nothing
+    but resume state (see :func:`.jobs.run_job`, the path ``evaluate`` takes too)."""
+    from .jobs import RunOptions
+    from .jobs import run_job as evaluate_job
 
-    model, info = load_model_with_info(job.model)
-    dataset = load_dataset(job.dataset, job.split)
-    if job.is_corruptions:  # cheap (no gradients): not resumable
-        from .corruption_eval import evaluate_corruptions
-
-        result = evaluate_corruptions(model, dataset, corruptions=[name for name, _ in job.attacks],
-                                      n_examples=job.n_examples, batch_size=job.batch_size, seed=job.seed)
-        record = build_record(result, info, model)
-        record["inputs"] = inputs
-        return record
-    runner = None
-    if resume:
-        runner = resume_runner_for(root, job.dataset, job.norm, job.eps, info.name,
-                                   f"{inputs['fingerprint']}:{job.batch_size}")
-    result = evaluate(model, dataset, ThreatModel(job.norm, job.eps), attacks=job.plugins("attack"),
-                      certifiers=job.plugins("certifier"), n_examples=job.n_examples, batch_size=job.batch_size,
-                      seed=job.seed, individual=job.mode == "individual", progress=progress, runner=runner,
-                      certifier_examples=job.certifier_examples())
-    record = build_record(result, info, model)
-    attach_defense_metrics(record, model, info, dataset)  # WRM models: the certificate and measured loss
-    record["inputs"] = inputs
-    return record  # the resume state stays until the record is written (see _write)
+    options = RunOptions(state_root=root if resume else None, progress=progress)
+    return evaluate_job(job, options, inputs).record  # the resume state stays until the record is written
 
 
 def _write(record: dict[str, Any], root: Path) -> None:
     """Replace the job's record (it holds exactly the registry's protocol), then drop its resume state."""
-    from .leaderboard import write_record
-    from .resume import resume_runner_for
+    from .records import write_record
+    from ..evaluation.resume import resume_runner_for
 
     write_record(record, root, replace=True)
     threat = record["threat_model"]

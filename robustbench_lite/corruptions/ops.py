@@ -21,9 +21,9 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
-from .errors import UserInputError
-from .metrics import corruption_summary
-from .seeding import ExampleRNG, example_seeds, mix
+from ..errors import UserInputError
+from ..metrics import corruption_summary
+from ..seeding import ExampleRNG, example_seeds, mix
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import TIE_TOLERANCE
-from .threat import ThreatModel
+from ..threat import ThreatModel
 
 
 @dataclass

@@ -4,7 +4,7 @@
 AutoAttack, Croce & Hein 2020) or each on every correct point (``individual=True``), runs every
 certifier on every example (or on a stated prefix: ``certifier_examples``), and checks per example
 that certified <= robust <= correct. No plug-in's word is taken: every point an attack or a complete
-verifier claims broke an example is checked first (:mod:`robustbench_lite.claims`). Robust accuracy is
+verifier claims broke an example is checked first (:mod:`robustbench_lite.evaluation.claims`). Robust accuracy is
 the per-example worst case over all attacks and checked counterexamples, never an average of
 per-attack figures.
 Every random draw is seeded per example from ``seed`` and the dataset index, so results do not
@@ -13,9 +13,7 @@ depend on batch size or order. Shapes: dataset.x (N, C, H, W) in [0, 1], dataset
 from __future__ import annotations
 
 import logging
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -24,12 +22,12 @@ from torch import Tensor, nn
 
 from . import checks as checks_module
 from .claims import rejected_claims_flag
-from .errors import SoundnessError, UserInputError, checked_int, short_repr
-from .hashing import indices_sha256
+from ..errors import SoundnessError, UserInputError, checked_int, short_repr
+from ..hashing import indices_sha256
 from .outcome import (COST_FIELDS, BatchOutcome, BatchRunner, LocalRunner, add_counts, batch_bounds,
                       certifier_prefixes, evaluate_batch)
-from .seeding import example_seeds
-from .threat import ThreatModel
+from ..seeding import example_seeds
+from ..threat import ThreatModel
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +63,14 @@ class EvaluationResult:
 
     ``attack_success[name]``: the attack broke the example (False where it did not run);
     ``certified_by[name]``: the certifier certified it; ``violations``: dataset indices where
-    certified <= robust <= correct failed; ``flags``: checks' flags (see :mod:`robustbench_lite.checks`);
+    certified <= robust <= correct failed; ``flags``: checks' flags (see :mod:`robustbench_lite.evaluation.checks`);
     ``distances[name]``: (N,) minimal perturbations a minimum-norm attack found (NaN where none / not run);
     ``groups``: (N,) int64 group id of each example when the dataset has groups (``group_names[id]``);
     ``corruption_correct[name]``: (5, N) bool, correct under a corruption at severity 1..5 (corruption runs);
     ``refuted_by[name]``: (N,) bool, a certifier's checked counterexample broke the example (certifiers
     that returned counterexamples); ``certifier_examples[name]``: the certifier ran only on the first
     that many examples (the others read ``skipped: beyond the first N examples``); ``rejected[name]``:
-    (N,) uint8, why the evaluator rejected a plug-in's claimed point (:mod:`robustbench_lite.claims`).
+    (N,) uint8, why the evaluator rejected a plug-in's claimed point (:mod:`robustbench_lite.evaluation.claims`).
     """
 
     dataset: str
@@ -165,7 +163,7 @@ def _resolve(items: Sequence[Any] | str | None, kind: str) -> list[tuple[str, An
         else:
             plugin = item
         # a third-party plug-in may implement the call contract without the base class: the evaluator
-        # re-checks every point it claims (robustbench_lite.claims), so only non-callables are refused here
+        # re-checks every point it claims (robustbench_lite.evaluation.claims), so only non-callables are refused here
         if not (isinstance(plugin, cls) or (callable(plugin) and not isinstance(plugin, type))):
             raise UserInputError(f"{kind} {short_repr(plugin)} is neither a registered name nor a "
                                  f"{cls.__module__}.{cls.__name__} (or a callable {kind})")
@@ -217,7 +215,7 @@ def evaluation_examples(model: Any, dataset: Any, n_examples: int | None, batch_
     """The first ``n_examples`` of ``dataset`` (a Dataset, or a dataset name: its test split), after the
     checks every evaluation makes: ``model`` is an nn.Module, ``batch_size`` >= 1, ``n_examples`` >= 1
     (more than the split holds evaluates all of it), at least one example, inputs in [0, 1]."""
-    from .data import Dataset, load_dataset
+    from ..data import Dataset, load_dataset
 
     if not isinstance(model, nn.Module):
         raise UserInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -256,8 +254,8 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     :class:`SoundnessError` (with ``.result`` set) when certified <= robust <= correct fails or the
     adversarial examples re-scored alone disagree with the report; NonFiniteOutputError on NaN logits.
     ``runner`` decides where each batch is computed: here (default), resumed from disk
-    (:class:`robustbench_lite.resume.ResumeRunner`) or shared over ranks
-    (:class:`robustbench_lite.distributed.DistributedRunner`); the numbers are the same.
+    (:class:`robustbench_lite.evaluation.resume.ResumeRunner`) or shared over ranks
+    (:class:`robustbench_lite.evaluation.distributed.DistributedRunner`); the numbers are the same.
     ``certifier_examples``: ``{certifier name: N}`` runs that certifier on the first N examples only
     (e.g. a complete verifier on a prefix of a table that attacks and cheap certifiers cover whole).
     Every point an attack or a certifier claims broke an example is checked by the evaluator first
@@ -433,14 +431,3 @@ def group_fields(dataset: Any) -> dict[str, Any]:
     if groups is None or names is None:
         return {"groups": None, "group_names": None}
     return {"groups": torch.as_tensor(groups).cpu().to(torch.int64), "group_names": list(names)}
-
-
-class _CallableModule(types.ModuleType):
-    """``robustbench_lite.evaluate`` is both this module and the function: importing the module
-    sets the package attribute to it, so the module forwards calls to :func:`evaluate`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> EvaluationResult:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

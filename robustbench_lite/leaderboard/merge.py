@@ -10,9 +10,9 @@ import copy
 import logging
 from typing import Any
 
-from .errors import SoundnessError, UserInputError
-from .reports import refresh_sections
-from .threat import CORRUPTIONS_NORM
+from ..errors import SoundnessError, UserInputError
+from .sections import refresh_sections
+from ..threat import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     kept_attacks = [a for a in old["attacks"] if a["name"] not in new_attacks]
     kept_certs = [c for c in old["certifiers"] if c["name"] not in new_certs]
     merged["attacks"] = kept_attacks + new["attacks"]
+    if kept_attacks or kept_certs:  # the new run's fingerprint does not describe the merged protocol
+        merged.pop("inputs", None)
     merged["certifiers"] = kept_certs + new["certifiers"]
     for a in kept_attacks:
         per["attack_success"][a["name"]] = old_per["attack_success"][a["name"]]

@@ -1,15 +1,15 @@
 """Evaluation under the ``corruptions`` threat model (Hendrycks & Dietterich 2019, arXiv 1903.12261).
 
 ``evaluate_corruptions(model, dataset)`` scores the first ``n_examples`` of a dataset clean and under
-every corruption of :mod:`robustbench_lite.corruptions` at its five severities, and returns an
-:class:`robustbench_lite.evaluate.EvaluationResult` that the leaderboard stores like any other:
+every corruption of :mod:`robustbench_lite.corruptions.ops` at its five severities, and returns an
+:class:`robustbench_lite.evaluation.core.EvaluationResult` that the leaderboard stores like any other:
 
 - each corruption plays the part of an attack run on every example (mode ``individual``): it *breaks*
   a correctly classified example when the model errs on it at one severity or more, so ``robust_acc``
   is the per-example worst case over the whole corruption set;
 - ``corruption_correct[name]`` (5, N) keeps the per-example, per-severity flags, from which the
   record's ``corruptions`` section (accuracy per corruption and severity, ``mean_corruption_acc``,
-  docs/metrics.md) is computed by :mod:`robustbench_lite.reports`.
+  docs/metrics.md) is computed by :mod:`robustbench_lite.leaderboard.sections`.
 
 Noise and elastic fields are drawn per example from the run seed and the dataset index, so the
 numbers do not depend on batch size or order. Shapes: dataset.x (N, C, H, W) in [0, 1], dataset.y (N,).
@@ -24,10 +24,10 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .corruptions import CORRUPTIONS, SEVERITIES, corruption_accuracy
-from .errors import UserInputError
-from .evaluate import EvaluationResult, PluginReport, evaluation_examples, group_fields, resolve_device
-from .threat import CORRUPTIONS_NORM
+from .ops import CORRUPTIONS, SEVERITIES, corruption_accuracy
+from ..errors import UserInputError
+from ..evaluation.core import EvaluationResult, PluginReport, evaluation_examples, group_fields, resolve_device
+from ..threat import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
 

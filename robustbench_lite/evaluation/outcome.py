@@ -1,10 +1,10 @@
 """One evaluated batch (:func:`evaluate_batch`), and the runners that decide where and whether each
 batch is computed.
 
-The evaluator (:mod:`robustbench_lite.evaluate`) cuts the examples into batches and asks a runner
+The evaluator (:mod:`robustbench_lite.evaluation.core`) cuts the examples into batches and asks a runner
 for every batch's :class:`BatchOutcome`; the runner computes it here (:class:`LocalRunner`), loads it
-from a resume folder (:class:`robustbench_lite.resume.ResumeRunner`) or leaves it to another rank
-and gathers it (:class:`robustbench_lite.distributed.DistributedRunner`). Because every random draw
+from a resume folder (:class:`robustbench_lite.evaluation.resume.ResumeRunner`) or leaves it to another rank
+and gathers it (:class:`robustbench_lite.evaluation.distributed.DistributedRunner`). Because every random draw
 is seeded per example and batches are cut the same way, the outcomes, hence the numbers, are the
 same whichever runner produced them.
 """
@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from certify.base import SKIPPED
 
 from .claims import Claim, verify_claims
-from .errors import SoundnessError, UserInputError
-from .threat import ThreatModel
+from ..errors import SoundnessError, UserInputError
+from ..threat import ThreatModel
 
 Compute = Callable[[int], "BatchOutcome"]
 Done = Callable[[int], None]
@@ -38,7 +38,7 @@ class BatchOutcome:
     ``forward_equivalents``, ``flags`` (summed counts) and ``status_counts`` of each plug-in;
     ``refuted[name]`` (b,) bool: a certifier's counterexample, checked by the evaluator, broke the
     (correctly classified) example (only certifiers that returned counterexamples); ``rejected[name]``
-    (b,) uint8: why the evaluator rejected a plug-in's claimed point (:func:`robustbench_lite.claims.verify_claims`
+    (b,) uint8: why the evaluator rejected a plug-in's claimed point (:func:`robustbench_lite.evaluation.claims.verify_claims`
     codes; only plug-ins with a rejected claim)."""
 
     start: int
@@ -154,7 +154,7 @@ def attack_batch(attack: Any, cost: dict[str, Any], model: nn.Module, x: Tensor,
                  seeds: Tensor, todo: Tensor, alive: Tensor, worst: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
     """Run ``attack`` on rows ``todo`` of the batch; add its cost to ``cost``; return its successes
     (cpu), its minimal perturbations (cpu, or None when the attack reports none) and the points it
-    claims broke the successful rows (for :func:`robustbench_lite.claims.verify_claims`).
+    claims broke the successful rows (for :func:`robustbench_lite.evaluation.claims.verify_claims`).
 
     ``worst`` (the batch's deciding adversarial examples) takes the attack's points where it is the
     first to break an example, or where the example is still robust (so robust rows hold the last).
@@ -222,7 +222,7 @@ def take_counterexamples(model: nn.Module, x: Tensor, y: Tensor, threat: ThreatM
                          result: Any, ok: Tensor, alive: Tensor, worst: Tensor,
                          rejected: dict[str, Tensor]) -> Tensor | None:
     """The (b,) rows a certifier's counterexamples break, after the evaluator's own check of every point
-    (:func:`robustbench_lite.claims.verify_claims`; rejected points do not count and land in
+    (:func:`robustbench_lite.evaluation.claims.verify_claims`; rejected points do not count and land in
     ``rejected[name]``). A broken row leaves ``alive``; where it was still robust its point becomes the
     row's ``worst``. None when the certifier returned no counterexamples."""
     points = getattr(result, "counterexample", None)
@@ -268,7 +268,7 @@ def evaluate_batch(model: nn.Module, x: Tensor, y: Tensor, seeds: Tensor, start:
     and every certifier on one batch ``x`` (b, ...) / ``y`` (b,) with per-example ``seeds`` (b,).
 
     Every point an attack or a certifier claims broke an example is checked here before it counts
-    (:mod:`robustbench_lite.claims`; rejected claims are kept in ``rejected``). ``certifier_examples[name]``:
+    (:mod:`robustbench_lite.evaluation.claims`; rejected claims are kept in ``rejected``). ``certifier_examples[name]``:
     run that certifier only on the first N examples of the evaluation (``start``: this batch's first)."""
     from attacks.base import check_logits
 

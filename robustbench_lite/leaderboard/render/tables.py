@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..protocol import protocol_differences, record_protocol
-from ..threat import CORRUPTIONS_NORM
+from ...threat import CORRUPTIONS_NORM
 
 TableKey = tuple[str, str, float]
 

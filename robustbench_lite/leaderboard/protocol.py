@@ -11,7 +11,7 @@ module-level imports of each plug-in's module). A record is leaderboard-eligible
 equals the registry's; it is up to date when its stored inputs equal the current ones.
 
 An entry with ``norm = "corruptions"`` evaluates the common-corruptions threat model
-(:mod:`robustbench_lite.corruption_eval`): no eps, no attacks or certifiers; ``corruptions`` lists the
+(:mod:`robustbench_lite.corruptions.evaluate`): no eps, no attacks or certifiers; ``corruptions`` lists the
 corruptions (default: all), which become the protocol's "attacks" with their severity parameters.
 """
 from __future__ import annotations
@@ -26,16 +26,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import UserInputError, short_repr
-from .hashing import file_sha256, indices_sha256, sha256_json
-from .threat import CORRUPTIONS_NORM, threat_folder
+from ..errors import UserInputError, short_repr
+from ..hashing import file_sha256, indices_sha256, sha256_json
+from ..threat import CORRUPTIONS_NORM, threat_folder
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PROJECT_PACKAGES = ("robustbench_lite", "attacks", "certify")
 #: evaluator modules whose source changes every number (their own imports are followed too)
-EVALUATOR_MODULES = ("robustbench_lite.evaluate", "robustbench_lite.checks", "robustbench_lite.reports",
+EVALUATOR_MODULES = ("robustbench_lite.evaluation.core", "robustbench_lite.evaluation.checks", "robustbench_lite.leaderboard.sections",
                      "robustbench_lite.defenses.wrm")
 MODES = ("cascade", "individual")
 #: the largest n_examples (and batch size) a registry entry may ask for: more than any dataset here holds
@@ -82,7 +82,7 @@ class Job:
     def plugins(self, kind: str) -> list[Any]:
         """Fresh plug-in instances (registry name + the registry's keyword arguments; a certifier's
         ``n_examples`` is the evaluator's, see :meth:`certifier_examples`)."""
-        from .evaluate import _registry
+        from ..evaluation.core import _registry
 
         if self.is_corruptions:
             return []
@@ -99,7 +99,7 @@ class Job:
     def certifier_examples(self) -> dict[str, int]:
         """``{certifier name (as the evaluator names it): N}`` for certifiers listed with ``n_examples = N``
         below the job's own: they run on the first N examples only (e.g. a complete verifier)."""
-        from .evaluate import _resolve
+        from ..evaluation.core import _resolve
 
         names = [name for name, _ in _resolve(self.plugins("certifier"), "certifier")]
         return {name: dict(kwargs)[PREFIX_KEY] for name, (_, kwargs) in zip(names, self.certifiers)
@@ -175,7 +175,7 @@ def _check_types(entry: dict[str, Any], where: str) -> None:
 
 def jobs_from_entries(entries: Iterable[dict[str, Any]], defaults: dict[str, Any] | None = None) -> list[Job]:
     """Expand registry entries (one per model, a list of eps) into jobs, checked."""
-    from .threat import ThreatModel
+    from ..threat import ThreatModel
 
     jobs: list[Job] = []
     for number, raw in enumerate(entries, start=1):
@@ -219,7 +219,7 @@ def jobs_from_entries(entries: Iterable[dict[str, Any]], defaults: dict[str, Any
 def _corruption_job(entry: dict[str, Any], raw: dict[str, Any], where: str) -> Job:
     """A ``norm = "corruptions"`` entry (``raw``: without the defaults): the listed corruptions at five
     severities, every one on every example (mode "individual", whatever the defaults' mode)."""
-    from .corruption_eval import corruption_names
+    from ..corruptions.evaluate import corruption_names
 
     for key, why in (("eps", "has no eps"), ("attacks", "runs no attacks"), ("certifiers", "runs no certifiers")):
         if raw.get(key) not in (None, []):  # the defaults' attacks and certifiers are for the Lp entries
@@ -294,10 +294,10 @@ def _plugin_entries(pairs: Iterable[tuple[str, dict[str, Any]]],
 
 @lru_cache(maxsize=256)
 def job_protocol_cached(job: Job) -> str:
-    from .evaluate import _config, _resolve
+    from ..evaluation.core import _config, _resolve
 
     if job.is_corruptions:
-        from .corruption_eval import corruption_config
+        from ..corruptions.evaluate import corruption_config
 
         attack_configs = [(name, corruption_config(name)) for name, _ in job.attacks]
         cert_configs: list[tuple[str, dict[str, Any]]] = []
@@ -389,7 +389,7 @@ def job_code_files(job: Job) -> dict[str, str]:
     """Source files a job's numbers depend on: its plug-ins' modules and the evaluator's."""
     modules = {type(p).__module__ for p in job.plugins("attack") + job.plugins("certifier")}
     if job.is_corruptions:
-        modules.add("robustbench_lite.corruption_eval")
+        modules.add("robustbench_lite.corruptions.evaluate")
     return code_files(sorted(modules) + list(EVALUATOR_MODULES))
 
 

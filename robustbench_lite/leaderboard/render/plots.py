@@ -17,7 +17,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .tables import CORRUPTIONS, Table, band
+from .tables import CORRUPTIONS
+from .tables import Table
+from .tables import band
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def _save(fig: Any, path: Path) -> Path:
     """The figure as PNG, written atomically (no timestamped metadata, so unchanged plots stay byte-equal)."""
     import io
 
-    from ..atomic import atomic_write_bytes
+    from ...atomic import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})

@@ -12,8 +12,14 @@ from typing import Any
 
 from .html import render_html
 from .markdown import render_markdown
-from .plots import plot_certified_band, plot_corruption_severity, plot_min_norm, plot_robust_vs_eps
-from .tables import Table, TableKey, build_tables, render_text
+from .plots import plot_certified_band
+from .plots import plot_corruption_severity
+from .plots import plot_min_norm
+from .plots import plot_robust_vs_eps
+from .tables import Table
+from .tables import TableKey
+from .tables import build_tables
+from .tables import render_text
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,7 @@ def registry_protocols(root: Path, registry: str | Path | None = None) -> dict[T
 
 def tables_for(root: str | Path, dataset: str | None = None, registry: str | Path | None = None) -> list[Table]:
     """The tables of the records under ``root`` (one dataset or all), protocols from ``registry``."""
-    from ..leaderboard import load_records
+    from ..records import load_records
 
     root = Path(root)
     return build_tables(load_records(root, dataset), registry_protocols(root, registry))
@@ -44,7 +50,7 @@ def render_all(root: str | Path, registry: str | Path | None = None) -> list[Pat
     """Write README.md, index.html and plots/ under ``root``; returns the written paths.
 
     ``registry``: the registry whose protocols decide eligibility (default ``root/registry.toml``)."""
-    from ..atomic import atomic_write_text
+    from ...atomic import atomic_write_text
 
     root = Path(root)
     tables = tables_for(root, registry=registry)

@@ -3,7 +3,7 @@
 - ``groups`` (datasets with group labels, e.g. colored-mnist5k; Sagawa et al. 2020, arXiv 1911.08731):
   average and worst-group clean accuracy, worst-group robust accuracy when attacks ran, and every
   group's accuracy, computed from ``per_example.correct`` / ``robust`` and ``per_example.group``.
-- ``corruptions`` (the ``corruptions`` threat model, :mod:`robustbench_lite.corruption_eval`; Hendrycks &
+- ``corruptions`` (the ``corruptions`` threat model, :mod:`robustbench_lite.corruptions.evaluate`; Hendrycks &
   Dietterich 2019, arXiv 1903.12261): accuracy per corruption and severity and ``mean_corruption_acc``,
   computed from ``per_example.corruption_correct``.
 - ``wrm_certificate`` (models whose card says defense ``wrm``, gamma from the card's
@@ -28,11 +28,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .checks import ERROR, make_flag
-from .errors import UserInputError
-from .hashing import dataset_sha256, indices_sha256, sha256_json
-from .metrics import corruption_summary, worst_group_accuracy, wrm_report
-from .threat import CORRUPTIONS_NORM
+from ..evaluation.checks import ERROR, make_flag
+from ..errors import UserInputError
+from ..hashing import dataset_sha256, indices_sha256, sha256_json
+from ..metrics import corruption_summary, worst_group_accuracy, wrm_report
+from ..threat import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
 

@@ -28,29 +28,35 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from . import __version__
-from .atomic import atomic_write_text
-from .errors import CorruptFileError, UserInputError
-from .evaluate import EvaluationResult
-from .hashing import state_dict_sha256
+from .. import __version__
+from ..atomic import atomic_write_text
+from ..errors import CorruptFileError, UserInputError
+from ..evaluation.core import EvaluationResult
+from ..hashing import state_dict_sha256
 from .merge import merge_records
-from .reports import add_sections
-from .threat import threat_folder
-from .zoo.cards import normalization_of, parameter_count
+from .sections import add_sections
+from ..threat import threat_folder
+from ..zoo.cards import normalization_of, parameter_count
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 ENV_DIR = "RBL_LEADERBOARD_DIR"
+RESULTS_ENV = "RBL_RESULTS_DIR"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]+")
 
 
 # --- where records live ---------------------------------------------------------------------------
+def default_results_dir() -> Path:
+    """Where ``evaluate`` writes ad-hoc records: ``$RBL_RESULTS_DIR``, else ``./results``."""
+    return Path(os.environ[RESULTS_ENV]).expanduser() if os.environ.get(RESULTS_ENV) else Path.cwd() / "results"
+
+
 def default_leaderboard_dir() -> Path:
     """``$RBL_LEADERBOARD_DIR``; else the checkout's ``leaderboards/`` (editable install); else ./leaderboards."""
     if os.environ.get(ENV_DIR):
         return Path(os.environ[ENV_DIR]).expanduser()
-    checkout = Path(__file__).resolve().parent.parent / "leaderboards"
+    checkout = Path(__file__).resolve().parents[2] / "leaderboards"
     if checkout.is_dir():
         return checkout
     return Path.cwd() / "leaderboards"
@@ -175,7 +181,7 @@ def model_section(info: Any = None, model: nn.Module | None = None, name: str | 
 
 @lru_cache(maxsize=1)
 def _git_state() -> tuple[str | None, bool | None]:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         return None, None
     try:
