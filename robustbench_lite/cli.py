@@ -19,8 +19,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .errors import RobustBenchLiteError, SoundnessError, UserInputError
-from .leaderboard.render.terminal import format_corruptions
-from .leaderboard.render.terminal import format_result
+from .leaderboard.render.terminal import format_corruptions, format_result
 from .threat import CORRUPTIONS_NORM
 
 PROG = "robustbench-lite"
@@ -307,8 +306,7 @@ def _board_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_leaderboard_show(args: argparse.Namespace) -> int:
-    from .leaderboard.render import render_text
-    from .leaderboard.render import tables_for
+    from .leaderboard.render import render_text, tables_for
 
     print(render_text(tables_for(_board_dir(args), args.dataset, args.registry)), end="")
     return 0

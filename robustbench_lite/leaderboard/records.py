@@ -5,7 +5,7 @@ RobustBench's layout and field names (``clean_acc``, ``robust_acc``, ``autoattac
 in [0, 1], not percent strings, and the per-example flags every aggregate comes from. Every write is
 checked against ``schema/record.schema.json`` and is atomic (:mod:`robustbench_lite.atomic`); an
 existing file that is corrupt or off-schema is reported with :class:`CorruptFileError` and never
-overwritten. Rendering lives in :func:`render_table`.
+overwritten. Rendering lives in :mod:`.render`.
 """
 from __future__ import annotations
 
@@ -339,28 +339,3 @@ def load_records(root: str | Path | None = None, dataset: str | None = None) -> 
     base = root / safe_name(dataset) if dataset else root
     pattern = "*/*.json" if dataset else "*/*/*.json"
     return [read_record(p) for p in sorted(base.glob(pattern))]
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
-
-
-def render_table(records: Iterable[dict[str, Any]]) -> str:
-    """Plain-text table, one row per record, grouped by dataset and threat, sorted by robust accuracy."""
-    rows = sorted(records, key=lambda r: (r["dataset"]["name"], r["threat_model"]["norm"], r["threat_model"]["eps"],
-                                          -r["robust_acc"], -r["clean_acc"], r["model"]["name"]))
-    header = ["dataset", "threat", "model", "defense", "clean %", "robust %", "certified %", "AA %", "n", "attacks"]
-    table = [header] + [[
-        r["dataset"]["name"], f"{r['threat_model']['norm']}-{r['threat_model']['eps']:g}", r["model"]["name"],
-        r["model"].get("defense") or "-", _pct(r["clean_acc"]), _pct(r["robust_acc"]), _pct(r["certified_acc"]),
-        _pct(r.get("autoattack_acc")), str(r["dataset"]["n_examples"]),
-        ",".join(a["name"] for a in r["attacks"]) or "-",
-    ] for r in rows]
-    if len(table) == 1:
-        return "(no leaderboard records)"
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    numeric = {4, 5, 6, 7, 8}
-    lines = ["  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-             for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -134,8 +134,7 @@ def run_job(job: Job, root: Path, inputs: dict[str, Any], resume: bool = True,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Evaluate one job (resumably under ``root``) and return its record with ``inputs``; writes nothing
     but resume state (see :func:`.jobs.run_job`, the path ``evaluate`` takes too)."""
-    from .jobs import RunOptions
-    from .jobs import run_job as evaluate_job
+    from .jobs import RunOptions, run_job as evaluate_job
 
     options = RunOptions(state_root=root if resume else None, progress=progress)
     return evaluate_job(job, options, inputs).record  # the resume state stays until the record is written

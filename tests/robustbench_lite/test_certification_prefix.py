@@ -13,8 +13,7 @@ from robustbench_lite.errors import UserInputError
 from robustbench_lite.leaderboard.records import read_record
 from robustbench_lite.leaderboard.protocol import job_protocol, jobs_from_entries, load_registry, protocol_differences
 from robustbench_lite.leaderboard.regenerate import SKIP, plan, regenerate
-from robustbench_lite.leaderboard.render.tables import build_tables
-from robustbench_lite.leaderboard.render.tables import row_cells
+from robustbench_lite.leaderboard.render.tables import build_tables, row_cells
 
 REGISTRY = """
 [[entry]]

@@ -11,11 +11,14 @@ from certify.base import Certifier
 from test_evaluate import LinearExact, toy_dataset, toy_model
 
 from robustbench_lite.leaderboard import records as leaderboard
+from robustbench_lite.leaderboard.render import build_tables, render_text
 from robustbench_lite.errors import CorruptFileError, SoundnessError, UserInputError
 from robustbench_lite.evaluation.core import evaluate
-from robustbench_lite.leaderboard.records import (build_record, default_leaderboard_dir, load_records, read_record, record_path,
-                                          render_table, schema_errors, write_record)
+from robustbench_lite.leaderboard.records import (build_record, default_leaderboard_dir, default_results_dir, load_records, read_record, record_path,
+                                          schema_errors, write_record)
 from robustbench_lite.threat import ThreatModel
+
+REPO = Path(__file__).resolve().parents[2]
 
 INFO = {"name": "toy-linear", "architecture": "linear", "defense": "none", "dataset": "toy",
         "weights_sha256": "ab" * 32, "parameter_count": 51, "normalization": None, "source": "test", "card": None}
@@ -176,10 +179,14 @@ def test_default_directory(monkeypatch, tmp_path):
     monkeypatch.setenv("RBL_LEADERBOARD_DIR", str(tmp_path / "board"))
     assert default_leaderboard_dir() == tmp_path / "board"
     monkeypatch.delenv("RBL_LEADERBOARD_DIR")
-    checkout = Path(leaderboard.__file__).resolve().parent.parent / "leaderboards"
+    checkout = Path(leaderboard.__file__).resolve().parents[2] / "leaderboards"
     monkeypatch.chdir(tmp_path)
     expected = checkout if checkout.is_dir() else tmp_path / "leaderboards"
-    assert default_leaderboard_dir() == expected
+    assert default_leaderboard_dir() == expected == REPO / "leaderboards"
+    monkeypatch.setenv("RBL_RESULTS_DIR", str(tmp_path / "mine"))
+    assert default_results_dir() == tmp_path / "mine"
+    monkeypatch.delenv("RBL_RESULTS_DIR")
+    assert default_results_dir() == tmp_path / "results"  # the working directory's, never the checkout's
 
 
 def test_load_and_render_sorted_by_robust_accuracy(tmp_path):
@@ -194,13 +201,12 @@ def test_load_and_render_sorted_by_robust_accuracy(tmp_path):
     assert len(load_records(tmp_path)) == 3
     records = load_records(tmp_path, dataset="toy")
     assert sorted(r["model"]["name"] for r in records) == ["strong", "weak"]
-    table = render_table(records)
-    lines = table.splitlines()
-    assert lines[0].split()[:3] == ["dataset", "threat", "model"]
     assert strong["robust_acc"] > weak["robust_acc"]
-    assert lines[2].split()[2] == "strong" and lines[3].split()[2] == "weak"
-    assert f"{100 * strong['robust_acc']:.1f}" in lines[2]
-    assert render_table([]) == "(no leaderboard records)"
+    [table] = build_tables(records)
+    assert [r["model"]["name"] for r in table.rows] == ["strong", "weak"]  # ranked by robust accuracy
+    text = render_text([table])
+    assert text.index("strong") < text.index("weak") and f"{100 * strong['robust_acc']:.1f}" in text
+    assert build_tables([]) == []
     assert load_records(tmp_path / "missing") == []
 
 

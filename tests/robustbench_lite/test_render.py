@@ -16,11 +16,7 @@ from robustbench_lite import cli
 from robustbench_lite.evaluation.core import evaluate
 from robustbench_lite.leaderboard.records import build_record, write_record
 from robustbench_lite.leaderboard.protocol import record_protocol
-from robustbench_lite.leaderboard.render import build_tables
-from robustbench_lite.leaderboard.render import render_all
-from robustbench_lite.leaderboard.render import render_html
-from robustbench_lite.leaderboard.render import render_markdown
-from robustbench_lite.leaderboard.render import render_text
+from robustbench_lite.leaderboard.render import build_tables, render_all, render_html, render_markdown, render_text
 from robustbench_lite.threat import ThreatModel
 
 INFO = {"name": "toy", "architecture": "linear", "defense": "none", "dataset": "toy", "weights_sha256": "ab" * 32,
@@ -252,8 +248,7 @@ def test_group_tables_rank_by_worst_group_and_corruption_tables_by_mean(tmp_path
 
 
 def test_adversarial_rows_list_each_certifiers_own_accuracy():
-    from robustbench_lite.leaderboard.render.tables import COLUMNS
-    from robustbench_lite.leaderboard.render.tables import row_cells
+    from robustbench_lite.leaderboard.render.tables import COLUMNS, row_cells
 
     record = {"model": {"name": "m", "defense": None}, "clean_acc": 0.9, "robust_acc": 0.6, "certified_acc": 0.5,
               "certifiers": [{"name": "ibp", "certified_acc": 0.25}, {"name": "crown", "certified_acc": 0.5}]}

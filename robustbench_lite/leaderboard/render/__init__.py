@@ -12,14 +12,8 @@ from typing import Any
 
 from .html import render_html
 from .markdown import render_markdown
-from .plots import plot_certified_band
-from .plots import plot_corruption_severity
-from .plots import plot_min_norm
-from .plots import plot_robust_vs_eps
-from .tables import Table
-from .tables import TableKey
-from .tables import build_tables
-from .tables import render_text
+from .plots import plot_certified_band, plot_corruption_severity, plot_min_norm, plot_robust_vs_eps
+from .tables import Table, TableKey, build_tables, render_text
 
 log = logging.getLogger(__name__)
 

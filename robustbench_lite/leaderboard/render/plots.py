@@ -17,9 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .tables import CORRUPTIONS
-from .tables import Table
-from .tables import band
+from .tables import CORRUPTIONS, Table, band
 
 log = logging.getLogger(__name__)
 
