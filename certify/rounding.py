@@ -59,7 +59,7 @@ _EXACT = (ReshapeOp, EmbedOp)  # pure data movement: no rounding, errors carried
 Interval = tuple[Tensor, Tensor]
 Boxes = Mapping[int, Interval] | Sequence["Interval | None"]
 
-#: the recursion runs in float64 on non-negative numbers: its own rounding is a relative 1e-13 at most
+#: sums of non-negative float64 numbers (pads, folding errors): their own rounding is a relative 1e-13 at most
 _SELF = 1.0 + 2.0 ** -20
 
 
