@@ -10,7 +10,7 @@ from test_regenerate import registry
 
 from attacks import PGD
 from certify import CERTIFIERS
-from certify.base import CERTIFIED, NOT_CERTIFIED, CertResult
+from certify.base import CERTIFIED, NOT_CERTIFIED, CertResult, Certifier
 from robustbench_lite import cli
 from robustbench_lite.data import load_dataset
 from robustbench_lite.errors import SoundnessError, UserInputError
@@ -20,27 +20,29 @@ from robustbench_lite.threat import ThreatModel
 from robustbench_lite.zoo import load_model
 
 
-class CertifyCorrect:
+class CertifyCorrect(Certifier):
     """Unsound but careful: certifies every correctly classified example it is shown and, as an expensive
     certifier, is shown only the examples no attack refuted, so certified <= robust never fails."""
 
     name = "certify-correct"
     skip_refuted = True
 
-    def __call__(self, model, x, y, threat):
-        with torch.no_grad():
-            ok = model(x).argmax(1) == y
+    def run(self, model, x, y, threat):
+        ok = model(x).argmax(1) == y
         return CertResult(ok, torch.zeros(len(y), K), [CERTIFIED if o else NOT_CERTIFIED for o in ok.tolist()])
 
 
-class Spy:
+class Spy(Certifier):
     """A certifier that records the example ids (pixel 0 of :func:`_marked`) of every call."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner: Certifier) -> None:
         self.inner, self.name, self.calls = inner, inner.name, []
-        self.skip_refuted = getattr(inner, "skip_refuted", False)
+        self.skip_refuted = inner.skip_refuted
 
-    def __call__(self, model, x, y, threat):
+    def unsupported(self, model, input_shape):
+        return self.inner.unsupported(model, input_shape)
+
+    def run(self, model, x, y, threat):
         self.calls.append(sorted((x.flatten(1)[:, 0] * 1000).round().long().tolist()))
         return self.inner(model, x, y, threat)
 
