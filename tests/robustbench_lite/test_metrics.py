@@ -126,3 +126,28 @@ def test_wrm_bound_fails_where_the_inner_problem_is_not_concave():
     assert report["ascent_grad_norm"] < 1e-6 and report["phi_gap_bound"] < 1e-6  # stuck on the small bump
     assert row["loss"] > row["certificate_if_concave"] and not report["bound_holds"]
     assert report["phi_shortfall"] > 1.0  # the attack's random starts found the tall bump
+
+
+def test_wrm_report_rows_and_model_state():
+    model = _elu_net(0).train()
+    flags = [p.requires_grad for p in model.parameters()]
+    x, y = torch.rand(8, 6), torch.randint(0, 3, (8,))
+    report = wrm_report(model, x, y, gamma=5.0)
+    assert [r["gamma_adv"] for r in report["rows"]] == [10.0, 5.0, 2.5, 1.25]
+    rhos = [r["rho_test"] for r in report["rows"]]
+    assert rhos == sorted(rhos)  # smaller penalty, larger ball
+    assert report["bound_holds"] is True and report["restarts"] == 2
+    assert all(r["certificate_if_concave"] == r["certificate"] + report["phi_gap_bound"] for r in report["rows"])
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_wrm_metric_parameter_checks():
+    model, x, y = _elu_net(0), torch.rand(2, 6), torch.tensor([0, 1])
+    with pytest.raises(UserInputError, match="rho"):
+        wrm_certificate(model, x, y, gamma=1.0, rho=-1.0)
+    with pytest.raises(UserInputError, match="gamma"):
+        measured_adversarial_loss(model, x, y, gamma_adv=0.0)
+    with pytest.raises(UserInputError, match="restarts"):
+        wrm_report(model, x, y, gamma=1.0, restarts=0)
+    with pytest.raises(UserInputError, match="gammas_adv"):
+        wrm_report(model, x, y, gamma=1.0, gammas_adv=[-1.0])
