@@ -21,6 +21,10 @@ and prints no ratio). Each case runs in its own process under the same address-s
 (``--limit-gb``) and wall-clock limit (``--time-limit``): wall and CPU seconds, peak resident memory
 (sampled every second, so a stopped case still shows it), how many margins are certified, and the
 ratio ours / peer (CPU seconds) where both finished. ``--cifar-only`` runs just this part.
+Part 5 (``--rounding``): what proven verdicts cost (docs/soundness.md): IBP and CROWN as the evaluator
+calls them (margins lowered by their rounding error, certified examples recomputed in float64) against
+the same bounds in float32 alone (``bound_margins``, the computation before the rounding rule), side by
+side in one process, best of the repeats, with how many examples were recomputed in float64.
 Nothing is written to the repository.
 """
 from __future__ import annotations
@@ -159,6 +163,27 @@ def part2(args: argparse.Namespace) -> None:
             _cifar.print_pair(f"{n:4d} {eps:5.2f}", rows)
 
 
+def part5(repeats: int, n_ibp: int = 100, n_crown: int = 20) -> None:
+    from certify.base import margins_certified
+
+    test = load_dataset("mnist5k", "test")
+    print("\npart 5: proven verdicts vs float32 bounds alone, CPU seconds (one thread, best of repeats)")
+    print(f"{'model':24s} {'eps':>5s} {'certifier':>9s} {'N':>4s} {'float32 s':>9s} {'proven s':>9s} {'ratio':>6s} "
+          f"{'cert f32':>8s} {'cert proven':>11s}")
+    for name in ("mnist5k-cnn-pgd-at", "mnist5k-cnn-ibp"):
+        model, label = _zoo_model(name, "mnist-cnn")
+        for eps in (0.1, 0.3):
+            threat = ThreatModel("Linf", eps)
+            for cert, n in ((IBP(), n_ibp), (CROWN(), n_crown)):
+                x, y = test.x[:n], test.y[:n]
+                with torch.no_grad():
+                    _, raw_s, raw = _timed(lambda: cert.bound_margins(model, x, y, threat), repeats)
+                    _, proven_s, proven = _timed(lambda: cert(model, x, y, threat), repeats)
+                print(f"{label:24s} {eps:5.2f} {cert.name:>9s} {n:4d} {raw_s:9.3f} {proven_s:9.3f} "
+                      f"{proven_s / raw_s:6.2f} {int(margins_certified(raw, y).sum()):8d} "
+                      f"{int(proven.certified.sum()):11d}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repeat per measurement")
@@ -170,6 +195,7 @@ def main() -> None:
     parser.add_argument("--skip-part1", action="store_true")
     parser.add_argument("--skip-part3", action="store_true")
     _cifar.add_arguments(parser)
+    parser.add_argument("--rounding", action="store_true", help="only part 5: the cost of proven verdicts")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.case:
@@ -180,6 +206,9 @@ def main() -> None:
         return
     if args.cifar_only:
         _cifar.part4(args, __file__)
+        return
+    if args.rounding:
+        part5(1 if args.quick else 3)
         return
     if not args.skip_part1:
         part1(1 if args.quick else 3)

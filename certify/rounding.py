@@ -59,7 +59,7 @@ _EXACT = (ReshapeOp, EmbedOp)  # pure data movement: no rounding, errors carried
 Interval = tuple[Tensor, Tensor]
 Boxes = Mapping[int, Interval] | Sequence["Interval | None"]
 
-#: the recursion runs in float64 on non-negative numbers: its own rounding is a relative 1e-13 at most
+#: sums of non-negative float64 numbers (pads, folding errors): their own rounding is a relative 1e-13 at most
 _SELF = 1.0 + 2.0 ** -20
 
 
@@ -92,9 +92,16 @@ def _parameters(graph: Graph) -> list[Tensor]:
     return [t for node in graph.nodes if node.kind == "affine" for t in vars(node.op).values() if torch.is_tensor(t)]
 
 
-def _magnitude(box: Interval) -> Tensor:
+def _magnitude(box: Interval, dtype: torch.dtype = torch.float64) -> Tensor:
     lo, hi = box
-    return torch.maximum(lo.abs(), hi.abs()).double()
+    m = torch.maximum(lo.abs(), hi.abs())
+    return m.to(dtype) if m.dtype == dtype else up_cast(m, dtype)
+
+
+def up_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """Non-negative ``t`` in ``dtype``, never rounded down."""
+    out = t.to(dtype)
+    return torch.where(out.to(t.dtype) < t, torch.nextafter(out, torch.full_like(out, math.inf)), out)
 
 
 def _lengths(op: AffineOp) -> tuple[int, int]:
@@ -197,57 +204,64 @@ def fold_errors(ops: Sequence[AffineOp], a: Sequence[Tensor], b: Sequence[Tensor
 
 @torch.no_grad()
 def error_bounds(graph: Graph, boxes: Boxes, x: Tensor, threat: ThreatModel, u: float) -> dict[int, Tensor]:
-    """E_k (N, *shape_k), float64, for the output and every node it depends on (see the module docstring).
+    """E_k (N, *shape_k) for the output and every node it depends on (see the module docstring).
 
     ``boxes[k]``: the computed bounds of node k for every node before the output that the output depends
     on (IBP's :func:`certify.ibp.interval_bounds` or a CROWN :class:`certify.crown.Propagator`'s
-    ``boxes``), computed in arithmetic of unit roundoff ``u`` from x (N, *input_shape).
+    ``boxes``), computed in arithmetic of unit roundoff ``u`` from x (N, *input_shape). The recursion
+    itself runs in x's dtype (float32 or float64) on non-negative numbers, each step's result raised by
+    ``1 + 2 gamma`` of its own sums, so that its rounding can only make E larger.
     """
+    work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float64
     length = len(graph.nodes)
     err: dict[int, Tensor] = {}
     mag: dict[int, Tensor] = {}
     eps = float(threat.eps)
+
+    def up(t: Tensor, n: int) -> Tensor:
+        return t * (1 + 2 * gamma(n + 8, torch.finfo(work).eps / 2))
+
     for i in sorted(graph.ancestors(graph.output)):
         node = graph.nodes[i]
         if node.kind == "input":
-            m = _magnitude(boxes[i])
+            m = _magnitude(boxes[i], work)
             d = math.prod(node.shape)
-            e = gamma(d + length + 8, u) * (m + eps) + 2 * u * (x.detach().double().abs() + eps)
+            e = up(gamma(d + length + 8, u) * (m + eps) + 2 * u * (x.detach().to(work).abs() + eps), 0)
         elif node.kind == "relu":
             j = node.inputs[0]
             g = gamma(math.prod(node.shape) + length + 8, u)
-            e = (2 + g) * err[j] + g * mag[j]
+            e = up((2 + g) * err[j] + g * mag[j], 0)
         elif node.kind == "maxpool":
             j = node.inputs[0]
             k = math.prod(node.op.kernel)
             g = gamma(math.prod(node.shape) + k + length + 8, u)
             win_e = node.op.windows(err[j]).nan_to_num(neginf=0.0)  # padding reads as -inf: no entry
             win_m = node.op.windows(mag[j]).nan_to_num(neginf=0.0)
-            e = (1 + g) * win_e.sum(-1) + k * win_e.amax(-1) + g * k * win_m.amax(-1)
+            e = up((1 + g) * win_e.sum(-1) + k * win_e.amax(-1) + g * k * win_m.amax(-1), k)
         elif node.kind == "add":
             a, b = node.inputs
             g = gamma(length + 4, u)
-            e = (1 + g) * (err[a] + err[b]) + g * (mag[a] + mag[b])
+            e = up((1 + g) * (err[a] + err[b]) + g * (mag[a] + mag[b]), 0)
         elif isinstance(node.op, _EXACT):
             e = node.op.forward(err[node.inputs[0]])
         else:
             j, op = node.inputs[0], node.op
             n_weight, n_bias = _lengths(op)
             g, g_bias = gamma(n_weight + length + 8, u), gamma(n_bias + length + 8, u)
-            e = (op.forward_abs((1 + g) * err[j] + g * mag[j])  # (1 + g) |W| E + g |W| M in one pass
-                 + g_bias * _abs_bias(op, err[j]) + _parameter_term(op, mag[j]))
+            e = up(op.forward_abs(up((1 + g) * err[j] + g * mag[j], 0))  # (1 + g) |W| E + g |W| M in one pass
+                   + g_bias * _abs_bias(op, err[j]) + _parameter_term(op, mag[j]), n_weight)
         if i != graph.output:
             if len(node.consumers) > 1:  # backward coefficients from several consumers are summed here
-                e = e + gamma(length + 4, u) * (_magnitude(boxes[i]) + e)
-            mag[i] = _magnitude(boxes[i]) + e
-        err[i] = e * _SELF
+                e = up(e + gamma(length + 4, u) * (_magnitude(boxes[i], work) + e), 0)
+            mag[i] = up(_magnitude(boxes[i], work) + e, 0)
+        err[i] = e
     return err
 
 
 def margin_pad(output_error: Tensor, y: Tensor) -> Tensor:
-    """Bound (N, K) on the rounding error of margins ``logit_y - logit_j`` whose logits have errors
-    ``output_error`` (N, K): ``E[y] + E[j]``; 0 in column y (exactly 0 by convention)."""
-    e = output_error.flatten(1)
+    """Bound (N, K), float64, on the rounding error of margins ``logit_y - logit_j`` whose logits have
+    errors ``output_error`` (N, K): ``E[y] + E[j]``; 0 in column y (exactly 0 by convention)."""
+    e = output_error.flatten(1).double()
     pad = (e.gather(1, y[:, None]) + e) * _SELF
     return pad.scatter(1, y[:, None], 0.0)
 

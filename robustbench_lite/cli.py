@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="skip the WRM certificate of models whose card says defense wrm (group accuracies are always kept)")
     ev.add_argument("--masking-checks", action="store_true",
                     help="also run the gradient-masking checks that re-run small attacks (checks.ATTACK_CHECKS)")
+    ev.add_argument("--cross-check", action="store_true",
+                    help="also run every certifier (CROWN, LP and SDP included) on a seeded sample of 16 examples an "
+                         "attack refuted, and fail if any certifies one (leaderboard regenerate always does)")
     ev.set_defaults(handler=cmd_evaluate)
 
     zoo = sub.add_parser("zoo", help="the model zoo").add_subparsers(dest="zoo_command", metavar="ACTION")
@@ -201,7 +204,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                          state_root=None if args.no_write or args.no_resume else root, progress=bar, group=group,
                          checks=CHECKS + ATTACK_CHECKS if args.masking_checks else None,
                          unsupported="skip" if args.certifiers is None else "error",
-                         defense_metrics=not args.no_defense_metrics)
+                         defense_metrics=not args.no_defense_metrics, cross_check=args.cross_check)
     try:
         run = run_job(job, options)
     except SoundnessError as err:

@@ -23,12 +23,12 @@ from .base import Defense, add_option
 
 def wrm_maximize(model: nn.Module, x: Tensor, y: Tensor, *, gamma: float, steps: int = 15,
                  step_size: float | None = None, box: tuple[float, float] = (0.0, 1.0),
-                 return_grad_norm: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                 return_grad_norm: bool = False, start: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Projected gradient ascent on ``CE(model(x'), y) - gamma * ||x' - x||_2^2`` per example.
 
-    Starts at x; step ``step_size / sqrt(t + 1)`` (Sinha et al.'s decaying schedule), default
-    ``step_size = 1 / (2 * gamma)``, the step at which the penalty's own gradient step lands on the
-    penalty's maximiser; x' stays in ``box``. The model is used as given (callers freeze it).
+    Starts at x (or ``start``, clipped to the box); step ``step_size / sqrt(t + 1)`` (Sinha et al.'s
+    decaying schedule), default ``step_size = 1 / (2 * gamma)``, the step at which the penalty's own
+    gradient step lands on the penalty's maximiser; x' stays in ``box``. The model is used as given (callers freeze it).
     x (N, ...), y (N,) -> x' (N, ...), detached; with ``return_grad_norm`` also the (N,) norm of the
     objective's projected gradient at the last iterate (0 at a constrained stationary point).
     """
@@ -37,7 +37,7 @@ def wrm_maximize(model: nn.Module, x: Tensor, y: Tensor, *, gamma: float, steps:
     alpha = 1.0 / (2.0 * gamma) if step_size is None else checked_number("step_size", step_size, above=0)
     lo, hi = box
     x = x.detach()
-    x_adv = x.clone()
+    x_adv = x.clone() if start is None else start.detach().clamp(lo, hi)
     grad = torch.zeros_like(x)
     with torch.enable_grad():
         for t in range(int(steps) + (1 if return_grad_norm else 0)):

@@ -273,6 +273,61 @@ def check_more_iterations(ctx: CheckContext) -> Flag | None:
     )
 
 
+#: refuted examples the certifier cross-check runs every certifier on (``evaluate(..., cross_check=True)``)
+CROSS_CHECK_SIZE = 16
+
+
+def refuted_sample(ctx: CheckContext, size: int, prefix: int | None = None) -> Tensor:
+    """Positions (ascending) of up to ``size`` refuted examples (correct, broken by an attack or a checked
+    counterexample) among the first ``prefix`` (default: all), chosen by their per-example seeds, so the
+    sample depends on the run seed and the dataset indices only."""
+    result = ctx.extras.get("result")
+    if result is None:
+        return torch.zeros(0, dtype=torch.long)
+    refuted = (result.correct & ~result.robust).nonzero().flatten()
+    if prefix is not None:
+        refuted = refuted[refuted < prefix]
+    seeds = ctx.extras.get("seeds")
+    keys = seeds[refuted] if seeds is not None else refuted
+    return refuted[torch.argsort(keys, stable=True)[:size]].sort().values
+
+
+def cross_check_certifiers(ctx: CheckContext, size: int = CROSS_CHECK_SIZE) -> Flag | None:
+    """Every certifier (``skip_refuted`` ones too, which the evaluation hands no refuted example) runs on a
+    seeded sample of refuted examples: a sound certifier certifies none of them. The cheap certified <=
+    robust check cannot see an unsound CROWN, LP or SDP; this one can. A certified refuted example is an
+    error naming the certifier (the attack's point was checked: inside ball and box, misclassified). A
+    certifier that ran on a prefix of the examples (``certifier_examples``) is checked within its prefix."""
+    certifiers, threat = ctx.extras.get("certifiers") or {}, ctx.extras.get("threat")
+    result = ctx.extras.get("result")
+    prefixes = getattr(result, "certifier_examples", None) or {}
+    if not certifiers or threat is None:
+        return None
+    culprits: dict[str, list[int]] = {}
+    checked = set()
+    for name, certifier in certifiers.items():
+        sample = refuted_sample(ctx, size, prefixes.get(name))
+        if sample.numel() == 0:
+            continue
+        x, y = ctx.x[sample.to(ctx.x.device)], ctx.y[sample.to(ctx.y.device)]
+        certified = torch.cat([certifier(ctx.model, x[s:s + ctx.batch_size], y[s:s + ctx.batch_size], threat)
+                               .certified.cpu() for s in range(0, x.shape[0], ctx.batch_size)])
+        checked.update(sample.tolist())
+        if certified.any():
+            culprits[name] = ctx.indices[sample[certified]].tolist()
+    log.info("cross-check: %s on %d refuted examples, %d certified", ", ".join(certifiers), len(checked),
+             sum(len(v) for v in culprits.values()))
+    if not culprits:
+        return None
+    return make_flag(
+        "certified_refuted_example",
+        f"certifier(s) {', '.join(culprits)} certified examples that an attack refuted with a checked point: "
+        "the certifier is unsound (or its bound is off by rounding; docs/soundness.md)",
+        severity=ERROR, examples=sum(len(v) for v in culprits.values()), checked=len(checked),
+        indices=sorted({i for v in culprits.values() for i in v})[:100],
+    )
+
+
 #: the checks :func:`robustbench_lite.evaluation.core` runs, in order
 CHECKS: list[Check] = [check_train_mode, check_randomized, check_probabilities, check_zero_gradients,
                        check_black_box_only, check_rescoring]

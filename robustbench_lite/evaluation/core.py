@@ -1,12 +1,16 @@
 """The common evaluator: clean, robust and certified accuracy from per-example flags.
 
 ``evaluate(model, dataset, threat)`` runs attacks as a cascade over the points still robust (as in
-AutoAttack, Croce & Hein 2020) or each on every correct point (``individual=True``), runs every
-certifier on every example (or on a stated prefix: ``certifier_examples``), and checks per example
-that certified <= robust <= correct. No plug-in's word is taken: every point an attack or a complete
-verifier claims broke an example is checked first (:mod:`robustbench_lite.evaluation.claims`). Robust accuracy is
-the per-example worst case over all attacks and checked counterexamples, never an average of
-per-attack figures.
+AutoAttack, Croce & Hein 2020) or each on every correct point (``individual=True``), runs the
+certifiers (cheap ones such as IBP on every example; ``skip_refuted`` ones such as CROWN, LP and SDP
+only on the examples no attack refuted: the others read ``skipped: refuted by an attack``; each on a
+stated prefix if ``certifier_examples`` says so), and checks per example that certified <= robust <=
+correct. That check sees only what the certifiers were given; ``cross_check=True`` also runs every
+certifier on a seeded sample of refuted examples and raises if any certifies one
+(:func:`robustbench_lite.evaluation.checks.cross_check_certifiers`). No plug-in's word is taken: every point an
+attack or a complete verifier claims broke an example is checked first (:mod:`robustbench_lite.evaluation.claims`).
+Robust accuracy is the per-example worst case over all attacks and checked counterexamples, never an
+average of per-attack figures.
 Every random draw is seeded per example from ``seed`` and the dataset index, so results do not
 depend on batch size or order. Shapes: dataset.x (N, C, H, W) in [0, 1], dataset.y (N,) int64.
 """
@@ -244,7 +248,8 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
              batch_size: int = 250, seed: int = 0, device: str | torch.device = "cpu",
              individual: bool = False, progress: Progress | bool | None = None,
              checks: list[checks_module.Check] | None = None, runner: BatchRunner | None = None,
-             certifier_examples: dict[str, int] | None = None, unsupported: str = "skip") -> EvaluationResult:
+             certifier_examples: dict[str, int] | None = None, unsupported: str = "skip",
+             cross_check: bool | int = False) -> EvaluationResult:
     """Evaluate ``model`` on the first ``n_examples`` of ``dataset`` under ``threat``.
 
     ``dataset``: a Dataset or a dataset name (its test split). ``attacks`` / ``certifiers``:
@@ -265,6 +270,8 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     ``unsupported``: what a certifier that cannot handle the model does: ``"skip"`` (its examples read
     ``skipped: unsupported layers: ...``, listed once in the flag ``certifier_unsupported``, and the
     attacks run) or ``"error"`` (:class:`UnsupportedModelError` before anything runs).
+    ``cross_check``: True (16 examples) or a number of refuted examples every certifier is run on, after
+    the evaluation; :class:`SoundnessError` if any certifies one. It changes no number.
     """
     if not isinstance(threat, ThreatModel):
         raise UserInputError(f"threat must be a ThreatModel, got {type(threat).__name__}")
@@ -273,6 +280,7 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     checked_int("seed", seed)
     batch_size, dev = int(batch_size), resolve_device(device)
     attack_list, cert_list = _resolve(attacks, "attack"), _resolve(certifiers, "certifier")
+    checks = _with_cross_check(checks, cross_check)
     if set(n for n, _ in attack_list) & set(n for n, _ in cert_list):
         raise UserInputError("an attack and a certifier share a name; give them distinct names")
     prefixes = certifier_prefixes(certifier_examples, [n for n, _ in cert_list], len(dataset))
@@ -314,6 +322,21 @@ def _flag_rejected_claims(result: EvaluationResult, attack_list: list, cert_list
     flag = rejected_claims_flag(result.rejected, kinds, result.indices, result.threat)
     if flag is not None:
         result.flags.insert(0, flag)
+
+
+def _with_cross_check(checks: list[checks_module.Check] | None,
+                      cross_check: bool | int) -> list[checks_module.Check] | None:
+    """``checks`` (default: the standard ones) plus the certifier cross-check when asked for."""
+    if isinstance(cross_check, bool):
+        size = checks_module.CROSS_CHECK_SIZE if cross_check else 0
+    elif isinstance(cross_check, int) and cross_check >= 0:
+        size = cross_check
+    else:
+        raise UserInputError(f"cross_check must be a bool or a number of examples >= 0, got {cross_check!r}")
+    if size == 0:
+        return checks
+    return list(checks_module.CHECKS if checks is None else checks) + [
+        lambda ctx: checks_module.cross_check_certifiers(ctx, size)]
 
 
 def _check_invariant(result: EvaluationResult) -> None:

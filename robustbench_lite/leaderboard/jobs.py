@@ -23,7 +23,8 @@ class RunOptions:
     ``state_root``: keep per-batch results under ``<state_root>/.state`` so an interrupted run resumes
     (None: not resumable). ``group``: an active torchrun group shares the job's batches over the ranks
     (rank 0 builds the record). ``unsupported``: what a certifier does on a layer it cannot bound
-    ("error" or "skip", see :func:`~robustbench_lite.evaluation.core.evaluate`).
+    ("error" or "skip", see :func:`~robustbench_lite.evaluation.core.evaluate`). ``cross_check``: every
+    certifier also runs on a sample of refuted examples (``evaluate``'s ``cross_check``).
     """
 
     device: str = "cpu"
@@ -36,6 +37,7 @@ class RunOptions:
     checks: Sequence[Any] | None = None
     unsupported: str = "error"
     defense_metrics: bool = True
+    cross_check: bool | int = False
 
 
 @dataclass
@@ -113,7 +115,7 @@ def _evaluate(job: Job, model: Any, dataset: Any, info: Any, inputs: dict[str, A
                           batch_size=job.batch_size, seed=job.seed, device=options.device,
                           individual=job.mode == "individual", progress=options.progress if is_main else None,
                           runner=runner, certifier_examples=job.certifier_examples(), checks=options.checks,
-                          unsupported=options.unsupported)
+                          unsupported=options.unsupported, cross_check=options.cross_check)
     except SoundnessError:
         if store is not None and is_main:
             store.clear()  # the same batches would fail the same way: nothing worth resuming

@@ -136,7 +136,8 @@ def run_job(job: Job, root: Path, inputs: dict[str, Any], resume: bool = True,
     but resume state (see :func:`.jobs.run_job`, the path ``evaluate`` takes too)."""
     from .jobs import RunOptions, run_job as evaluate_job
 
-    options = RunOptions(state_root=root if resume else None, progress=progress)
+    options = RunOptions(state_root=root if resume else None, progress=progress,
+                         cross_check=True)  # every certifier on a sample of refuted examples: unsound ones fail
     return evaluate_job(job, options, inputs).record  # the resume state stays until the record is written
 
 

@@ -8,9 +8,10 @@
   computed from ``per_example.corruption_correct``.
 - ``wrm_certificate`` (models whose card says defense ``wrm``, gamma from the card's
   ``defense_config``; Sinha, Namkoong & Duchi 2018, arXiv 1710.10571): the certificate
-  ``gamma * rho + mean(phi_gamma)`` at the radii rho_test that the Lagrangian attack's measured
-  transport cost gives, next to the measured adversarial loss it must bound; a violated bound adds
-  the error flag ``wrm_certificate_violated`` to the record (recorded, not raised: the table shows it).
+  ``gamma * rho + mean(phi_gamma)`` at the radii rho_test that an independent Lagrangian attack's
+  transport cost gives, with how close phi's ascent came to the supremum, next to the loss that attack
+  measured; a measured loss above the certificate plus phi's Frank-Wolfe gap adds the error flag
+  ``wrm_certificate_violated`` to the record (recorded, not raised: the table shows it).
 
 - ``certification`` (records with certifiers; issue 11): the band from certified to robust accuracy
   on the first ``n_examples`` examples that every certifier ran on (a complete verifier may run on a
@@ -160,12 +161,17 @@ def wrm_section(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, gamma: fl
         return dict(_WRM_CACHE[key])
     report = wrm_report(model, x, y, gamma=gamma, gammas_adv=[gamma * f for f in factors], steps=steps)
     rows = [{"gamma_adv": r["gamma_adv"], "rho_test": r["rho_test"], "measured_loss": r["loss"],
-             "certificate": r["certificate"], "bound_holds": bool(r["bound_holds"])} for r in report["rows"]]
+             "certificate": r["certificate"], "certificate_if_concave": r["certificate_if_concave"],
+             "bound_holds": bool(r["bound_holds"])} for r in report["rows"]]
     section = {"metric": "wrm_certificate", "definition": WRM_DEFINITION, "gamma": float(gamma),
                "gamma_source": "model card defense_config.gamma", "steps": int(steps),
+               "attack_restarts": int(report["restarts"]),
                "n_examples": int(x.shape[0]), "clean_loss": float(report["rows"][0]["clean_loss"]),
-               "mean_phi": report["mean_phi"], "ascent_grad_norm": report["ascent_grad_norm"], "rows": rows,
-               "bound_holds": all(r["bound_holds"] for r in rows)}
+               "mean_phi": report["mean_phi"], "ascent_grad_norm": report["ascent_grad_norm"],
+               "ascent_grad_norm_max": report["ascent_grad_norm_max"], "phi_gap_bound": report["phi_gap_bound"],
+               "rows": rows, "bound_holds": all(r["bound_holds"] for r in rows)}
+    if report["phi_shortfall"] is not None:
+        section["phi_shortfall"] = report["phi_shortfall"]
     if key is not None:
         _WRM_CACHE[key] = dict(section)
     return section
@@ -195,8 +201,10 @@ def attach_defense_metrics(record: dict[str, Any], model: nn.Module, model_info:
         bad = [r for r in section["rows"] if not r["bound_holds"]]
         record["flags"].append(make_flag(
             "wrm_certificate_violated",
-            f"the WRM certificate gamma * rho + mean(phi) is below the measured adversarial loss at "
-            f"{len(bad)} radius(es): phi's ascent stopped short of the supremum (see {WRM_DEFINITION})",
+            f"an independent attack's loss exceeds the WRM certificate gamma * rho + mean(phi) plus phi's "
+            f"Frank-Wolfe gap at {len(bad)} radius(es): the inner problem is not concave, so the certificate is "
+            f"not an upper bound (see {WRM_DEFINITION})",
             severity=ERROR, gamma_adv=[r["gamma_adv"] for r in bad], certificate=[r["certificate"] for r in bad],
+            certificate_if_concave=[r["certificate_if_concave"] for r in bad],
             measured_loss=[r["measured_loss"] for r in bad]))
         log.warning("WRM certificate violated for %s", record["model"]["name"])

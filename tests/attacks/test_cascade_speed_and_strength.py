@@ -111,7 +111,8 @@ def test_square_start_option_is_checked_and_named():
         AutoAttack(square_start="clean")
     assert "stripes" in AutoAttack(square_start="best").config()["square_start_note"]
     assert "square_start_note" not in AutoAttack().config()
-    assert AutoAttack().config()["suite"] == "autoattack-standard"  # the default is the reference's algorithm
+    assert AutoAttack().config()["suite"] == "autoattack-standard"  # the name of the default suite (whose settings
+    # test_autoattack.test_defaults_are_the_reference_standard_settings reads from the reference itself)
     assert AutoAttack(square_start="best").config()["suite"] == "custom"  # a warm start is not the reference's
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from attacks import PGD
 from certify.base import Certifier
 from test_evaluate import LinearExact, toy_dataset, toy_model
 
@@ -211,14 +212,25 @@ def test_load_and_render_sorted_by_robust_accuracy(tmp_path):
 
 
 def test_autoattack_acc_only_when_autoattack_saw_every_correct_point(tmp_path):
+    """autoattack_acc is the accuracy the autoattack-named attack leaves on its own, not robust_acc: with a
+    stronger attack after it (cascade) or beside it (individual) the two differ."""
     from attacks import FGSM
 
-    class AutoLike(FGSM):
+    class AutoLike(FGSM):  # half an eps step: weaker than PGD on this linear model
         name = "autoattack"
 
-    rec = record((AutoLike(),))
-    assert rec["autoattack_acc"] == rec["robust_acc"]
-    assert "autoattack_acc" not in record(("pgd", AutoLike()))
+        def __init__(self) -> None:
+            super().__init__(rel_stepsize=0.5)
+
+    eps = 0.3
+    alone, model = run((AutoLike(),), eps=eps)
+    expected = float((alone.correct & ~alone.attack_success["autoattack"]).double().mean())
+    for individual in (False, True):
+        rec = record((AutoLike(), PGD(steps=30)), eps=eps, individual=individual)
+        assert rec["autoattack_acc"] == pytest.approx(expected, abs=1e-12)
+        assert rec["robust_acc"] < rec["autoattack_acc"]  # PGD broke points FGSM left: not robust_acc
+    assert "autoattack_acc" not in record(("pgd", AutoLike()), eps=eps)  # after PGD it saw only survivors
+    assert record(("pgd", AutoLike()), eps=eps, individual=True)["autoattack_acc"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_record_files_are_never_written_into_the_repo(tmp_path):

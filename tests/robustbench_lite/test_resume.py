@@ -106,8 +106,34 @@ def test_state_of_another_evaluation_is_cleared_and_bad_shards_recomputed(tmp_pa
     assert json.loads((tmp_path / "manifest.json").read_text())["key"] == "new"
 
 
-def test_local_runner_is_the_default():
-    same(run(LocalRunner()), run())
+class _Share:
+    """One of two "ranks": settles its round-robin share of the batches into a shared resume folder, then
+    stops (as a rank that computed its part and died before the gather would)."""
+
+    def __init__(self, store: ResumeRunner, rank: int) -> None:
+        self.store, self.rank = store, rank
+
+    def run(self, bounds, compute, done=None):
+        for i in range(self.rank, len(bounds), 2):
+            self.store.settle(i, bounds[i], compute)
+        raise _Stopped
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_a_run_split_over_two_ranks_and_resumed_from_their_shards_matches_one_run(tmp_path):
+    full = run(LocalRunner(), batch_size=8)
+    for rank in (0, 1):  # each "rank" computes half of the batches (other batch order, other batches alive)
+        try:
+            run(_Share(ResumeRunner(tmp_path, "split"), rank), batch_size=8)
+        except _Stopped:
+            pass
+    assert len(list(tmp_path.glob("batch-*.safetensors"))) == 5
+    resumed = ResumeRunner(tmp_path, "split")
+    same(run(resumed, batch_size=8), full)  # every number from shards computed in another order and process
+    assert (resumed.loaded, resumed.computed) == (5, 0)
 
 
 SCRIPT = """

@@ -63,10 +63,13 @@ def _sections(record: dict[str, Any]) -> list[str]:
                              f"per group %: {accs})")
     cert = record.get("wrm_certificate")
     if cert:
-        lines.append(f"WRM certificate (gamma {cert['gamma']:g}, {cert['n_examples']} examples, {cert['steps']} ascent steps):")
-        lines.append(f"  {'gamma_adv':>10}{'rho_test':>10}{'measured':>10}{'certificate':>12}  holds")
-        lines += [f"  {r['gamma_adv']:>10.4g}{r['rho_test']:>10.4g}{r['measured_loss']:>10.4f}{r['certificate']:>12.4f}  "
-                  f"{'yes' if r['bound_holds'] else 'NO'}" for r in cert["rows"]]
+        lines.append(f"WRM certificate (gamma {cert['gamma']:g}, {cert['n_examples']} examples, {cert['steps']} ascent steps"
+                     + (f"; phi's gradient norm {cert['ascent_grad_norm']:.2g}, Frank-Wolfe gap {cert['phi_gap_bound']:.2g}"
+                        if "phi_gap_bound" in cert else "") + "):")
+        lines.append(f"  {'gamma_adv':>10}{'rho_test':>10}{'measured':>10}{'certificate':>12}{'if concave':>12}  holds")
+        lines += [f"  {r['gamma_adv']:>10.4g}{r['rho_test']:>10.4g}{r['measured_loss']:>10.4f}{r['certificate']:>12.4f}"
+                  f"{r.get('certificate_if_concave', float('nan')):>12.4f}  {'yes' if r['bound_holds'] else 'NO'}"
+                  for r in cert["rows"]]
     return lines
 
 
