@@ -94,7 +94,8 @@ def lanczos_min(matvec: Callable[[Tensor], Tensor], start: Tensor, mask: Tensor,
 
 
 def _symv(a: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return blas.dsymv(1.0, a, v, lower=1)
+    # a C-ordered matrix is its transpose in Fortran order: its lower triangle is that one's upper (no copy)
+    return blas.dsymv(1.0, a.T, v, lower=0)
 
 
 def dense_lanczos(a: np.ndarray, start: np.ndarray, iters: int = 40, seed: int = 0) -> tuple[float, float]:
@@ -106,7 +107,7 @@ def dense_lanczos(a: np.ndarray, start: np.ndarray, iters: int = 40, seed: int =
     q = np.asarray(start, dtype=np.float64)
     if q.ndim == 2 and np.isfinite(q).all():
         basis, _ = np.linalg.qr(q)
-        image = blas.dsymm(1.0, a, basis, side=0, lower=1)
+        image = blas.dsymm(1.0, a.T, basis, side=0, lower=0)
         t = basis.T @ image
         q = basis @ np.linalg.eigh((t + t.T) / 2)[1][:, 0]
     if q.ndim != 1 or not np.isfinite(q).all() or np.linalg.norm(q) == 0:
@@ -131,15 +132,16 @@ def dense_lanczos(a: np.ndarray, start: np.ndarray, iters: int = 40, seed: int =
     return float(vals[0]), float(np.linalg.norm(y @ images - vals[0] * vec))
 
 
-def best_diagonal(a: np.ndarray, blocks: list[np.ndarray], sweeps: int = 100, seed: int = 0,
-                  deadline: float = math.inf, tol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+def best_diagonal(a: np.ndarray, blocks: list[slice], sweeps: int = 100, seed: int = 0, deadline: float = math.inf,
+                  tol: float = 1e-10, max_rank: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """``(kappa_0, kappa)`` (n,) for the symmetric ``a`` (n, n), both triangles filled (see the module
     docstring), and the factor V (n, r) of the primal ``P = V V^T`` (its columns span ``A + K``'s near-null
-    space: warm starts for the eigenvalue check). ``blocks`` partition the coordinates 0..n-1, coordinate 0
-    (``P_00 = 1``) alone in the first. Stops after ``sweeps``, at ``deadline`` or when the objective moved
-    less than ``tol`` (relative) over the last 10 sweeps."""
+    space: warm starts for the eigenvalue check). ``blocks`` (contiguous ranges: their rows are views)
+    partition the coordinates 0..n-1, coordinate 0 (``P_00 = 1``) alone in the first. Stops after ``sweeps``,
+    at ``deadline`` or when the objective moved less than ``tol`` (relative) over the last 10 sweeps. The rank is ``sqrt(2 n) + 1`` (no spurious local
+    minima, Boumal et al. 2016) up to ``max_rank`` (cost: 2 n^2 r per sweep)."""
     n = a.shape[0]
-    r = min(n, int(math.ceil(math.sqrt(2 * n))) + 1)
+    r = min(n, int(math.ceil(math.sqrt(2 * n))) + 1, max_rank)
     v = np.random.default_rng(seed).standard_normal((n, r))
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     d = np.diag(a).copy()
@@ -148,7 +150,7 @@ def best_diagonal(a: np.ndarray, blocks: list[np.ndarray], sweeps: int = 100, se
         for blk in blocks:
             g = a[blk] @ v - d[blk, None] * v[blk]
             norm = np.linalg.norm(g, axis=1)
-            inside = (d[blk] > norm) & (blk != 0)  # the unconstrained minimiser lies in the unit ball
+            inside = (d[blk] > norm) & (np.arange(blk.start, blk.stop) != 0)  # the minimiser lies inside the ball
             new = -g / np.where(inside, d[blk], np.maximum(norm, 1e-300))[:, None]
             stuck = (norm == 0) & ~inside  # no direction: keep the row
             new[stuck] = v[blk][stuck]
@@ -180,7 +182,7 @@ def min_eigenvalue_lower(a: np.ndarray, start: np.ndarray | None = None) -> tupl
     shifted = a.copy()
     shifted[np.diag_indices(n)] -= sigma
     trace = float(np.diag(shifted).sum())
-    factor, info = lapack.dpotrf(shifted, lower=1, clean=0, overwrite_a=1)
+    factor, info = lapack.dpotrf(shifted.T, lower=0, clean=0, overwrite_a=1)  # in place (see _symv)
     del factor, shifted
     if info == 0 and trace > 0:
         g = gamma(n + 1)

@@ -181,56 +181,78 @@ def _sdp_steps(problem: LiftedProblem, mult: Multipliers, lr: float) -> tuple[li
     return params, steps
 
 
-def sdp_phase(problem: LiftedProblem, mult: Multipliers, steps: int, lr: float, decay: float, iters: int, block: int,
-              deadline: float, generator: torch.Generator, target: float = math.inf) -> PhaseResult:
-    """Projected Adam on the SDP dual from LP multipliers ``mult`` (kappa made the box's).
+class SDPDual:
+    """Projected Adam on the SDP dual from LP multipliers (kappa made the box's), resumable.
 
     Block Lanczos (``block`` vectors, ``iters`` block steps) is warm-started from the previous step's Ritz
     vectors. The ascent direction is that of ``(n + 1) (min(0, theta_1) + w sum_i>1 min(0, theta_i))`` with
     ``w = OTHER_EIGENVALUES``: the block's other negative Ritz values are pushed up too (a smaller, still
     valid penalty; equal at a PSD point), which avoids zigzagging between the nearly equal smallest
-    eigenvalues of a nearly optimal dual. Stops early once every row's estimate exceeds ``target``.
+    eigenvalues of a nearly optimal dual. :meth:`advance` runs until the step budget, the deadline, or every
+    row's estimate staying above a target for ``patience`` steps; it can be called again (an estimate that
+    did not verify: optimise on).
     """
-    mult = problem.box_kappa(mult.map(lambda t: t.detach().clone()))
-    params, step_sizes = _sdp_steps(problem, mult, lr)
-    adam, schedule = _Adam(params, step_sizes), _Schedule(steps, deadline, decay)
-    p = max(1, min(block, int(problem.n.min().item()) + 1))
-    rep = problem.select(torch.arange(problem.rows).repeat_interleave(p))
-    mask = torch.cat([torch.ones_like(problem.mask[:, :1]), problem.mask], 1)
-    vectors = torch.zeros(problem.rows, p, mask.shape[1], dtype=problem.dtype)
-    weights = torch.full((p,), OTHER_EIGENVALUES, dtype=problem.dtype)
-    weights[0] = 1.0
-    value, done, timed_out = torch.full((problem.rows,), -math.inf, dtype=problem.dtype), 0, False
-    last, last_vector = mult.map(lambda t: t.clone()), vectors[:, 0].clone()
-    for step in range(steps + 1):
-        if time.perf_counter() > deadline and step > 0:
-            timed_out = True
-            break
-        with torch.no_grad():
-            parts = _repeat(problem.parts(mult), p)
-            two_m = rep.linear_coefficient(parts)
-            kappa0, kappa = mult.kappa0.repeat_interleave(p), mult.kappa.repeat_interleave(p, 0)
-            _, vectors = lanczos_min(lambda v: rep.matvec(parts, two_m, kappa0, kappa, v), vectors, mask, iters,
-                                     generator)
-            flat = vectors.reshape(-1, mask.shape[1])
-            t_pre, t_logits = rep.jvp(flat[:, 1:])
-        for t in params:
-            t.requires_grad_(True)
-        with torch.enable_grad():
-            own = problem.parts(mult)
-            quad = rep.quadratic(_repeat(own, p), mult.kappa0.repeat_interleave(p), mult.kappa.repeat_interleave(p, 0),
-                                 flat, t_pre, t_logits).reshape(-1, p)
-            base = own.const - mult.kappa0 - mult.kappa.sum(1)
-            estimate = base + (problem.n + 1) * quad[:, 0].clamp(max=0)
-            ascent = base + (problem.n + 1) * (quad.clamp(max=0) * weights).sum(1)
-            grads = torch.autograd.grad(ascent.sum(), params, allow_unused=True) if step < steps else None
-        value, last, last_vector = estimate.detach(), mult.map(lambda t: t.detach().clone()), vectors[:, 0].clone()
-        done = step
-        if grads is None or bool((value > target).all()):
-            break
-        adam.ascend(list(grads), schedule.factor(step))
-        _project(problem, mult)
-    return PhaseResult(value, last, last_vector, done, timed_out)
+
+    def __init__(self, problem: LiftedProblem, mult: Multipliers, steps: int, lr: float, decay: float, iters: int,
+                 block: int, deadline: float, generator: torch.Generator) -> None:
+        self.problem, self.steps, self.iters, self.generator = problem, steps, iters, generator
+        self.mult = problem.box_kappa(mult.map(lambda t: t.detach().clone()))
+        self.params, step_sizes = _sdp_steps(problem, self.mult, lr)
+        self.adam, self.schedule = _Adam(self.params, step_sizes), _Schedule(steps, deadline, decay)
+        self.p = max(1, min(block, int(problem.n.min().item()) + 1))
+        self.rep = problem.select(torch.arange(problem.rows).repeat_interleave(self.p))
+        self.mask = torch.cat([torch.ones_like(problem.mask[:, :1]), problem.mask], 1)
+        self.vectors = torch.zeros(problem.rows, self.p, self.mask.shape[1], dtype=problem.dtype)
+        self.weights = torch.full((self.p,), OTHER_EIGENVALUES, dtype=problem.dtype)
+        self.weights[0] = 1.0
+        self.step = 0
+        self.timed_out = False
+        self.result = PhaseResult(torch.full((problem.rows,), -math.inf, dtype=problem.dtype),
+                                  self.mult.map(lambda t: t.clone()), self.vectors[:, 0].clone(), 0, False)
+
+    @property
+    def done(self) -> bool:
+        return self.step > self.steps or self.timed_out
+
+    def advance(self, deadline: float, target: float = math.inf, patience: int = 20,
+                until: int | None = None) -> PhaseResult:
+        """Steps until done, step ``until``, or every estimate above ``target`` for ``patience`` steps in a row;
+        the result holds the last iterate (see the module docstring)."""
+        problem, rep, p = self.problem, self.rep, self.p
+        above = 0
+        while not self.done and (until is None or self.step <= until):
+            if time.perf_counter() > deadline and self.step > 0:
+                self.timed_out = True
+                break
+            with torch.no_grad():
+                parts = _repeat(problem.parts(self.mult), p)
+                two_m = rep.linear_coefficient(parts)
+                kappa0, kappa = self.mult.kappa0.repeat_interleave(p), self.mult.kappa.repeat_interleave(p, 0)
+                _, self.vectors = lanczos_min(lambda v: rep.matvec(parts, two_m, kappa0, kappa, v), self.vectors,
+                                              self.mask, self.iters, self.generator)
+                flat = self.vectors.reshape(-1, self.mask.shape[1])
+                t_pre, t_logits = rep.jvp(flat[:, 1:])
+            for t in self.params:
+                t.requires_grad_(True)
+            with torch.enable_grad():
+                own = problem.parts(self.mult)
+                quad = rep.quadratic(_repeat(own, p), self.mult.kappa0.repeat_interleave(p),
+                                     self.mult.kappa.repeat_interleave(p, 0), flat, t_pre, t_logits).reshape(-1, p)
+                base = own.const - self.mult.kappa0 - self.mult.kappa.sum(1)
+                estimate = base + (problem.n + 1) * quad[:, 0].clamp(max=0)
+                ascent = base + (problem.n + 1) * (quad.clamp(max=0) * self.weights).sum(1)
+                last = self.step >= self.steps
+                grads = None if last else torch.autograd.grad(ascent.sum(), self.params, allow_unused=True)
+            self.result = PhaseResult(estimate.detach(), self.mult.map(lambda t: t.detach().clone()),
+                                      self.vectors[:, 0].clone(), self.step, False)
+            self.step += 1
+            above = above + 1 if bool((estimate > target).all()) else 0
+            if grads is None or above >= patience:
+                break
+            self.adam.ascend(list(grads), self.schedule.factor(self.step))
+            _project(problem, self.mult)
+        self.result.timed_out = self.timed_out
+        return self.result
 
 
-__all__ = ["PhaseResult", "lp_phase", "row_scale", "sdp_phase"]
+__all__ = ["PhaseResult", "SDPDual", "lp_phase", "row_scale"]

@@ -126,7 +126,7 @@ def linear_bounds(problem: LiftedProblem, mult: Multipliers, mag: Magnitudes | N
     return torch.where(quadratic, torch.full_like(value, -math.inf), value)
 
 
-def dense_matrix(problem: LiftedProblem, mult: Multipliers, row: int, chunk: int = 256) -> tuple[np.ndarray, Tensor]:
+def dense_matrix(problem: LiftedProblem, mult: Multipliers, row: int, chunk: int = 64) -> tuple[np.ndarray, Tensor]:
     """``M`` (n + 1, n + 1) float64 of one row (both triangles; no kappa) and the lifted indices."""
     one = problem.select(torch.tensor([row]))
     mult1 = mult.rows(torch.tensor([row]))
@@ -161,15 +161,16 @@ def dense_matrix(problem: LiftedProblem, mult: Multipliers, row: int, chunk: int
     return a, idx
 
 
-def layer_blocks(problem: LiftedProblem, idx: Tensor) -> list[np.ndarray]:
-    """The lifted coordinates (numbered 1..n after coordinate 0) grouped by layer: [0], inputs, each ReLU.
-    No two coordinates of one group are coupled in M (a pre-activation depends on earlier layers only)."""
+def layer_blocks(problem: LiftedProblem, idx: Tensor) -> list[slice]:
+    """The lifted coordinates (numbered 1..n after coordinate 0) grouped by layer: [0], inputs, each ReLU, as
+    contiguous ranges (idx is sorted and the layout is layer by layer). No two coordinates of one group are
+    coupled in M (a pre-activation depends on earlier layers only)."""
     flat = idx.numpy()
-    blocks = [np.array([0])]
+    blocks = [slice(0, 1)]
     for a, b in zip(problem.offsets, problem.offsets[1:]):
-        members = np.flatnonzero((flat >= a) & (flat < b)) + 1
-        if members.size:
-            blocks.append(members)
+        lo, hi = np.searchsorted(flat, a), np.searchsorted(flat, b)
+        if hi > lo:
+            blocks.append(slice(int(lo) + 1, int(hi) + 1))
     return blocks
 
 
