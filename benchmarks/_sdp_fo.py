@@ -26,9 +26,9 @@ from torch import nn
 from attacks import PGD
 from certify import LP, SDP, SDPFO, AlphaCROWN, CROWN
 from certify.base import spec_matrix
-from certify.convex import padded
 from certify.crown import bounds_and_margins
 from certify.graph import build_graph
+from certify.rounding import float64_model
 from certify.sdp_fo import _rows
 from certify.sdp_fo_problem import LiftedProblem
 from certify.sdp_fo_solve import SDPDual, lp_phase
@@ -109,7 +109,7 @@ def memory_child(kind: str, eps: float, steps: int) -> None:
     threat = ThreatModel("Linf", eps)
     bounds, crown = bounds_and_margins(model, x, y, threat)
     j = int(crown[0].scatter(0, y, math.inf).argmin())  # the hardest class: one row
-    pads = [padded(lo[0].double(), hi[0].double()) for lo, hi in bounds]
+    pads = [(lo[0], hi[0]) for lo, hi in bounds]  # float64, proven
     spec = spec_matrix(y, 10)[0][[j]]
     graph = build_graph(model, (1, 28, 28))
     p32 = LiftedProblem(graph, x.float(), _rows(pads, 1, torch.float32), threat, spec.float())
@@ -119,7 +119,8 @@ def memory_child(kind: str, eps: float, steps: int) -> None:
     lp = lp_phase(p32, p32.crown_multipliers(), 20, 0.2, 0.1, far)
     res = SDPDual(p32, lp.mult, steps, 0.2, 0.1, 2, 8, far, torch.Generator().manual_seed(0)).advance(far)
     optimise = _rss("VmHWM") - base
-    p64 = LiftedProblem(build_graph(model.double(), (1, 28, 28)), x.double(), _rows(pads, 1, torch.float64), threat,
+    p64 = LiftedProblem(build_graph(float64_model(model), (1, 28, 28)), x.double(), _rows(pads, 1, torch.float64),
+                        threat,
                         spec.double())
     n = int(p64.n[0])
     _reset_peak()

@@ -28,12 +28,9 @@ import torch
 from scipy.linalg import blas, lapack
 from torch import Tensor
 
-U64 = float(np.finfo(np.float64).eps) / 2  # unit roundoff
+from .rounding import gamma, unit_roundoff
 
-
-def gamma(k: float) -> float:
-    """``k u / (1 - k u)``: the relative error bound of k floating-point operations (Higham, sec. 3.1)."""
-    return k * U64 / (1 - k * U64)
+U64 = float(unit_roundoff(torch.float64))
 
 
 def _orthogonalise(w: Tensor, basis: list[Tensor]) -> Tensor:
@@ -185,7 +182,7 @@ def min_eigenvalue_lower(a: np.ndarray, start: np.ndarray | None = None) -> tupl
     factor, info = lapack.dpotrf(shifted.T, lower=0, clean=0, overwrite_a=1)  # in place (see _symv)
     del factor, shifted
     if info == 0 and trace > 0:
-        g = gamma(n + 1)
+        g = gamma(n + 1, U64)
         alpha = g / (1 - g) * trace * (1 + 2 * U64) + U64 * (scale + abs(sigma)) + 1e-300 * n
         return min(0.0, sigma - alpha), "cholesky"
     lam = float(sla.eigvalsh(a, lower=True, check_finite=False, subset_by_index=[0, 0], driver="evr")[0])
@@ -194,4 +191,4 @@ def min_eigenvalue_lower(a: np.ndarray, start: np.ndarray | None = None) -> tupl
     return min(0.0, lam - 8 * n * 2 * U64 * norm), "eigvalsh"
 
 
-__all__ = ["best_diagonal", "dense_lanczos", "gamma", "lanczos_min", "min_eigenvalue_lower"]
+__all__ = ["U64", "best_diagonal", "dense_lanczos", "lanczos_min", "min_eigenvalue_lower"]

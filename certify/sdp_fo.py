@@ -28,14 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustbench_lite.errors import UserInputError
+from robustbench_lite.errors import UnsupportedModelError, UserInputError
 from robustbench_lite.seeding import mix
 from robustbench_lite.threat import ThreatModel
 
 from .base import CERTIFIED, NOT_CERTIFIED, SKIPPED, TIMEOUT, CertResult, Certifier, spec_matrix
-from .convex import padded, round_down
 from .crown import bounds_and_margins
 from .graph import build_graph, check_supported
+from .rounding import as_margin_lower, float64_model
 from .sdp_fo_problem import LiftedProblem
 from .sdp_fo_solve import SDPDual, lp_phase
 from .sdp_fo_verify import linear_bounds, sdp_bounds
@@ -103,17 +103,30 @@ class SDPFO(Certifier):
     def check_supported(self, model: nn.Module) -> None:
         check_supported(model)
 
+    def unsupported(self, model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+        """The SDP lifts ReLU networks (residual sums included): max-pool and LeakyReLU are unsupported."""
+        try:
+            graph = build_graph(model, tuple(input_shape))
+        except UnsupportedModelError as exc:
+            return exc.reason
+        bad = [f"{n.name} ({n.kind})" for n in graph.nodes if n.kind == "maxpool"]
+        bad += [f"{n.name} (leaky relu)" for n in graph.nodes if n.kind == "relu" and n.op.negative_slope]
+        return UnsupportedModelError(bad).reason if bad else None
+
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
         n = x.shape[0]
         shape = tuple(x.shape[1:])
-        graph = build_graph(model, shape)
+        # the optimiser runs in float32 (its values are estimates); the checks in float64 on an exact copy
+        float32 = all(t.dtype == torch.float32 for t in model.parameters())
+        graph = build_graph(model if float32 else copy.deepcopy(model).float(), shape)
         k = graph.nodes[graph.output].shape[0]
         x = x.detach()
+        # proven float64 CROWN bounds and margins of the exact network (certify.rounding)
         bounds, crown = bounds_and_margins(model, x, y, threat, self.memory_mb)
-        margin = crown.detach().double().cpu().clone() if crown is not None else torch.zeros(n, k, dtype=torch.float64)
+        margin = crown.detach().cpu().clone() if crown is not None else torch.zeros(n, k, dtype=torch.float64)
         with torch.no_grad():
             clean = model(x).argmax(1) == y
-        graph64 = build_graph(copy.deepcopy(model).double(), shape)
+        graph64 = build_graph(float64_model(model), shape)
         problems: list[dict] = []
         status, certified_by = [], []
         for i in range(n):
@@ -123,8 +136,8 @@ class SDPFO(Certifier):
             certified_by.append(by)
         certified = torch.tensor([s == CERTIFIED for s in status], dtype=torch.bool, device=x.device)
         passes = sum(p.get("passes", 0.0) for p in problems)
-        return CertResult(certified, round_down(margin).to(x.device), status, forward_equivalents=passes / max(1, n),
-                          info={"problems": problems, "certified_by": certified_by})
+        return CertResult(certified, as_margin_lower(margin, x.dtype).to(x.device), status,
+                          forward_equivalents=passes / max(1, n), info={"problems": problems, "certified_by": certified_by})
 
     # --- one example -------------------------------------------------------------------------------
     def _example(self, graph, graph64, x: Tensor, y: int, clean: bool, bounds: list[tuple[Tensor, Tensor]],
@@ -141,7 +154,7 @@ class SDPFO(Certifier):
         deadline = start + self.verify_share * self.timeout
         rows = len(todo)
         spec = spec_matrix(torch.tensor([y]), len(margin))[0][todo]
-        pads = [padded(lo.double(), hi.double()) for lo, hi in bounds]
+        pads = [(lo.cpu(), hi.cpu()) for lo, hi in bounds]  # float64, proven
         try:
             p32 = LiftedProblem(graph, x[None].float().expand(rows, *x.shape), _rows(pads, rows, torch.float32),
                                 threat, spec.float())

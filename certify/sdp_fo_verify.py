@@ -11,10 +11,13 @@ a float64 copy of the network:
   lifted coordinates: its rows of unstable neurons are ``J^T`` of unit cotangents, one backward pass per
   neuron in chunks. This is the one quadratic-memory step, bounded by ``max_dense``.
 
-Rounding: every quantity computed through the network is off by at most ``gamma_D`` times the same
-computation in absolute values (``|W|`` products, :meth:`AffineOp.forward_abs`), D the summed input sizes
-of the affine layers (Higham, "Accuracy and stability of numerical algorithms", sec. 3.5); the matrix's
-error enters as a Frobenius bound, the final sums as ``gamma_{n+4}`` of their absolute values.
+Rounding (the rule of :mod:`certify.rounding`, docs/soundness.md): the bound is about the exact network,
+and the intermediate bounds are proven for it (:func:`certify.crown.intermediate_bounds`). Every quantity
+computed through the network is off by at most ``gamma_D`` times the same computation in absolute values
+(``|W|`` products, :meth:`AffineOp.forward_abs`), D the summed input sizes of the affine layers (Higham,
+"Accuracy and stability of numerical algorithms", sec. 3.5); the matrix's error enters as a Frobenius
+bound, the final sums as ``gamma_{n+4}`` of their absolute values; the folded layers' distance from the
+exact ones as :func:`drift_pad`.
 """
 from __future__ import annotations
 
@@ -25,20 +28,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .eigen import best_diagonal, gamma, min_eigenvalue_lower
+from .eigen import U64, best_diagonal, min_eigenvalue_lower
+from .rounding import gamma, parameter_term
 from .sdp_fo_problem import LiftedProblem, Multipliers
 
 
 @dataclass
 class Magnitudes:
     """Per-row rounding scales: ``gamma`` of the network passes and the absolute-value passes
-    ``|s|`` / ``|logits|`` (any point of the box) and the row sums of ``|J|`` (per layer, then logits)."""
+    ``|s|`` / ``|logits|`` (any point of the box) and the row sums of ``|J|`` (per layer, then logits);
+    ``drift_pre`` / ``drift_logits``: how far the folded graph's pre-activations and logits can be from
+    the exact network's on its own trajectory (:func:`drift`)."""
 
     gamma: float
     value_pre: list[Tensor]
     value_logits: Tensor
     rowsum_pre: list[Tensor]
     rowsum_logits: Tensor
+    drift_pre: list[Tensor]
+    drift_logits: Tensor
 
 
 def _abs_forward(problem: LiftedProblem, x_abs: Tensor, relu_abs: list[Tensor], bias: bool) -> tuple[list[Tensor], Tensor]:
@@ -61,13 +69,58 @@ def _abs_forward(problem: LiftedProblem, x_abs: Tensor, relu_abs: list[Tensor], 
     return [values[p] for p in problem.pre], values[problem.graph.output]
 
 
+@torch.no_grad()
+def drift(problem: LiftedProblem) -> tuple[list[Tensor], Tensor]:
+    """Folding errors (docs/soundness.md): the graph's folded layers (Normalize, BatchNorm, pooling) are
+    within ``|dW| m + |db|`` of the exact ones (:func:`certify.rounding.parameter_term`). Take a true point
+    of the threat set and lift it with the exact network's own values (its unstable neurons' outputs,
+    in [0, u] by the proven bounds): the problem's pre-activations there are within ``D`` of the exact
+    ones, ``D = |W| D + |dW| M + |db|`` through affine layers, carried by active neurons only (unstable
+    ones are the lifted coordinates themselves, inactive ones are 0), M the exact values' magnitudes.
+    Returns D (B, *shape) of every ReLU's input and (B, K) of the logits, float64."""
+    d: list[Tensor] = []
+    m: list[Tensor] = []
+    layer = {r: i for i, r in enumerate(problem.relus)}
+    for node in problem.graph.nodes[:problem.graph.output + 1]:
+        if node.kind == "input":
+            d.append(torch.zeros_like(problem.mid))
+            m.append(problem.mid.abs() + problem.half)
+        elif node.kind == "add":
+            d.append(d[node.inputs[0]] + d[node.inputs[1]])
+            m.append(m[node.inputs[0]] + m[node.inputs[1]])
+        elif node.kind == "relu":
+            i, j = layer[node.index], node.inputs[0]
+            d.append(problem.active[i] * d[j])
+            m.append(problem.active[i] * m[j] + problem.unstable[i] * problem.upper[i])
+        else:
+            op, prev_d, prev_m = node.op, d[node.inputs[0]], m[node.inputs[0]]
+            folding = parameter_term(op, prev_m)
+            d.append(op.forward_abs(prev_d) + folding)
+            m.append(op.forward_abs(prev_m) + op.forward(torch.zeros_like(prev_m[:1])).abs() + folding)
+    grow = 1 + 2.0 ** -20  # the recursion's own rounding (non-negative sums, relative 1e-13 at most)
+    return [d[p] * grow for p in problem.pre], d[problem.graph.output] * grow
+
+
 def magnitudes(problem: LiftedProblem) -> Magnitudes:
     depth = sum(math.prod(n.op.in_shape) + 2 for n in problem.graph.nodes if n.kind == "affine")
-    g = gamma(depth + 4 * len(problem.graph.nodes) + problem.width + 32)
+    g = gamma(depth + 4 * len(problem.graph.nodes) + problem.width + 32, U64)
     with torch.no_grad():
         vp, vl = _abs_forward(problem, problem.mid.abs() + problem.half, [2 * h for h in problem.h], bias=True)
         rp, rl = _abs_forward(problem, problem.half, problem.h, bias=False)
-    return Magnitudes(g, vp, vl, rp, rl)
+    dp, dl = drift(problem)
+    return Magnitudes(g, vp, vl, rp, rl, dp, dl)
+
+
+def drift_pad(problem: LiftedProblem, mult: Multipliers, mag: Magnitudes) -> Tensor:
+    """(B,) what the folding drift can cost the Lagrangian at the lifted true point (:func:`drift`): every
+    constraint touching a pre-activation moves by its multiplier times D (the product ``z (z - s)`` by
+    ``|product| u D``), the objective by ``|c| D``."""
+    out = (problem.spec.abs() * mag.drift_logits).sum(1)
+    for i, dp in enumerate(mag.drift_pre):
+        weight = (mult.lower[i].abs() + mult.upper[i].abs() + mult.relu[i].abs()
+                  + problem.slope[i].abs() * mult.triangle[i].abs() + 2 * problem.h[i] * mult.product[i].abs())
+        out = out + _sum(weight * dp)
+    return out * (1 + gamma(problem.width + 8, U64))
 
 
 def _sum(t: Tensor) -> Tensor:
@@ -120,8 +173,8 @@ def linear_bounds(problem: LiftedProblem, mult: Multipliers, mag: Magnitudes | N
         two_m = problem.linear_coefficient(parts)
         const_pad, lin_pad, _ = _pads(problem, mult, mag)
         value = parts.const - two_m.abs().sum(1)
-        g = gamma(problem.width + 4)
-        value = value - const_pad - lin_pad - g * (parts.const.abs() + two_m.abs().sum(1))
+        g = gamma(problem.width + 4, U64)
+        value = value - const_pad - lin_pad - g * (parts.const.abs() + two_m.abs().sum(1)) - drift_pad(problem, mult, mag)
     quadratic = torch.stack([_sum(p.abs()) for p in mult.product], 1).sum(1) + mult.ball.abs() > 0
     return torch.where(quadratic, torch.full_like(value, -math.inf), value)
 
@@ -187,6 +240,7 @@ def sdp_bounds(problem: LiftedProblem, mult: Multipliers, starts: Tensor | None 
     with torch.no_grad():
         parts = problem.parts(mult)
         const_pad, lin_pad, coupling_err = _pads(problem, mult, mag)
+        const_pad = const_pad + drift_pad(problem, mult, mag)
     out = torch.full((problem.rows,), -math.inf, dtype=torch.float64)
     details: list[dict] = [{} for _ in range(problem.rows)]
     for b in (range(problem.rows) if rows is None else rows):
@@ -210,7 +264,7 @@ def sdp_bounds(problem: LiftedProblem, mult: Multipliers, starts: Tensor | None 
         lam = min(0.0, lam - err)
         total, const = float(np.abs(kappa).sum()), float(parts.const[b])  # kappa is float64 exactly as added
         value = const - float(kappa.sum()) + (n + 1) * lam
-        value -= float(const_pad[b]) + gamma(n + 4) * (abs(const) + total + (n + 1) * abs(lam))
+        value -= float(const_pad[b]) + gamma(n + 4, U64) * (abs(const) + total + (n + 1) * abs(lam))
         out[b] = value if math.isfinite(value) else -math.inf
         details[b] = {"eigen": how, "lambda_lower": lam, "lifted": n, "matrix_error": err}
     return out, details
