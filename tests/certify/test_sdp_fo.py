@@ -22,7 +22,7 @@ from certify.convex import crown_bounds, lower_to_dense, make_relaxations
 from certify.crown import bounds_and_margins, intermediate_bounds
 from certify.graph import build_graph
 from certify.sdp_fo_problem import LiftedProblem, Multipliers
-from certify.sdp_fo_verify import dense_matrix, linear_bounds, project
+from certify.sdp_fo_verify import dense_matrix, drift, linear_bounds, project
 from certify.sdp_problem import build
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
@@ -105,6 +105,53 @@ def test_lagrangian_is_the_networks_at_true_points(kind, norm, eps):
             if norm == "L2":
                 direct += float(mult.ball[row] * (((pt - x.double()) ** 2).sum() - eps ** 2))
             assert float(parts.const[row]) + v @ a @ v == pytest.approx(direct, rel=1e-9, abs=1e-9)
+
+
+def float64_ops(graph) -> None:
+    """The graph's layers (folded in float32, with their float32 folding errors) converted to float64 in
+    place: evaluated in float64, their distance from the exact network is their folding error."""
+    for node in graph.nodes:
+        if node.kind == "affine":
+            for key, value in list(vars(node.op).items()):
+                if torch.is_tensor(value):
+                    setattr(node.op, key, value.double())
+            if node.op.param_error is not None:
+                node.op.param_error = tuple(None if t is None else t.double() for t in node.op.param_error)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])  # the residual net folds nothing
+def test_drift_bounds_the_folded_layers_distance_from_the_exact_network(kind):
+    # lift true points with the exact network's own values (unstable neurons' outputs): the problem's
+    # pre-activations and logits on float32-folded layers (Normalize's 1/std, BatchNorm, average pooling)
+    # lie within drift() of the exact network's (float64 folding, ~1e-16, is the reference)
+    model, shape = net(kind, 11)
+    x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(12))
+    y = int(model(x).argmax())
+    threat = ThreatModel("Linf", 0.1)
+    exact = problem(model, x, y, threat)
+    folded = problem(model, x, y, threat, dtype=torch.float32)
+    float64_ops(folded.graph)
+    p = LiftedProblem(folded.graph, exact.mid[:1] * 0 + x.double(), [(lo[:1], hi[:1]) for lo, hi in
+                      zip(exact.lower, exact.upper)], threat, exact.spec[:1])
+    drift_pre, drift_logits = drift(p)
+    seen = 0.0
+    for t in range(4):
+        g = torch.Generator().manual_seed(20 + t)
+        pt = threat.project(x + threat.ops.random_in_ball(torch.rand(x.shape, generator=g),
+                                                          torch.randn(x.shape, generator=g), 0.1), x).double()
+        with torch.no_grad():
+            values = exact.graph.forward(pt)
+        z = [values[i] for i in exact.relus]
+        w_in = torch.where(p.half > 0, (pt - p.mid) / p.half.clamp(min=1e-300), 0.0)
+        w = p.join([w_in] + [torch.where(p.unstable[i] > 0, z[i] / p.h[i].clamp(min=1e-300) - 1, 0.0)
+                             for i in range(len(z))])
+        t_pre, t_logits = p.jvp(w)
+        for i, pre in enumerate(exact.pre):
+            gap = (p.s0[i] + t_pre[i] - values[pre]).abs()
+            assert (gap <= drift_pre[i] + 1e-12).all()  # 1e-12: the float64 reference's own rounding
+            seen = max(seen, float(gap.detach().max()))
+        assert ((p.logits0 + t_logits - values[exact.graph.output]).abs() <= drift_logits + 1e-12).all()
+    assert seen > 1e-9  # float32 folding did move the pre-activations: the check is not empty
 
 
 @pytest.mark.parametrize("kind", ["conv", "residual"])
