@@ -22,7 +22,7 @@ from certify.convex import crown_bounds, lower_to_dense, make_relaxations
 from certify.crown import bounds_and_margins, intermediate_bounds
 from certify.graph import build_graph
 from certify.sdp_fo_problem import LiftedProblem, Multipliers
-from certify.sdp_fo_verify import dense_matrix, drift, linear_bounds, project
+from certify.sdp_fo_verify import dense_matrix, drift, linear_bounds, project, sdp_bounds
 from certify.sdp_problem import build
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
@@ -218,6 +218,37 @@ def test_sound_at_sampled_corner_and_pgd_points(kind, seed, norm, eps, early_sto
         m = exact_margins(model64, pt, y)
         assert (res.margin_lower.double() <= m).all()
         assert not (res.certified & (m.scatter(1, y[:, None], 1.0).amin(1) <= 0)).any()
+
+
+def inner_sdp(a: np.ndarray) -> float:
+    """min <A, P> over P >= 0, P_00 = 1, P_kk <= 1 (Clarabel): the dual function's quadratic part."""
+    import cvxpy as cp
+
+    p = cp.Variable(a.shape, PSD=True)
+    prob = cp.Problem(cp.Minimize(cp.trace(a @ p)), [p[0, 0] == 1, cp.diag(p)[1:] <= 1])
+    prob.solve(solver=cp.CLARABEL)
+    return float(prob.value)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])  # the dense MLP: Clarabel on the conv net's matrix takes minutes
+def test_verified_bound_is_the_dual_function_and_never_above_it(norm):
+    # for ANY multipliers the verified bound is at most const + min_P <M, P> (the Lagrangian's minimum over
+    # the lifted set), and with the best diagonal run to convergence it is that minimum (strong duality of
+    # the inner SDP): with no sweep (a random factor's diagonal, A + K far from PSD) it must still stay below
+    model, shape = net("mlp", 13)
+    x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(14))
+    threat = ThreatModel(norm, 0.2 if norm == "Linf" else 0.5)
+    p = problem(model, x, int(model(x).argmax()), threat)
+    mult = random_multipliers(p, 15)
+    tight, _ = sdp_bounds(p, mult, sweeps=2000)
+    rough, details = sdp_bounds(p, mult, sweeps=0)
+    near, _ = sdp_bounds(p, mult, sweeps=1)  # within ~1e-3 of the minimum: a wrong eigenvalue term shows here
+    for row in range(p.rows):
+        a, _ = dense_matrix(p, mult, row)
+        value = float(p.parts(mult).const[row]) + inner_sdp(a)
+        assert float(rough[row]) <= value and details[row]["lambda_lower"] < -1e-3  # a real eigenvalue term
+        assert float(near[row]) <= value + 1e-7 and float(tight[row]) <= value + 1e-7  # Clarabel's tolerance
+        assert float(tight[row]) == pytest.approx(value, abs=1e-4 * (1 + abs(value)))
 
 
 def exact_sdp(model: nn.Module, x: torch.Tensor, y: int, threat: ThreatModel) -> dict[int, float]:
