@@ -1,4 +1,5 @@
-"""SDP certifier (issue 4): seconds per (example, class) and certified accuracy next to IBP, CROWN and LP.
+"""SDP certifiers: ``sdp`` (issue 4) per (example, class) and certified accuracy next to IBP, CROWN and LP;
+``sdp-fo`` (issue 12) on the zoo CNN, its memory and its gap to the exact ``sdp`` (see benchmarks/_sdp_fo.py).
 
 1. Seconds per (example, class) problem on a 64-32-32-10 MLP trained here on the digits train split
    (Linf eps ``--eps-time``, every class solved: no cascade), split into the LP floor, the reduced
@@ -12,9 +13,13 @@
    the classes CROWN and then the LP left), which stage certified, how often the SDP beat the LP where
    it ran, and the seconds that 100 and 360 images would take at this rate.
 
+3.-5. ``--part sdp-fo``: the first-order SDP's targets, documented in ``benchmarks/_sdp_fo.py``; ``--part
+   compare`` runs only [5]: sdp-fo against this SDP side by side (certified fraction, seconds per example,
+   bound gap) on ``digits-mlp-standard`` and on a small digits CNN trained here, which sdp-fo was not tuned on.
+
 Run (one core, as every check in this project)::
 
-    OMP_NUM_THREADS=1 python benchmarks/certify_sdp.py [--n 50] [--examples 2]
+    OMP_NUM_THREADS=1 python benchmarks/certify_sdp.py [--part sdp|sdp-fo|all] [--n 50] [--examples 2]
 
 Not part of the test run.
 """
@@ -41,14 +46,13 @@ from certify.convex import DenseReLUNet, Relaxation, crown_bounds, lower_to_dens
 from robustbench_lite import ThreatModel, load_dataset, load_model  # noqa: E402
 from robustbench_lite.zoo.architectures import DIGITS_MEAN, DIGITS_STD, Normalize  # noqa: E402
 
+from benchmarks import _sdp_fo  # noqa: E402
 
-def train_mlp(widths: tuple[int, ...] = (64, 32, 32, 10), epochs: int = 60, seed: int = 0) -> nn.Sequential:
-    """A standard-trained MLP on the digits train split (a few seconds)."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [Normalize(DIGITS_MEAN, DIGITS_STD), nn.Flatten()]
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1])
+
+def train_digits(layers: list[nn.Module], epochs: int) -> nn.Sequential:
+    """``Normalize`` + ``layers`` trained (Adam, cross-entropy) on the digits train split (a few seconds;
+    the caller seeds torch before building ``layers``)."""
+    model = nn.Sequential(Normalize(DIGITS_MEAN, DIGITS_STD), *layers)
     data = load_dataset("digits", "train")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(epochs):
@@ -57,6 +61,22 @@ def train_mlp(widths: tuple[int, ...] = (64, 32, 32, 10), epochs: int = 60, seed
             nn.functional.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
             opt.step()
     return model.eval()
+
+
+def train_mlp(widths: tuple[int, ...] = (64, 32, 32, 10), epochs: int = 60, seed: int = 0) -> nn.Sequential:
+    """A standard-trained MLP on the digits train split (a few seconds)."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return train_digits(layers[:-1], epochs)
+
+
+def train_cnn(epochs: int = 30, seed: int = 1) -> nn.Sequential:
+    """A small CNN on digits (8 channels of 4x4, then 32 hidden units) that sdp-fo was never tuned on."""
+    torch.manual_seed(seed)
+    return train_digits([nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 32),
+                         nn.ReLU(), nn.Linear(32, 10)], epochs)
 
 
 def straightforward_problem(net: DenseReLUNet, rel: Relaxation, c: np.ndarray) -> cp.Problem:
@@ -172,16 +192,37 @@ def main() -> None:
     parser.add_argument("--eps-time", type=float, default=0.03)
     parser.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.08, 0.1])
     parser.add_argument("--skip", choices=["timing", "accuracy"], default=None)
+    parser.add_argument("--part", choices=["sdp", "sdp-fo", "compare", "all"], default="all")
+    parser.add_argument("--cnn-n", type=int, default=50, help="[3] images not certified by alpha-CROWN per eps")
+    parser.add_argument("--cnn-eps", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    parser.add_argument("--lp-exact", type=int, default=3, help="[3] examples per eps the exact (cvxpy) LP runs on")
+    parser.add_argument("--timeout", type=float, default=60.0, help="[3] sdp-fo seconds per example")
+    parser.add_argument("--compare-n", type=int, default=30, help="[5] digits images, both certifiers' defaults")
+    parser.add_argument("--compare-eps", type=float, default=0.08, help="[5] Linf eps")
+    parser.add_argument("--digits-examples", type=int, default=2, help="[5] digits images, every class solved")
+    parser.add_argument("--memory-child", choices=["zoo", "wide"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-eps", type=float, default=0.1)
+    parser.add_argument("--memory-steps", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.memory_child:
+        _sdp_fo.memory_child(args.memory_child, args.memory_eps, args.memory_steps)
+        return
     print(f"load average {os.getloadavg()[0]:.2f} (CPU seconds on a shared machine: compare ratios within one run)")
-    if args.skip != "timing":
+    if args.part in ("sdp", "all") and args.skip != "timing":
         model = train_mlp()
         data = load_dataset("digits", "test")
         x, y = data.x[: args.examples], data.y[: args.examples]
         per_problem(model, x, y, args.eps_time)
-    if args.skip != "accuracy":
+    if args.part in ("sdp", "all") and args.skip != "accuracy":
         certified_accuracy(args.n, args.eps)
+    if args.part in ("sdp-fo", "all"):
+        _sdp_fo.cnn_targets(args.cnn_n, args.cnn_eps, args.lp_exact, args.timeout)
+        _sdp_fo.memory_targets(str(Path(__file__).resolve()), args.memory_eps, args.memory_steps)
+    if args.part in ("sdp-fo", "compare", "all"):
+        nets = [("digits-mlp-standard (zoo; sdp-fo tuned on it)", load_model("digits-mlp-standard")),
+                ("digits CNN 8x4x4-32-10 trained here (not tuned on)", train_cnn())]
+        _sdp_fo.compare_targets(nets, args.compare_n, args.compare_eps, args.digits_examples)
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 

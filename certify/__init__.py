@@ -14,6 +14,7 @@ from .ibp import IBP
 from .lp import LP
 from .mip import MIP
 from .sdp import SDP
+from .sdp_fo import SDPFO
 
 CERTIFIERS: Registry[Certifier] = Registry("certifier", "robustbench_lite.certifiers")
 CERTIFIERS.register("ibp", IBP)
@@ -22,6 +23,7 @@ CERTIFIERS.register("alpha-crown", AlphaCROWN)
 CERTIFIERS.register("lp", LP)
 CERTIFIERS.register("mip", MIP)
 CERTIFIERS.register("sdp", SDP)
+CERTIFIERS.register("sdp-fo", SDPFO)
 
-__all__ = ["CERTIFIERS", "AlphaCROWN", "CROWN", "CertResult", "Certifier", "IBP", "LP", "MIP", "SDP", "intermediate_bounds",
-           "margins_certified", "spec_matrix"]
+__all__ = ["CERTIFIERS", "AlphaCROWN", "CROWN", "CertResult", "Certifier", "IBP", "LP", "MIP", "SDP", "SDPFO",
+           "intermediate_bounds", "margins_certified", "spec_matrix"]

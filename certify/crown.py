@@ -40,8 +40,8 @@ from .graph import Graph, build_graph, check_supported, unsupported_reason
 from .ibp import Interval, box_lower, input_box
 from .layers import (ConvOp, LinearOp, Relaxation, ReluPoolRelaxation, maxpool_relaxation, pool_windows_disjoint,
                      relu_relaxation)
-from .rounding import (as_margin_lower, error_bounds, float64_model, padded_boxes, proven_margins,
-                       unit_roundoff)
+from .rounding import (as_margin_lower, error_bounds, float64_model, margin_pad, padded_boxes, proven_margins,
+                       subtract_pad, unit_roundoff)
 from .rows import count_groups, selected_first, tighten
 
 
@@ -301,19 +301,32 @@ def intermediate_bounds(model: nn.Module, x: Tensor, threat: ThreatModel,
     (:mod:`certify.rounding`): sound for the exact network on the Linf or L2 ball of ``threat`` intersected
     with its box. The order matches the ReLUs of :func:`certify.graph.to_affine_relu`.
     """
+    return bounds_and_margins(model, x, None, threat, memory_mb)[0]
+
+
+def bounds_and_margins(model: nn.Module, x: Tensor, y: Tensor | None, threat: ThreatModel,
+                       memory_mb: float = 1024.0) -> tuple[list[Interval], Tensor | None]:
+    """:func:`intermediate_bounds` and, for labels ``y`` (N,), CROWN's margin bounds (N, K), float64, from
+    the same walk, lowered by their proven rounding error (:func:`certify.rounding.margin_pad`)."""
     graph, x = build_graph(float64_model(model), tuple(x.shape[1:])), x.detach().double()
     relus = [node.inputs[0] for node in graph.nodes if node.kind == "relu"]
     out: list[list[Interval]] = []
+    margins: list[Tensor] = []
     step = _chunks(graph, x.shape[0], memory_mb / 2)  # float64: half as many elements
     for s in range(0, x.shape[0], step):
         prop = Propagator(graph, x[s:s + step], threat, memory_mb / 2)
         with torch.no_grad():
             prop.compute_bounds()
             errors = error_bounds(graph, prop.boxes, prop.x, threat, unit_roundoff(torch.float64))
+            if y is not None:
+                ys = y[s:s + step].to(torch.int64)
+                margins.append(subtract_pad(prop.margins(ys), margin_pad(errors[graph.output], ys), ys))
         out.append(padded_boxes([prop.boxes[i] for i in relus], [errors[i] for i in relus]))
     if not out:
-        return [(x.new_zeros(0, *graph.nodes[i].shape),) * 2 for i in relus]
-    return [(torch.cat([o[k][0] for o in out]), torch.cat([o[k][1] for o in out])) for k in range(len(relus))]
+        empty = [(x.new_zeros(0, *graph.nodes[i].shape),) * 2 for i in relus]
+        return empty, None if y is None else x.new_zeros(0, graph.nodes[graph.output].shape[0])
+    bounds = [(torch.cat([o[k][0] for o in out]), torch.cat([o[k][1] for o in out])) for k in range(len(relus))]
+    return bounds, torch.cat(margins) if y is not None else None
 
 
 class CROWN(Certifier):

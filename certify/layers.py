@@ -4,6 +4,7 @@ Every affine layer (Linear, Conv2d, AvgPool2d, the zoo's ``Normalize``, eval-mod
 Flatten) becomes an :class:`AffineOp` with four operations:
 
 - ``forward(x)``: the layer itself, x (B, *in) -> (B, *out);
+- ``linear(x)``: the layer without its bias, ``W x`` (the matrix-free SDP's forward product);
 - ``forward_abs(r)``: ``|W| r`` without bias (interval radius, Gowal et al. 2018);
 - ``backward(A)``: ``A W``, A (B, S, *out) -> (B, S, *in) (the transpose, for CROWN);
 - ``bias_term(A)``: ``A b``, (B, S).
@@ -35,6 +36,10 @@ class AffineOp:
 
     def forward_abs(self, r: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def linear(self, x: Tensor) -> Tensor:
+        """``W x`` without the bias: the forward derivative of an affine map (subclasses do it directly)."""
+        return torch.func.jvp(self.forward, (torch.zeros_like(x),), (x,))[1]
 
     def backward(self, a: Tensor) -> Tensor:
         raise NotImplementedError
@@ -74,6 +79,9 @@ class LinearOp(AffineOp):
     def forward_abs(self, r: Tensor) -> Tensor:
         return F.linear(r, self.weight.to(r).abs())
 
+    def linear(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
     def backward(self, a: Tensor) -> Tensor:
         return a @ self.weight
 
@@ -106,6 +114,9 @@ class ConvOp(AffineOp):
     def forward_abs(self, r: Tensor) -> Tensor:
         return F.conv2d(r, self.weight.to(r).abs(), None, self.stride, self.padding, self.dilation, self.groups)
 
+    def linear(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight.to(x), None, self.stride, self.padding, self.dilation, self.groups)
+
     def backward(self, a: Tensor) -> Tensor:
         lead = a.shape[:2]
         # channels-last takes oneDNN's transposed conv: ~3x faster than the default path on CPU
@@ -136,6 +147,9 @@ class ChannelAffineOp(AffineOp):
     def forward_abs(self, r: Tensor) -> Tensor:
         return r * self.scale.abs()
 
+    def linear(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
     def backward(self, a: Tensor) -> Tensor:
         return a * self.scale
 
@@ -152,7 +166,7 @@ class ReshapeOp(AffineOp):
     def forward(self, x: Tensor) -> Tensor:
         return x.reshape(x.shape[0], *self.out_shape)
 
-    forward_abs = forward
+    forward_abs = linear = forward
 
     def backward(self, a: Tensor) -> Tensor:
         return a.reshape(*a.shape[:2], *self.in_shape)

@@ -130,7 +130,7 @@ def _abs_bias(op: AffineOp, like: Tensor) -> Tensor | float:
     return op.shift.detach().abs().to(like)
 
 
-def _parameter_term(op: AffineOp, m: Tensor) -> Tensor | float:
+def parameter_term(op: AffineOp, m: Tensor) -> Tensor | float:
     """|dW| m + |db| of an op whose parameters were folded with rounding (``op.param_error``)."""
     if isinstance(op, SeparablePoolOp):  # |P_h' X P_w'^T - P_h X P_w^T| <= rel P_h |X| P_w^T (weights >= 0)
         return op.relative_error * op.forward(m)
@@ -165,7 +165,7 @@ def _abs_op(op: AffineOp) -> AffineOp:
 
 
 def _parameter_backward(op: AffineOp, a: Tensor) -> Tensor | float:
-    """``a |dW|`` (a >= 0) for an op with folding errors (the transpose of :func:`_parameter_term`)."""
+    """``a |dW|`` (a >= 0) for an op with folding errors (the transpose of :func:`parameter_term`)."""
     if isinstance(op, SeparablePoolOp):
         return op.relative_error * op.backward(a)
     if op.param_error is None or op.param_error[0] is None:
@@ -197,7 +197,7 @@ def fold_errors(ops: Sequence[AffineOp], a: Sequence[Tensor], b: Sequence[Tensor
         g = gamma(_lengths(op)[0] + 4, u)
         magnitude = b[step].abs()
         error_b = (op.forward_abs(error_b + g * magnitude) + g * _abs_bias(op, magnitude)
-                   + _parameter_term(op, magnitude + error_b))
+                   + parameter_term(op, magnitude + error_b))
     n_out = a[-1].shape[1]
     return (error_a * _SELF).reshape(n_out, -1), (error_b * _SELF).reshape(-1)
 
@@ -249,7 +249,7 @@ def error_bounds(graph: Graph, boxes: Boxes, x: Tensor, threat: ThreatModel, u: 
             n_weight, n_bias = _lengths(op)
             g, g_bias = gamma(n_weight + length + 8, u), gamma(n_bias + length + 8, u)
             e = up(op.forward_abs(up((1 + g) * err[j] + g * mag[j], 0))  # (1 + g) |W| E + g |W| M in one pass
-                   + g_bias * _abs_bias(op, err[j]) + _parameter_term(op, mag[j]), n_weight)
+                   + g_bias * _abs_bias(op, err[j]) + parameter_term(op, mag[j]), n_weight)
         if i != graph.output:
             if len(node.consumers) > 1:  # backward coefficients from several consumers are summed here
                 e = up(e + gamma(length + 4, u) * (_magnitude(boxes[i], work) + e), 0)
@@ -337,4 +337,4 @@ def padded_boxes(boxes: Sequence[Interval], errors: Sequence[Tensor]) -> list[In
 
 
 __all__ = ["as_margin_lower", "error_bounds", "float64_model", "fold_errors", "gamma", "margin_pad", "padded_boxes",
-           "padded_margins", "positive", "proven_margins", "round_down", "subtract_pad", "unit_roundoff"]
+           "padded_margins", "parameter_term", "positive", "proven_margins", "round_down", "subtract_pad", "unit_roundoff"]
