@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 from ..errors import SoundnessError, UserInputError
+from .protocol import STANDARD_AUTOATTACK_SUITE
 from .sections import refresh_sections
 from ..threat import CORRUPTIONS_NORM
 
@@ -70,7 +71,8 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     merged.pop("autoattack_acc", None)
     if "autoattack_acc" in new:
         merged["autoattack_acc"] = new["autoattack_acc"]
-    elif "autoattack_acc" in old and kept_attacks and any(a["name"].startswith("autoattack") for a in kept_attacks):
+    elif "autoattack_acc" in old and kept_attacks and any(
+            a["config"].get("suite") == STANDARD_AUTOATTACK_SUITE for a in kept_attacks):
         merged["autoattack_acc"] = old["autoattack_acc"]
     if "wrm_certificate" in old and "wrm_certificate" not in new:
         merged["wrm_certificate"] = old["wrm_certificate"]

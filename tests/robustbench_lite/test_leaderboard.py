@@ -204,15 +204,25 @@ def test_load_and_render_sorted_by_robust_accuracy(tmp_path):
     assert load_records(tmp_path / "missing") == []
 
 
-def test_autoattack_acc_only_when_autoattack_saw_every_correct_point(tmp_path):
+def test_autoattack_acc_only_from_the_standard_suite_on_every_correct_point(tmp_path):
     from attacks import FGSM
 
-    class AutoLike(FGSM):
-        name = "autoattack"
+    class StandardLike(FGSM):
+        name = "mine"
 
-    rec = record((AutoLike(),))
+        def config(self):
+            return dict(super().config(), suite="autoattack-standard")
+
+    class NamedLike(FGSM):
+        name = "autoattack"  # the name alone is not the standard suite
+
+        def config(self):
+            return dict(super().config(), suite="autoattack-fmn")
+
+    rec = record((StandardLike(),))
     assert rec["autoattack_acc"] == rec["robust_acc"]
-    assert "autoattack_acc" not in record(("pgd", AutoLike()))
+    assert "autoattack_acc" not in record(("pgd", StandardLike()))  # the cascade's second attack saw fewer points
+    assert "autoattack_acc" not in record((NamedLike(),))
 
 
 def test_record_files_are_never_written_into_the_repo(tmp_path):
