@@ -39,7 +39,7 @@ from robustbench_lite.errors import UserInputError
 from robustbench_lite.seeding import ExampleRNG
 from robustbench_lite.threat import ThreatModel
 
-from .base import Attack, AttackResult
+from .base import Attack, AttackResult, select_rows
 from .losses import gradient_health, health_flags, input_gradient, top_other_classes
 
 _TINY = 1e-12
@@ -62,30 +62,27 @@ _NEWTON_STEPS = 8
 def _level(weight: Tensor, cap: Tensor, need: Tensor) -> Tensor:
     """Per row, the smallest ``lam >= 0`` with ``sum_i weight_i * min(lam, cap_i) >= need`` (inf if none).
 
-    ``weight``, ``cap`` (R, D) >= 0, ``need`` (R,) >= 0. The left side ``h(lam)`` is concave, piecewise
+    ``weight``, ``cap`` (M, D) >= 0, ``need`` (M,) >= 0. The left side ``h(lam)`` is concave, piecewise
     linear and nondecreasing, with kinks at the caps. Newton's method from ``lam = 0`` climbs it from
-    below (each tangent lies above ``h``, so no step overshoots) and lands exactly on the root once
-    it reaches the root's linear piece: the set of unsaturated coordinates stops changing. That takes
-    a handful of steps of a few elementwise passes, where sorting every row's caps costs several
-    times more; the rows still moving after ``_NEWTON_STEPS`` are solved exactly by :func:`_level_sorted`.
+    below (each tangent lies above ``h``, so no step overshoots) and lands exactly on the root once it
+    reaches the root's linear piece: the set of unsaturated coordinates stops changing. That takes 3-4
+    steps on FAB's problems (a few elementwise passes each) where sorting every row's caps costs
+    several times more; rows still moving after ``_NEWTON_STEPS`` are solved by :func:`_level_sorted`.
     """
-    reachable = need < (weight * cap).sum(dim=1)
+    reachable = need < torch.bmm(weight[:, None, :], cap[:, :, None]).view(-1)
     lam = torch.zeros_like(need)
     slope = None
     moving = reachable
-    for _ in range(_NEWTON_STEPS):
-        free = cap > lam[:, None]
-        new_slope = (weight * free).sum(dim=1)
+    for _ in range(_NEWTON_STEPS + 1):
+        # h and its slope at lam, each one fused product (a difference of sums would cancel badly)
+        new_slope = torch.bmm(weight[:, None, :], (cap > lam[:, None]).to(cap.dtype)[:, :, None]).view(-1)
         if slope is not None:
             moving = (new_slope != slope) & reachable
             if not bool(moving.any()):
                 break
         slope = new_slope
-        value = (weight * torch.minimum(lam[:, None], cap)).sum(dim=1)
+        value = torch.bmm(weight[:, None, :], torch.minimum(cap, lam[:, None])[:, :, None]).view(-1)
         lam = torch.where(moving, lam + (need - value).clamp_min(0) / slope.clamp_min(_TINY), lam)
-    else:
-        free = cap > lam[:, None]
-        moving = ((weight * free).sum(dim=1) != slope) & reachable
     if bool(moving.any()):
         rows = moving.nonzero().flatten()
         lam[rows] = _level_sorted(weight[rows], cap[rows], need[rows])
@@ -111,28 +108,28 @@ def _level_sorted(weight: Tensor, cap: Tensor, need: Tensor) -> Tensor:
 
 
 def step_to_hyperplane(t: Tensor, w: Tensor, c: Tensor, box: tuple[float, float], linf: bool) -> Tensor:
-    """(R, D) the smallest Linf / L2 step ``d`` with ``w . d = c`` and ``t + d`` in the box, per row.
+    """The smallest Linf / L2 step ``d`` with ``w . d = c`` and ``t + d`` in the box, per row.
 
-    ``t``, ``w`` (R, D), ``c`` (R,). Every coordinate moves in the direction ``sign(c w_i)`` that
-    brings ``w . d`` towards ``c``: for Linf by ``min(lam, room_i)`` (room: the distance to the box
-    side it moves to), for L2 by ``min(mu |w_i|, room_i)`` (the KKT form of the projection), with the
-    smallest level reaching ``c``. Where no step inside the box reaches the hyperplane, every
-    coordinate moves to its box side (the box corner closest to the hyperplane). Rows with ``c = 0``
-    or ``w = 0`` do not move.
+    ``t`` (S, R, D) or (R, D) points, ``w`` (R, D) normals shared by the S point sets, ``c`` (S, R) or
+    (R,). Every coordinate moves in the direction ``sign(c w_i)`` that brings ``w . d`` towards ``c``:
+    for Linf by ``min(lam, room_i)`` (room: the distance to the box side it moves to), for L2 by
+    ``min(mu |w_i|, room_i)`` (the KKT form of the projection), with the smallest level reaching ``c``.
+    Where no step inside the box reaches the hyperplane, every coordinate moves to its box side (the
+    box corner closest to the hyperplane). Rows with ``c = 0`` or ``w = 0`` do not move.
     """
     lo, hi = box
-    direction = torch.sign(w) * torch.sign(c)[:, None]
-    room = torch.where(direction > 0, hi - t, t - lo).clamp_min(0)
     size = w.abs()
     if linf:
-        weight, cap = size, room
-    else:
-        live = size >= _DEAD_WEIGHT
-        direction = direction * live
-        weight = torch.where(live, size * size, torch.zeros_like(size))
-        cap = torch.where(live, room / size.clamp_min(_DEAD_WEIGHT), torch.zeros_like(size))
-    lam = _level(weight, cap, c.abs())
-    move = torch.minimum(lam[:, None], cap)
+        sign_w, weight = torch.sign(w), size
+    else:  # coordinates with a negligible gradient move no mass (the reference's threshold)
+        live = (size >= _DEAD_WEIGHT).to(w.dtype)
+        sign_w, weight = torch.sign(w) * live, size * size * live
+    direction = sign_w * torch.sign(c)[..., None]
+    room = torch.addcmul(torch.full_like(t, (hi - lo) / 2), direction, (hi + lo) / 2 - t)  # hi - t or t - lo
+    cap = room if linf else room / size.clamp_min(_DEAD_WEIGHT)
+    shape = cap.shape
+    lam = _level(weight.expand(shape).reshape(-1, shape[-1]), cap.reshape(-1, shape[-1]), c.abs().reshape(-1))
+    move = torch.minimum(cap, lam.view(*shape[:-1], 1))
     return direction * (move if linf else move * size)
 
 
@@ -198,24 +195,21 @@ def fab_rows(model: nn.Module, x0: Tensor, y: Tensor, target: Tensor | None, gro
             g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         with torch.no_grad():
             w = g.flatten(1)
-            flat, flat0 = x.flatten(1), x0a.flatten(1)
+            points = torch.stack([x.flatten(1), x0a.flatten(1)])  # (2, R, D): the iterate and the original
             # the linearised boundary {v: w . v = w . x - f}, reached from x and from x0 inside the box
-            c_now = -f
-            c_orig = (w * (flat - flat0)).sum(dim=1) - f
-            steps_both = step_to_hyperplane(torch.cat([flat, flat0]), torch.cat([w, w]), torch.cat([c_now, c_orig]),
-                                            (lo, hi), linf)
-            d_now, d_orig = steps_both.view(2, *flat.shape).unbind(0)
-            size = threat.ops.norm(steps_both).clamp_min(_MIN_STEP).view(2, -1)
-            alpha = (size[0] / (size[0] + size[1])).clamp(0, alpha_max)[:, None]
-            flat = ((flat + eta * d_now) * (1 - alpha) + (flat0 + eta * d_orig) * alpha).clamp(lo, hi)
-            x = flat.view_as(x)
+            c = torch.stack([-f, torch.bmm(w[:, None, :], (points[0] - points[1])[:, :, None]).view(-1) - f])
+            d = step_to_hyperplane(points, w, c, (lo, hi), linf)
+            size = threat.ops.norm(d.flatten(0, 1)).clamp_min(_MIN_STEP).view(2, -1)
+            alpha = (size[0] / (size[0] + size[1])).clamp(0, alpha_max)
+            moved = torch.add(points, d, alpha=eta)
+            x = torch.lerp(moved[0], moved[1], alpha[:, None]).clamp_(lo, hi).view_as(x)
             adv = model(x).argmax(dim=1) != ya  # success is misclassification, for FAB-T too
             if bool(adv.any()):
                 norm = threat.ops.norm(x - x0a)
                 better = adv & (norm < best_norm[idx])
                 best_norm[idx[better]] = norm[better]
                 best_x[idx[better]] = x[better]
-                x = torch.where(_view(adv, x), x0a + beta * (x - x0a), x)
+                x = torch.lerp(x0a, x, torch.where(adv, beta, 1.0).to(x.dtype).view_as(_view(adv, x)))
                 if stop_at is not None:
                     finished = best_norm[idx] <= stop_at
                     if bool(finished.any()):
@@ -310,7 +304,7 @@ class FAB(Attack):
             zero[todo] |= z.view(-1, k).any(dim=1)
             bad[todo] |= b.view(-1, k).any(dim=1)
         within = distance <= threat.eps
-        x_adv = torch.where(_view(within, x), x_best, x)
+        x_adv = select_rows(within, x_best, x)
         return AttackResult(x_adv=x_adv, success=within, distance=distance, flags=health_flags(zero, bad))
 
 
