@@ -14,6 +14,7 @@ from .fgsm import FGSM
 from .fmn import FMN, FMNT
 from .hsja import HopSkipJump
 from .square import Square
+from .transfer import Transfer
 
 ATTACKS: Registry[Attack] = Registry("attack", "robustbench_lite.attacks")
 ATTACKS.register("pgd", PGD)
@@ -30,6 +31,7 @@ ATTACKS.register("autoattack-fmn", AutoAttackFMN)
 ATTACKS.register("autoattack-ref", AutoAttackRef)
 ATTACKS.register("square", Square)
 ATTACKS.register("hsja", HopSkipJump)
+ATTACKS.register("transfer", Transfer)
 
 __all__ = ["ATTACKS", "APGD", "APGDT", "Attack", "AttackResult", "AutoAttack", "AutoAttackFMN", "AutoAttackRef", "FAB",
-           "FABT", "FGSM", "FMN", "FMNT", "HopSkipJump", "PGD", "PassCounter", "QueryOracle", "Square", "frozen", "margin_loss"]
+           "FABT", "FGSM", "FMN", "FMNT", "HopSkipJump", "PGD", "PassCounter", "QueryOracle", "Square", "Transfer", "frozen", "margin_loss"]

@@ -276,6 +276,10 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     if set(n for n, _ in attack_list) & set(n for n, _ in cert_list):
         raise UserInputError("an attack and a certifier share a name; give them distinct names")
     prefixes = certifier_prefixes(certifier_examples, [n for n, _ in cert_list], len(dataset))
+    white_box = [n for n, a in attack_list if not getattr(a, "black_box", False)]
+    if threat.access == "gray-box" and white_box:
+        raise UserInputError(f"attack {white_box[0]!r} uses the model's gradients; a gray-box threat model allows "
+                             "only attacks that query it (e.g. transfer attacks)")
     from certify.base import guard_unsupported
 
     cert_list, skipped = guard_unsupported(cert_list, model, tuple(dataset.x.shape[1:]), unsupported)

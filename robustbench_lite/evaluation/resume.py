@@ -140,11 +140,14 @@ class ResumeRunner:
 STATE_FOLDER = ".state"
 
 
-def state_dir_for(root: str | Path, dataset: str, norm: str, eps: float, model: str) -> Path:
-    """``<root>/.state/<dataset>/<norm>-<eps>/<model>``: the resume folder of one record."""
-    return Path(root) / STATE_FOLDER / safe_name(dataset) / f"{norm}-{eps:g}" / safe_name(model)
+def state_dir_for(root: str | Path, dataset: str, norm: str, eps: float, model: str, access: str = "white-box") -> Path:
+    """``<root>/.state/<dataset>/<norm>-<eps>[-gray-box]/<model>``: the resume folder of one record."""
+    from .threat import threat_folder
+
+    return Path(root) / STATE_FOLDER / safe_name(dataset) / threat_folder(norm, eps, access) / safe_name(model)
 
 
-def resume_runner_for(root: str | Path, dataset: str, norm: str, eps: float, model: str, key: str) -> ResumeRunner:
+def resume_runner_for(root: str | Path, dataset: str, norm: str, eps: float, model: str, key: str,
+                      access: str = "white-box") -> ResumeRunner:
     """A :class:`ResumeRunner` in the record's resume folder that prunes ``<root>/.state`` when done."""
-    return ResumeRunner(state_dir_for(root, dataset, norm, eps, model), key, prune_below=root)
+    return ResumeRunner(state_dir_for(root, dataset, norm, eps, model, access), key, prune_below=root)

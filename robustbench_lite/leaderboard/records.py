@@ -74,7 +74,8 @@ def safe_name(name: str) -> str:
 def record_path(root: str | Path, record: dict[str, Any]) -> Path:
     """``root/<dataset>/<norm>-<eps:g>/<model>.json`` (``<dataset>/corruptions/...``) for a record."""
     threat = record["threat_model"]
-    return (Path(root) / safe_name(record["dataset"]["name"]) / threat_folder(threat["norm"], threat["eps"])
+    return (Path(root) / safe_name(record["dataset"]["name"])
+            / threat_folder(threat["norm"], threat["eps"], threat.get("access", "white-box"))
             / f"{safe_name(record['model']['name'])}.json")
 
 
