@@ -203,7 +203,8 @@ def fab_rows(model: nn.Module, x0: Tensor, y: Tensor, target: Tensor | None, gro
             alpha = (size[0] / (size[0] + size[1])).clamp(0, alpha_max)
             moved = torch.add(points, d, alpha=eta)
             x = torch.lerp(moved[0], moved[1], alpha[:, None]).clamp_(lo, hi).view_as(x)
-            adv = model(x).argmax(dim=1) != ya  # success is misclassification, for FAB-T too
+            with torch.inference_mode():  # a forward-only query: no autograd bookkeeping
+                adv = model(x).argmax(dim=1) != ya  # success is misclassification, for FAB-T too
             if bool(adv.any()):
                 norm = threat.ops.norm(x - x0a)
                 better = adv & (norm < best_norm[idx])
