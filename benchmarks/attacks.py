@@ -20,6 +20,7 @@ Run (one thread, as every check in this project; the machine's load goes in the 
 
     OMP_NUM_THREADS=1 python benchmarks/attacks.py
     OMP_NUM_THREADS=1 python benchmarks/attacks.py --archs lenet5 --n 64 --device cuda
+    OMP_NUM_THREADS=1 python benchmarks/attacks.py --pgd --archs mnist-cnn   # + PGD-40 vs torchattacks
 
 Not part of the test run.
 """
@@ -41,7 +42,7 @@ sys.path.insert(0, str(_HERE.parent))
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from attacks import AutoAttack, AutoAttackRef  # noqa: E402
+from attacks import PGD, AutoAttack, AutoAttackRef  # noqa: E402
 from attacks.losses import input_gradient  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.defenses import PGDAT  # noqa: E402
@@ -277,6 +278,36 @@ def bench(arch: str, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel
             "only_ref": int((ref.success & ~ours.success).sum()), "n": x.shape[0]}
 
 
+def bench_pgd(name: str, n: int, repeats: int = 3) -> None:
+    """PGD-40 (Linf 0.3, step 0.01, random start) on a zoo model: ours, torchattacks' and the floor (40 bare
+    forward + backward passes on the same batch), best of ``repeats``."""
+    try:
+        import torchattacks
+    except ImportError:
+        print("PGD-40 comparison skipped: torchattacks is not installed (pip install -e '.[bench]')")
+        return
+    from benchmarks._timing import best_time
+
+    model = load_model(name).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    data = load_dataset("mnist5k", "test")
+    x, y = data.x[:n], data.y[:n]
+    threat = ThreatModel("Linf", 0.3)
+
+    def bare() -> None:
+        batch = x.clone().requires_grad_(True)
+        for _ in range(40):
+            input_gradient(torch.nn.functional.cross_entropy(model(batch), y, reduction="sum"), batch, model)
+
+    t_floor, _ = best_time(bare, repeats)
+    t_ours, _ = best_time(lambda: PGD(steps=40, abs_stepsize=0.01)(model, x, y, threat), repeats)
+    theirs = torchattacks.PGD(model, eps=0.3, alpha=0.01, steps=40, random_start=True)
+    t_theirs, _ = best_time(lambda: theirs(x, y), repeats)
+    print(f"PGD-40 {name}, {n} points: ours/floor {t_ours / t_floor:.2f}x, ours/torchattacks {t_ours / t_theirs:.2f}x "
+          f"(wall: floor {t_floor:.2f}s ours {t_ours:.2f}s torchattacks {t_theirs:.2f}s)")
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b > 0 else "-"
 
@@ -291,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=4, help="PGD-AT epochs of the architectures trained here")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pgd", action="store_true", help="also PGD-40 vs torchattacks on the zoo's standard "
+                        "and PGD-AT models (500 points; needs torchattacks, pip install -e .[bench])")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "robustbench-lite-bench")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -300,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"threads {torch.get_num_threads()}, device {device}, threat {threat.key}, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.2f}, {args.n} points per architecture ({args.n_heavy} for the heavy two), "
           f"{'wall' if device.type == 'cuda' else 'CPU'} seconds")
+    if args.pgd:
+        for name in ("mnist5k-cnn-pgd-at", "mnist5k-cnn-standard"):
+            bench_pgd(name, 500)
     results = []
     for arch in args.archs:
         model = trained(arch, threat, args.epochs, args.cache_dir, device)
