@@ -69,19 +69,19 @@ def _level(weight: Tensor, cap: Tensor, need: Tensor) -> Tensor:
     steps on FAB's problems (a few elementwise passes each) where sorting every row's caps costs
     several times more; rows still moving after ``_NEWTON_STEPS`` are solved by :func:`_level_sorted`.
     """
-    reachable = need < torch.bmm(weight[:, None, :], cap[:, :, None]).view(-1)
+    reachable = need < torch.linalg.vecdot(weight, cap)
     lam = torch.zeros_like(need)
     slope = None
     moving = reachable
     for _ in range(_NEWTON_STEPS + 1):
-        # h and its slope at lam, each one fused product (a difference of sums would cancel badly)
-        new_slope = torch.bmm(weight[:, None, :], (cap > lam[:, None]).to(cap.dtype)[:, :, None]).view(-1)
+        # h and its slope at lam, each one product-sum (a difference of sums would cancel badly)
+        new_slope = torch.linalg.vecdot(weight, (cap > lam[:, None]).to(cap.dtype))
         if slope is not None:
             moving = (new_slope != slope) & reachable
             if not bool(moving.any()):
                 break
         slope = new_slope
-        value = torch.bmm(weight[:, None, :], torch.minimum(cap, lam[:, None])[:, :, None]).view(-1)
+        value = torch.linalg.vecdot(weight, torch.minimum(cap, lam[:, None]))
         lam = torch.where(moving, lam + (need - value).clamp_min(0) / slope.clamp_min(_TINY), lam)
     if bool(moving.any()):
         rows = moving.nonzero().flatten()
@@ -197,7 +197,7 @@ def fab_rows(model: nn.Module, x0: Tensor, y: Tensor, target: Tensor | None, gro
             w = g.flatten(1)
             points = torch.stack([x.flatten(1), x0a.flatten(1)])  # (2, R, D): the iterate and the original
             # the linearised boundary {v: w . v = w . x - f}, reached from x and from x0 inside the box
-            c = torch.stack([-f, torch.bmm(w[:, None, :], (points[0] - points[1])[:, :, None]).view(-1) - f])
+            c = torch.stack([-f, torch.linalg.vecdot(w, points[0] - points[1]) - f])
             d = step_to_hyperplane(points, w, c, (lo, hi), linf)
             size = threat.ops.norm(d.flatten(0, 1)).clamp_min(_MIN_STEP).view(2, -1)
             alpha = (size[0] / (size[0] + size[1])).clamp(0, alpha_max)
