@@ -26,6 +26,7 @@ from ..atomic import atomic_write_bytes
 from ..hashing import sha256_json, tensors_sha256
 from ..leaderboard.records import safe_name
 from .outcome import BatchOutcome, Bounds, Compute, Done
+from .threat import threat_folder
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +143,6 @@ STATE_FOLDER = ".state"
 
 def state_dir_for(root: str | Path, dataset: str, norm: str, eps: float, model: str, access: str = "white-box") -> Path:
     """``<root>/.state/<dataset>/<norm>-<eps>[-gray-box]/<model>``: the resume folder of one record."""
-    from .threat import threat_folder
-
     return Path(root) / STATE_FOLDER / safe_name(dataset) / threat_folder(norm, eps, access) / safe_name(model)
 
 
