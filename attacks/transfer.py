@@ -115,7 +115,8 @@ class Transfer(Attack):
 def _weights_sha256(surrogate: str) -> str | None:
     """The surrogate's weights sha256, without loading it: the zoo card's, else the file's (None for a
     ``package.module:factory`` reference)."""
-    from robustbench_lite.zoo import file_sha256, read_cards
+    from robustbench_lite.hashing import file_sha256
+    from robustbench_lite.zoo import read_cards
 
     card = read_cards().get(surrogate)
     if card is not None:

@@ -11,11 +11,13 @@ import logging
 from typing import Any
 
 from ..errors import SoundnessError, UserInputError
-from .protocol import STANDARD_AUTOATTACK_SUITE
 from .sections import refresh_sections
 from ..threat import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
+
+#: the one attack suite whose accuracy fills a record's ``autoattack_acc`` (attacks.ensemble names it)
+STANDARD_AUTOATTACK_SUITE = "autoattack-standard"
 
 
 def _same_evaluation(old: dict[str, Any], new: dict[str, Any]) -> bool:

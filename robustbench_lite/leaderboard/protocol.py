@@ -37,8 +37,6 @@ PROJECT_PACKAGES = ("robustbench_lite", "attacks", "certify")
 #: evaluator modules whose source changes every number (their own imports are followed too)
 EVALUATOR_MODULES = ("robustbench_lite.evaluation.core", "robustbench_lite.evaluation.checks", "robustbench_lite.leaderboard.sections",
                      "robustbench_lite.defenses.wrm")
-#: the one attack suite whose accuracy fills a record's ``autoattack_acc`` (attacks.ensemble names it)
-STANDARD_AUTOATTACK_SUITE = "autoattack-standard"
 MODES = ("cascade", "individual")
 #: the largest n_examples (and batch size) a registry entry may ask for: more than any dataset here holds
 MAX_EXAMPLES = 100_000_000

@@ -33,8 +33,7 @@ from ..atomic import atomic_write_text
 from ..errors import CorruptFileError, UserInputError
 from ..evaluation.core import EvaluationResult
 from ..hashing import state_dict_sha256
-from .merge import merge_records
-from .protocol import STANDARD_AUTOATTACK_SUITE
+from .merge import STANDARD_AUTOATTACK_SUITE, merge_records
 from .sections import add_sections
 from ..threat import threat_folder
 from ..zoo.cards import normalization_of, parameter_count
