@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustbench_lite.errors import UserInputError
+from robustbench_lite.errors import UserInputError, first_line
 from robustbench_lite.seeding import ExampleRNG
 from robustbench_lite.threat import ThreatModel
 
@@ -97,9 +97,9 @@ class Transfer(Attack):
         for restart in range(self.restarts if todo.numel() else 0):
             try:
                 crafted = self._pgd(surrogate, x[todo], y[todo], threat, seeds=seeds[todo.cpu()] + restart)
-            except RuntimeError as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise UserInputError(f"surrogate {self.surrogate!r} cannot take these inputs: {first}") from None
+            except (UserInputError, RuntimeError) as exc:  # the call check's word, or the surrogate's own error
+                raise UserInputError(f"surrogate {self.surrogate!r} cannot take these inputs: "
+                                     f"{first_line(exc)}") from None
             forward, backward = forward + crafted.forward, backward + crafted.backward
             scores = oracle(crafted.x_adv)  # the target's only other role: score the transferred point
             hit = scores.argmax(dim=1) != y[todo]
