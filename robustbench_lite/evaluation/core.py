@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import checks as checks_module
 from .claims import rejected_claims_flag
-from ..errors import SoundnessError, UserInputError, checked_int, short_repr
+from ..errors import SoundnessError, UserInputError, checked_int, first_line, short_repr
 from ..hashing import indices_sha256
 from .outcome import (COST_FIELDS, BatchOutcome, BatchRunner, LocalRunner, add_counts, batch_bounds,
                       certifier_prefixes, evaluate_batch)
@@ -159,7 +159,11 @@ def _resolve(items: Sequence[Any] | str | None, kind: str) -> list[tuple[str, An
         if isinstance(item, str):
             if registry is None:
                 registry = _registry(kind)
-            plugin = registry.create(item.strip())
+            try:
+                plugin = registry.create(item.strip())
+            except TypeError as exc:  # e.g. a required option such as transfer's surrogate
+                raise UserInputError(f"{kind} {item.strip()!r} cannot be built from its name alone ({first_line(exc)}); "
+                                     "build it in Python or give its options in a registry entry") from None
         else:
             plugin = item
         # a third-party plug-in may implement the call contract without the base class: the evaluator

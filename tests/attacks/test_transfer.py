@@ -96,3 +96,11 @@ def test_gray_box_threat_model_refuses_white_box_attacks_and_has_its_own_table()
     assert record_path("/r", records[1]).parent.name == "Linf-0.1"
     titles = sorted(t.title for t in build_tables(records))
     assert titles == ["digits, Linf eps = 0.1", "digits, Linf eps = 0.1, gray-box: transfer attacks"]
+
+
+def test_transfer_by_name_alone_is_one_clear_error():
+    from robustbench_lite.data import load_dataset
+
+    with pytest.raises(UserInputError, match="surrogate"):  # the CLI's --attacks transfer takes this path
+        evaluate(trained_mlp(), load_dataset("digits", "test"), THREAT, attacks=["transfer"], certifiers=[],
+                 n_examples=4)
