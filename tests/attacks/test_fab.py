@@ -143,6 +143,16 @@ def test_fab_t_no_weaker_than_the_reference_on_the_same_points(threat):
     assert torch.equal(bounded.success, ours.success) and bounded.backward < ours.backward
 
 
+def test_fab_t_with_fewer_targets_takes_the_highest_scoring_other_classes_as_the_reference_does():
+    # with 9 targets on 10 classes every other class is a target and the order cannot show; with 2 the
+    # targets must be the 2nd and 3rd highest-scoring classes at the clean input (the reference's target_class 2, 3)
+    model = trained_mlp()
+    x, y = held_out(n=40)
+    threat = ThreatModel("Linf", 0.1)
+    ours = FABT(n_target_classes=2)(model, x, y, threat)
+    assert_no_weaker(ours, reference_fab_distances(model, x, y, threat, targeted=True, k=2), threat)
+
+
 def test_untargeted_fab_no_weaker_than_the_reference():
     model = trained_mlp()
     x, y = held_out(n=20)
