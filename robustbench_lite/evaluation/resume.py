@@ -26,7 +26,7 @@ from ..atomic import atomic_write_bytes
 from ..hashing import sha256_json, tensors_sha256
 from ..leaderboard.records import safe_name
 from .outcome import BatchOutcome, Bounds, Compute, Done
-from .threat import threat_folder
+from ..threat import threat_folder
 
 log = logging.getLogger(__name__)
 

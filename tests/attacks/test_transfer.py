@@ -8,9 +8,9 @@ import torch
 from attacks import PGD, Transfer
 from digits_model import held_out, trained_mlp
 from robustbench_lite.errors import UserInputError
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.leaderboard import build_record, record_path
-from robustbench_lite.render.tables import build_tables
+from robustbench_lite.evaluation.core import evaluate
+from robustbench_lite.leaderboard.records import build_record, record_path
+from robustbench_lite.leaderboard.render import build_tables
 from robustbench_lite.seeding import example_seeds
 from robustbench_lite.threat import ThreatModel
 from robustbench_lite.zoo import ModelInfo
