@@ -8,11 +8,13 @@ from robustbench_lite.plugins import Registry
 from .base import Attack, AttackResult, PassCounter, QueryOracle, frozen, margin_loss
 from .pgd import PGD
 from .apgd import APGD, APGDT
-from .ensemble import AutoAttack, AutoAttackRef
+from .ensemble import AutoAttack, AutoAttackFMN, AutoAttackRef
+from .fab import FAB, FABT
 from .fgsm import FGSM
 from .fmn import FMN, FMNT
 from .hsja import HopSkipJump
 from .square import Square
+from .transfer import Transfer
 
 ATTACKS: Registry[Attack] = Registry("attack", "robustbench_lite.attacks")
 ATTACKS.register("pgd", PGD)
@@ -22,10 +24,14 @@ ATTACKS.register("apgd-ce", APGD)
 ATTACKS.register("apgd-t", APGDT)
 ATTACKS.register("fmn", FMN)
 ATTACKS.register("fmn-t", FMNT)
+ATTACKS.register("fab", FAB)
+ATTACKS.register("fab-t", FABT)
 ATTACKS.register("autoattack", AutoAttack)
+ATTACKS.register("autoattack-fmn", AutoAttackFMN)
 ATTACKS.register("autoattack-ref", AutoAttackRef)
 ATTACKS.register("square", Square)
 ATTACKS.register("hsja", HopSkipJump)
+ATTACKS.register("transfer", Transfer)
 
-__all__ = ["ATTACKS", "APGD", "APGDT", "Attack", "AttackResult", "AutoAttack", "AutoAttackRef", "FGSM", "FMN",
-           "FMNT", "HopSkipJump", "PGD", "PassCounter", "QueryOracle", "Square", "frozen", "margin_loss"]
+__all__ = ["ATTACKS", "APGD", "APGDT", "Attack", "AttackResult", "AutoAttack", "AutoAttackFMN", "AutoAttackRef", "FAB",
+           "FABT", "FGSM", "FMN", "FMNT", "HopSkipJump", "PGD", "PassCounter", "QueryOracle", "Square", "Transfer", "frozen", "margin_loss"]

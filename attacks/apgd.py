@@ -22,7 +22,7 @@ from robustbench_lite.errors import UserInputError
 from robustbench_lite.seeding import ExampleRNG
 from robustbench_lite.threat import ThreatModel
 
-from .base import Attack, AttackResult, margin_loss
+from .base import Attack, AttackResult, margin_loss, select_rows
 from .losses import (AttackLoss, dlr_loss, get_loss, gradient_health, health_flags, loss_and_grad,
                      top_other_classes)
 from .pgd import goal_reached
@@ -106,8 +106,8 @@ def apgd_rows(model: nn.Module, x0: Tensor, y: Tensor, loss_target: Tensor | Non
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         s["grad"] = grad
         improved = loss_now > s["loss_best"]
-        s["x_best"] = torch.where(_view(improved, grad), s["x"], s["x_best"])
-        s["grad_best"] = torch.where(_view(improved, grad), grad, s["grad_best"])
+        s["x_best"] = select_rows(improved, s["x"], s["x_best"])
+        s["grad_best"] = select_rows(improved, grad, s["grad_best"])
         s["loss_best"] = torch.where(improved, loss_now, s["loss_best"])
         s["n_incr"] = s["n_incr"] + (loss_now > s["loss_prev"]).float()
         s["loss_prev"] = loss_now
@@ -120,8 +120,8 @@ def apgd_rows(model: nn.Module, x0: Tensor, y: Tensor, loss_target: Tensor | Non
             s["reduced_last"] = halve
             s["loss_best_last"] = s["loss_best"]
             s["step"] = torch.where(halve, s["step"] / 2, s["step"])
-            s["x"] = torch.where(_view(halve, grad), s["x_best"], s["x"])
-            s["grad"] = torch.where(_view(halve, grad), s["grad_best"], s["grad"])
+            s["x"] = select_rows(halve, s["x_best"], s["x"])
+            s["grad"] = select_rows(halve, s["grad_best"], s["grad"])
             s["n_incr"] = torch.zeros_like(s["n_incr"])
             since_check = 0
             interval = max(interval - decrement, min_interval)

@@ -1,20 +1,24 @@
 """The AutoAttack cascade (Croce & Hein 2020, arXiv 2003.01690) and a wrapper of the reference code.
 
-``autoattack`` runs APGD-CE, APGD-T (targeted DLR, 9 targets), FMN-T (the minimum-norm targeted
-stage, in the slot FAB-T holds in the reference) and Square, each only on the points every earlier
-stage left standing, and reuses the clean logits for the correctness mask and the target choice.
-``suite`` in its config is ``"autoattack-standard"`` only when every hyper-parameter equals the
-reference's ``version="standard"`` budget (100 iterations, 1 restart, rho 0.75, 9 targets, 5000
-Square queries with p_init 0.8); any change makes it ``"custom"``.
+``autoattack`` runs the reference's standard suite: APGD-CE, APGD-T (targeted DLR, 9 targets), FAB-T
+(:mod:`attacks.fab`, 9 targets) and Square (5000 queries), each only on the points every earlier stage
+left standing, and reuses the clean logits for the correctness mask and the target choice. ``suite``
+in its config names what ran: ``"autoattack-standard"`` only for those four stages with every
+hyper-parameter equal to the reference's ``version="standard"`` budget (100 iterations, 1 restart,
+rho 0.75, 9 targets, FAB-T's alpha_max 0.1 / eta 1.05 / beta 0.9, 5000 Square queries with p_init
+0.8, the p-schedule read unscaled); ``"autoattack-fmn"`` for the variant with FMN-T (Pintor et al.
+2021) in FAB-T's slot (registered as ``autoattack-fmn``); ``"custom"`` for anything else. Only the
+standard suite fills a record's ``autoattack_acc``.
 
-Where the cascade differs from the reference at the same budget (all recorded in ``config()``):
-FMN-T holds FAB-T's slot; Square reads the p-schedule unscaled as the reference's standard Square
-does (``resc_schedule=False``). With ``square_start="best"`` (opt-in; the suite is then ``"custom"``)
-Square starts, per example, from whichever scores higher of the paper's stripes and the
-highest-margin point the white-box stages reached (the reference starts from stripes only; one query
-of the same 5000): stronger on robust models, but not the reference's algorithm. Every stage's
-re-scoring pass also updates that highest-margin point, so no success and no progress is lost
-between stages; robust examples come back at it.
+With ``square_start="best"`` (opt-in; the suite is then ``"custom"``) Square starts, per example,
+from whichever scores higher of the paper's stripes and the highest-margin point the white-box stages
+reached (the reference starts from stripes only; one query of the same 5000): stronger on robust
+models, but not the reference's algorithm. Every stage's re-scoring pass also updates that
+highest-margin point, so no success and no progress is lost between stages; robust examples come
+back at it.
+
+``flags["stage_passes"]`` holds, per stage, the forward and backward passes and the queries it
+spent (the re-scoring pass of its candidates included), so a record says where its budget went.
 
 ``autoattack-ref`` runs ``pyautoattack.AutoAttack(version="standard")`` itself on the same model and
 examples, silenced and with the caller's global RNG state restored, so both can be put side by side.
@@ -35,28 +39,34 @@ from robustbench_lite.seeding import ExampleRNG, mix
 from robustbench_lite.threat import ThreatModel
 
 from .apgd import APGD, APGDT
-from .base import Attack, AttackResult, QueryOracle, margin_loss
+from .base import Attack, AttackResult, PassCounter, QueryOracle, margin_loss
+from .fab import FABT
 from .fmn import FMNT
 from .square import Square, settle
 
 log = logging.getLogger(__name__)
 
-STAGES = ("apgd-ce", "apgd-t", "fmn-t", "square")
+STAGES = ("apgd-ce", "apgd-t", "fab-t", "fmn-t", "square")
+STANDARD_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+FMN_STAGES = ("apgd-ce", "apgd-t", "fmn-t", "square")
 SQUARE_STARTS = ("best", "stripes")
-#: the reference's version="standard" budget (pyautoattack/autoattack.py, _set_version), Linf and L2
+#: the reference's version="standard" budget (pyautoattack/autoattack.py, _set_version), Linf and L2;
+#: FAB-T's own constants (alpha_max, eta, beta, 1 restart) are :class:`~attacks.fab.FABT`'s defaults
 STANDARD = {"steps": 100, "restarts": 1, "rho": 0.75, "n_target_classes": 9, "square_queries": 5000,
-            "square_p_init": 0.8, "eot_iter": 1, "stages": list(STAGES), "square_start": "stripes"}
+            "square_p_init": 0.8, "eot_iter": 1, "square_start": "stripes"}
+#: suite name -> its stages; the budget must be STANDARD for either name
+SUITES = {"autoattack-standard": STANDARD_STAGES, "autoattack-fmn": FMN_STAGES}
 
 
 class AutoAttack(Attack):
-    """Cascade of APGD-CE, APGD-T, FMN-T and Square on the surviving points (untargeted).
+    """Cascade of APGD-CE, APGD-T, FAB-T and Square on the surviving points (untargeted).
 
     Args:
-        stages: which stages to run, in order (all four).
-        steps: iterations of APGD-CE, APGD-T and FMN-T (100).
-        restarts: APGD restarts (1).
+        stages: which stages to run, in order (apgd-ce, apgd-t, fab-t, square); "fmn-t" is FMN-T.
+        steps: iterations of APGD-CE, APGD-T, FAB-T and FMN-T (100).
+        restarts: APGD restarts (1); FAB-T runs once, as in the reference.
         rho: APGD checkpoint parameter (0.75).
-        n_target_classes: targets of APGD-T and FMN-T (9; fewer when the model has fewer classes).
+        n_target_classes: targets of APGD-T, FAB-T and FMN-T (9; fewer when the model has fewer classes).
         square_queries, square_p_init: Square's query budget and initial patch fraction (5000, 0.8).
         square_start: "stripes" (default) starts Square from the paper's stripes, as the reference does;
             "best" starts it, per example, from whichever has the higher margin loss: the stripes or
@@ -74,15 +84,18 @@ class AutoAttack(Attack):
     """
 
     name = "autoattack"
+    default_stages: tuple[str, ...] = STANDARD_STAGES
 
-    def __init__(self, *, stages: tuple[str, ...] | list[str] = STAGES, steps: int = 100, restarts: int = 1,
+    def __init__(self, *, stages: tuple[str, ...] | list[str] | None = None, steps: int = 100, restarts: int = 1,
                  rho: float = 0.75, n_target_classes: int = 9, square_queries: int = 5000,
                  square_p_init: float = 0.8, square_start: str = "stripes", eot_iter: int = 1,
                  seed: int = 0) -> None:
         super().__init__(seed=seed)
+        stages = self.default_stages if stages is None else stages
         unknown = [s for s in stages if s not in STAGES]
-        if unknown or not stages:
-            raise UserInputError(f"unknown or empty autoattack stages {list(stages)}: choose from {', '.join(STAGES)}")
+        if unknown or not stages or len(set(stages)) != len(stages):
+            raise UserInputError(f"unknown, repeated or no autoattack stages {list(stages)}: "
+                                 f"choose from {', '.join(STAGES)}")
         if int(square_queries) < 1 or not 0 < float(square_p_init) <= 1:
             raise UserInputError("square_queries must be >= 1 and square_p_init in (0, 1]")
         self.stages = list(stages)
@@ -96,18 +109,24 @@ class AutoAttack(Attack):
             "apgd-ce": APGD(steps=steps, restarts=restarts, loss="ce", rho=rho, eot_iter=eot_iter),
             "apgd-t": APGDT(steps=steps, restarts=restarts, n_target_classes=n_target_classes, rho=rho,
                             eot_iter=eot_iter),
+            "fab-t": FABT(steps=steps, n_target_classes=n_target_classes, bounded=True),
             "fmn-t": FMNT(steps=steps, n_target_classes=n_target_classes, bounded=True),
         }
 
     @property
     def suite(self) -> str:
-        mine = {k: getattr(self, k) for k in STANDARD}
-        return "autoattack-standard" if mine == STANDARD else "custom"
+        """"autoattack-standard", "autoattack-fmn" (the reference's budget with FMN-T for FAB-T) or "custom"."""
+        if {k: getattr(self, k) for k in STANDARD} != STANDARD:
+            return "custom"
+        return next((name for name, stages in SUITES.items() if tuple(self.stages) == stages), "custom")
 
     def config(self) -> dict[str, Any]:
         cfg = super().config()
         cfg["suite"] = self.suite
-        cfg["min_norm_stage"] = "fmn-t (in the reference's FAB-T slot: same 100 iterations, 9 targets)"
+        if "fab-t" in self.stages:  # FAB-T's fixed constants, flat (a config holds scalars)
+            fab = self._attacks["fab-t"]
+            cfg.update({"fab_t_restarts": fab.restarts, "fab_t_alpha_max": fab.alpha_max, "fab_t_eta": fab.eta,
+                        "fab_t_beta": fab.beta})
         cfg["square_p_schedule"] = "unscaled, as the reference's standard Square (resc_schedule=False)"
         if self.square_start == "best":
             cfg["square_start_note"] = ("best of stripes and the white-box stages' highest-margin point, one query "
@@ -138,6 +157,7 @@ class AutoAttack(Attack):
         # per example, the highest-margin point seen so far (a warm start for Square); never loses a success
         margin_best = margin_loss(clean_logits, y)
         robust_after: dict[str, int] = {"clean": int(robust.sum())}
+        stage_passes: dict[str, dict[str, int]] = {}
         flags: dict[str, Any] = {}
         queries = 0
         white_box_survivors = None
@@ -151,13 +171,16 @@ class AutoAttack(Attack):
             seeds = torch.tensor([mix(s, 0x5EED, number) for s in rng.subset(idx).seeds], dtype=torch.int64)
             # only Square's warm start reads the points reached so far: copy them only for it
             start = x_adv[idx] if stage == "square" and self.square_start == "best" else None
-            result = self._stage(stage, model, x[idx], y[idx], threat, ExampleRNG(seeds, x.device),
+            counter = PassCounter(model)
+            result = self._stage(stage, counter, x[idx], y[idx], threat, ExampleRNG(seeds, x.device),
                                  clean_logits[idx], start)
             queries += result.queries
             # a fixed point of the projection, so the final re-scoring sees exactly this point
             candidate = settle(threat, result.x_adv.detach(), x[idx])
             with torch.no_grad():  # authoritative re-score of this stage's candidates
-                logits = model(candidate)
+                logits = counter(candidate)
+            stage_passes[stage] = {"forward": counter.forward_passes, "backward": counter.backward_passes,
+                                   "queries": result.queries}
             broken = logits.argmax(dim=1) != y[idx]
             margin = margin_loss(logits, y[idx])
             higher = broken | (margin > margin_best[idx])
@@ -169,10 +192,22 @@ class AutoAttack(Attack):
                 if isinstance(value, int):
                     flags[key] = flags.get(key, 0) + value
         flags["robust_after"] = robust_after
+        flags["stage_passes"] = stage_passes
         if white_box_survivors is not None:
             flags["square_only"] = white_box_survivors - robust_after["square"]
         # robust examples keep their highest-margin point (x where no stage raised the margin)
         return AttackResult(x_adv=x_adv, success=~robust, queries=queries, flags=flags)
+
+
+class AutoAttackFMN(AutoAttack):
+    """The cascade with FMN-T (Pintor et al. 2021) in FAB-T's slot: APGD-CE, APGD-T, FMN-T, Square.
+
+    Same arguments as :class:`AutoAttack`; its suite is ``"autoattack-fmn"`` at the reference's budget,
+    never ``"autoattack-standard"``.
+    """
+
+    name = "autoattack-fmn"
+    default_stages = FMN_STAGES
 
 
 class _Collect(logging.Handler):
@@ -212,6 +247,11 @@ class AutoAttackRef(Attack):
             raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
         self.version = version
         self.batch_size = int(batch_size)
+
+    def config(self) -> dict[str, Any]:
+        cfg = super().config()
+        cfg["suite"] = f"autoattack-{self.version}"  # the reference's own suite, run by its own code
+        return cfg
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, rng: ExampleRNG,
             target: Tensor | None) -> AttackResult:

@@ -104,7 +104,7 @@ def loss_and_grad(model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None,
 
 
 #: convolutions up to this many output channels take PyTorch's native CPU backward (see input_gradient)
-NARROW_CONV_CHANNELS = 64
+NARROW_CONV_CHANNELS = 32
 
 
 @contextlib.contextmanager
@@ -121,9 +121,11 @@ def native_backward_is_faster(model: nn.Module) -> bool:
     """True when every convolution of ``model`` is narrow (<= NARROW_CONV_CHANNELS output channels).
 
     On CPU, PyTorch's oneDNN convolution backward is slower than its native one for the few-channel
-    convolutions of small image models (the zoo's MNIST CNN: forward + backward about 1.3x faster with
-    the native backward), while wide networks favour oneDNN. The choice is a fixed rule on the
-    architecture, not a timing, so a run's gradients never depend on how loaded the machine was.
+    convolutions of small image models (the zoo's MNIST CNN, 16 and 32 channels: forward + backward
+    about 1.1x faster with the native backward at a batch of 288), while wider networks favour oneDNN
+    (benchmarks/attacks.py's ResNet with 16-64 channels: 1.3x faster with oneDNN; its LeNet5 with 32
+    and 64: even). The choice is a fixed rule on the architecture, not a timing, so a run's gradients
+    never depend on how loaded the machine was.
     """
     convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
     return bool(convs) and all(m.out_channels <= NARROW_CONV_CHANNELS for m in convs)

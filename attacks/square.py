@@ -37,7 +37,7 @@ from robustbench_lite.errors import UserInputError
 from robustbench_lite.seeding import ExampleRNG
 from robustbench_lite.threat import ThreatModel
 
-from .base import Attack, AttackResult, QueryOracle
+from .base import Attack, AttackResult, QueryOracle, select_rows
 from .losses import ce_loss, cw_margin_loss
 
 log = logging.getLogger(__name__)
@@ -275,7 +275,7 @@ class Square(Attack):
             loss = self._objective(scores, labels, goal)
             fooled = self._fooled(scores, labels, goal)
             better = fooled | (loss > current_loss)
-            current = torch.where(better[:, None, None, None], candidate, current)
+            current = select_rows(better, candidate, current)
             current_loss = torch.where(better, loss, current_loss)
             if bool(fooled.any()):
                 out[rows[fooled]] = current[fooled]
@@ -320,8 +320,9 @@ class Square(Attack):
     # --- one random-search step --------------------------------------------------------------
     @staticmethod
     def _linf_plan(u: Tensor, p_at: list[float], shape: torch.Size, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-        """A block of Linf windows from (n, B, 2 + C) noise: rows (n, B, H) and columns (n, B, W) each
-        window covers, and the per-channel step +-2 eps (n, B, C), for B iterations at once."""
+        """A block of Linf windows from (n, B, 2 + C) noise, for B iterations at once: the rows (n, B, H)
+        and columns (n, B, W) each window covers and the per-channel side of the ball it moves to
+        (n, B, C), 1 for ``x + eps`` and 0 for ``x - eps``; all 0/1 floats (see :meth:`_linf_step`)."""
         _, c, h, w = shape
         sides = [min(max(int(round(math.sqrt(p * h * w))), 1), h, w) for p in p_at]
         side = torch.tensor(sides + [1] * (u.shape[1] - len(sides)), device=u.device)
@@ -329,9 +330,9 @@ class Square(Attack):
         def covered(noise: Tensor, size: int) -> Tensor:
             corner = positions(noise, size, side)[:, :, None]
             along = torch.arange(size, device=u.device)
-            return (along >= corner) & (along < corner + side[:, None])
+            return ((along >= corner) & (along < corner + side[:, None])).to(u.dtype)
 
-        return covered(u[:, :, 0], h), covered(u[:, :, 1], w), (2 * eps) * signs(u[:, :, 2:2 + c])
+        return covered(u[:, :, 0], h), covered(u[:, :, 1], w), (signs(u[:, :, 2:2 + c]) > 0).to(u.dtype)
 
     @staticmethod
     def _linf_step(bounds: tuple[Tensor, Tensor], best: Tensor, plan: tuple[Tensor, Tensor, Tensor],
@@ -339,19 +340,21 @@ class Square(Attack):
         """Set one s x s window to a corner of the ball: +-eps per channel (Alg. 1, Linf sampler).
 
         ``bounds`` are the box-clipped ``x -+ eps``; ``plan`` is :meth:`_linf_plan`'s block, ``k`` the
-        iteration in it. The window is a mask (a few elementwise passes over small images beat
-        gathering and scattering the window by index).
+        iteration in it. Where the window would leave the point unchanged it takes the opposite corner
+        (the original resamples until the window changes: the opposite corner always does). Written in
+        float arithmetic on 0/1 masks, every select an exact ``lerp`` with weight 0 or 1: a few passes
+        over small images, no gather or scatter, and no boolean-mask ``where`` (several times slower
+        on CPU than a float pass). Values are finite, so ``lerp(a, b, 0) == a``, ``lerp(a, b, 1) == b``.
         """
         lower, upper = bounds
-        in_rows, in_cols, sign = plan
-        window = (in_rows[:, k, :, None] & in_cols[:, k, None, :])[:, None]  # (n, 1, h, w)
-        step = sign[:, k, :, None, None]
-        candidate = torch.where(window, (best + step).clamp(lower, upper), best)
-        changed = (candidate != best).flatten(1).any(dim=1)
-        if not bool(changed.all()):  # the original resamples until the window changes: -sign always does
-            flipped = torch.where(window, (best - step).clamp(lower, upper), best)
-            candidate = torch.where(changed[:, None, None, None], candidate, flipped)
-        return candidate
+        in_rows, in_cols, up = plan
+        window = (in_rows[:, k, :, None] * in_cols[:, k, None, :])[:, None]  # (n, 1, h, w)
+        side = up[:, k]  # (n, C)
+        target = torch.lerp(lower, upper, side[:, :, None, None])
+        changes = ((target - best).abs_() * window).flatten(1).sum(dim=1) > 0
+        side = torch.lerp(1 - side, side, changes[:, None].to(side.dtype))
+        target = torch.lerp(lower, upper, side[:, :, None, None])
+        return torch.lerp(best, target, window)
 
     @staticmethod
     def _l2_step(images: Tensor, best: Tensor, u: Tensor, p: float, threat: ThreatModel) -> Tensor:

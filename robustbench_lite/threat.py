@@ -20,9 +20,12 @@ _TINY = 1e-12
 CORRUPTIONS_NORM = "corruptions"
 
 
-def threat_folder(norm: str, eps: float) -> str:
-    """The records' folder name of a threat model: ``<norm>-<eps:g>``, or ``corruptions``."""
-    return CORRUPTIONS_NORM if norm == CORRUPTIONS_NORM else f"{norm}-{eps:g}"
+def threat_folder(norm: str, eps: float, access: str = "white-box") -> str:
+    """The records' folder name of a threat model: ``<norm>-<eps:g>`` (``-gray-box`` appended for a
+    gray-box table), or ``corruptions``."""
+    if norm == CORRUPTIONS_NORM:
+        return CORRUPTIONS_NORM
+    return f"{norm}-{eps:g}" + ("" if access == "white-box" else f"-{access}")
 
 
 #: the largest eps and box bound: any image box's diameter in pixel units is far below it, and the
@@ -85,6 +88,9 @@ class L2Norm:
 
 
 NORMS = {"Linf": LinfNorm(), "L2": L2Norm()}
+#: what an attacker may use of the target (Xu et al. 2019's white/gray-box): its gradients, or, gray-box,
+#: only queries of its scores (transfer attacks craft on a surrogate model they own)
+ACCESS = ("white-box", "gray-box")
 _ALIASES = {"linf": "Linf", "inf": "Linf", "l_inf": "Linf", "l2": "L2", "2": "L2", "l_2": "L2"}
 
 
@@ -99,6 +105,7 @@ class ThreatModel:
     norm: str
     eps: float
     box: tuple[float, float] = (0.0, 1.0)
+    access: str = "white-box"
     _ops: object = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +132,8 @@ class ThreatModel:
         if not (-LIMIT <= lo < hi <= LIMIT):
             raise UserInputError(f"box must be two numbers low < high within [-{LIMIT:g}, {LIMIT:g}], "
                                  f"got {short_repr(self.box)}")
+        if self.access not in ACCESS:
+            raise UserInputError(f"unknown access {short_repr(self.access)}: choose one of {', '.join(ACCESS)}")
         object.__setattr__(self, "norm", norm)
         object.__setattr__(self, "eps", eps)
         object.__setattr__(self, "box", (lo, hi))
@@ -137,8 +146,8 @@ class ThreatModel:
 
     @property
     def key(self) -> str:
-        """Directory name of this threat model in the leaderboard, e.g. ``Linf-0.3``."""
-        return f"{self.norm}-{self.eps:g}"
+        """Directory name of this threat model in the leaderboard, e.g. ``Linf-0.3`` (``Linf-0.3-gray-box``)."""
+        return threat_folder(self.norm, self.eps, self.access)
 
     def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
         return self.ops.norm(x_adv - x)
@@ -186,7 +195,10 @@ class ThreatModel:
                 raise UserInputError(f"y must hold class labels >= 0, got {int(y.min())}")
 
     def to_dict(self) -> dict:
-        return {"norm": self.norm, "eps": self.eps, "box": list(self.box)}
+        out = {"norm": self.norm, "eps": self.eps, "box": list(self.box)}
+        if self.access != ACCESS[0]:  # white-box, the default, is left out: older records stay as they are
+            out["access"] = self.access
+        return out
 
 
 _REAL_DEVICES = ("cpu", "cuda", "mps")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import checks as checks_module
 from .claims import rejected_claims_flag
-from ..errors import SoundnessError, UserInputError, checked_int, short_repr
+from ..errors import SoundnessError, UserInputError, checked_int, first_line, short_repr
 from ..hashing import indices_sha256
 from .outcome import (COST_FIELDS, BatchOutcome, BatchRunner, LocalRunner, add_counts, batch_bounds,
                       certifier_prefixes, evaluate_batch)
@@ -163,7 +163,11 @@ def _resolve(items: Sequence[Any] | str | None, kind: str) -> list[tuple[str, An
         if isinstance(item, str):
             if registry is None:
                 registry = _registry(kind)
-            plugin = registry.create(item.strip())
+            try:
+                plugin = registry.create(item.strip())
+            except TypeError as exc:  # e.g. a required option such as transfer's surrogate
+                raise UserInputError(f"{kind} {item.strip()!r} cannot be built from its name alone ({first_line(exc)}); "
+                                     "build it in Python or give its options in a registry entry") from None
         else:
             plugin = item
         # a third-party plug-in may implement the call contract without the base class: the evaluator
@@ -284,6 +288,10 @@ def evaluate(model: nn.Module, dataset: Any, threat: ThreatModel, attacks: Seque
     if set(n for n, _ in attack_list) & set(n for n, _ in cert_list):
         raise UserInputError("an attack and a certifier share a name; give them distinct names")
     prefixes = certifier_prefixes(certifier_examples, [n for n, _ in cert_list], len(dataset))
+    white_box = [n for n, a in attack_list if not getattr(a, "black_box", False)]
+    if threat.access == "gray-box" and white_box:
+        raise UserInputError(f"attack {white_box[0]!r} uses the model's gradients; a gray-box threat model allows "
+                             "only attacks that query it (e.g. transfer attacks)")
     from certify.base import guard_unsupported
 
     cert_list, skipped = guard_unsupported(cert_list, model, tuple(dataset.x.shape[1:]), unsupported)

@@ -26,6 +26,7 @@ from ..atomic import atomic_write_bytes
 from ..hashing import sha256_json, tensors_sha256
 from ..leaderboard.records import safe_name
 from .outcome import BatchOutcome, Bounds, Compute, Done
+from ..threat import threat_folder
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +141,12 @@ class ResumeRunner:
 STATE_FOLDER = ".state"
 
 
-def state_dir_for(root: str | Path, dataset: str, norm: str, eps: float, model: str) -> Path:
-    """``<root>/.state/<dataset>/<norm>-<eps>/<model>``: the resume folder of one record."""
-    return Path(root) / STATE_FOLDER / safe_name(dataset) / f"{norm}-{eps:g}" / safe_name(model)
+def state_dir_for(root: str | Path, dataset: str, norm: str, eps: float, model: str, access: str = "white-box") -> Path:
+    """``<root>/.state/<dataset>/<norm>-<eps>[-gray-box]/<model>``: the resume folder of one record."""
+    return Path(root) / STATE_FOLDER / safe_name(dataset) / threat_folder(norm, eps, access) / safe_name(model)
 
 
-def resume_runner_for(root: str | Path, dataset: str, norm: str, eps: float, model: str, key: str) -> ResumeRunner:
+def resume_runner_for(root: str | Path, dataset: str, norm: str, eps: float, model: str, key: str,
+                      access: str = "white-box") -> ResumeRunner:
     """A :class:`ResumeRunner` in the record's resume folder that prunes ``<root>/.state`` when done."""
-    return ResumeRunner(state_dir_for(root, dataset, norm, eps, model), key, prune_below=root)
+    return ResumeRunner(state_dir_for(root, dataset, norm, eps, model, access), key, prune_below=root)

@@ -103,14 +103,14 @@ def _evaluate(job: Job, model: Any, dataset: Any, info: Any, inputs: dict[str, A
         from ..evaluation.resume import resume_runner_for
 
         store = resume_runner_for(options.state_root, job.dataset, job.norm, job.eps, info.name,
-                                  f"{inputs['fingerprint']}:{job.batch_size}")
+                                  f"{inputs['fingerprint']}:{job.batch_size}", access=job.access)
     runner = store
     if group is not None and group.active:
         from ..evaluation.distributed import DistributedRunner
 
         runner = DistributedRunner(group, store)
     try:
-        result = evaluate(model, dataset, ThreatModel(job.norm, job.eps), attacks=job.plugins("attack"),
+        result = evaluate(model, dataset, ThreatModel(job.norm, job.eps, access=job.access), attacks=job.plugins("attack"),
                           certifiers=job.plugins("certifier"), n_examples=job.n_examples,
                           batch_size=job.batch_size, seed=job.seed, device=options.device,
                           individual=job.mode == "individual", progress=options.progress if is_main else None,

@@ -16,6 +16,9 @@ from ..threat import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
 
+#: the one attack suite whose accuracy fills a record's ``autoattack_acc`` (attacks.ensemble names it)
+STANDARD_AUTOATTACK_SUITE = "autoattack-standard"
+
 
 def _same_evaluation(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return (old["model"].get("weights_sha256") == new["model"].get("weights_sha256")
@@ -70,7 +73,8 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     merged.pop("autoattack_acc", None)
     if "autoattack_acc" in new:
         merged["autoattack_acc"] = new["autoattack_acc"]
-    elif "autoattack_acc" in old and kept_attacks and any(a["name"].startswith("autoattack") for a in kept_attacks):
+    elif "autoattack_acc" in old and kept_attacks and any(
+            a["config"].get("suite") == STANDARD_AUTOATTACK_SUITE for a in kept_attacks):
         merged["autoattack_acc"] = old["autoattack_acc"]
     if "wrm_certificate" in old and "wrm_certificate" not in new:
         merged["wrm_certificate"] = old["wrm_certificate"]

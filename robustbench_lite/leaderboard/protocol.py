@@ -41,7 +41,7 @@ MODES = ("cascade", "individual")
 #: the largest n_examples (and batch size) a registry entry may ask for: more than any dataset here holds
 MAX_EXAMPLES = 100_000_000
 _ENTRY_KEYS = {"model", "dataset", "split", "norm", "eps", "attacks", "certifiers", "n_examples", "seed", "mode",
-               "batch_size", "corruptions"}
+               "batch_size", "corruptions", "access"}
 #: a certifier's registry option that is the evaluator's, not the certifier's: run it on the first N examples
 PREFIX_KEY = "n_examples"
 
@@ -63,17 +63,18 @@ class Job:
     n_examples: int
     seed: int = 0
     mode: str = "cascade"
+    access: str = "white-box"
     batch_size: int = field(default=250, compare=False)
 
     @property
-    def table(self) -> tuple[str, str, float]:
-        """The (dataset, norm, eps) table the job's record belongs to."""
-        return (self.dataset, self.norm, self.eps)
+    def table(self) -> tuple[str, str, float, str]:
+        """The (dataset, norm, eps, access) table the job's record belongs to."""
+        return (self.dataset, self.norm, self.eps, self.access)
 
     @property
     def key(self) -> str:
         """``dataset/norm-eps/model``: the record's place under the leaderboard folder."""
-        return f"{self.dataset}/{threat_folder(self.norm, self.eps)}/{self.model}"
+        return f"{self.dataset}/{threat_folder(self.norm, self.eps, self.access)}/{self.model}"
 
     @property
     def is_corruptions(self) -> bool:
@@ -202,13 +203,13 @@ def jobs_from_entries(entries: Iterable[dict[str, Any]], defaults: dict[str, Any
         if entry.get("mode", "cascade") not in MODES:
             raise UserInputError(f"{where}: mode must be one of {', '.join(MODES)}")
         for eps in eps_values:
-            threat = ThreatModel(entry["norm"], float(eps))
+            threat = ThreatModel(entry["norm"], float(eps), access=str(entry.get("access", "white-box")))
             jobs.append(Job(model=str(entry["model"]), dataset=str(entry["dataset"]),
                             split=str(entry.get("split", "test")), norm=threat.norm, eps=float(eps),
                             attacks=_specs(entry.get("attacks", []), "attacks", where),
                             certifiers=_specs(entry.get("certifiers", []), "certifiers", where),
                             n_examples=n, seed=int(entry.get("seed", 0)), mode=str(entry.get("mode", "cascade")),
-                            batch_size=int(entry.get("batch_size", 250))))
+                            access=threat.access, batch_size=int(entry.get("batch_size", 250))))
     keys = [j.key for j in jobs]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
@@ -221,7 +222,8 @@ def _corruption_job(entry: dict[str, Any], raw: dict[str, Any], where: str) -> J
     severities, every one on every example (mode "individual", whatever the defaults' mode)."""
     from ..corruptions.evaluate import corruption_names
 
-    for key, why in (("eps", "has no eps"), ("attacks", "runs no attacks"), ("certifiers", "runs no certifiers")):
+    for key, why in (("eps", "has no eps"), ("attacks", "runs no attacks"), ("certifiers", "runs no certifiers"),
+                     ("access", "has no attacker")):
         if raw.get(key) not in (None, []):  # the defaults' attacks and certifiers are for the Lp entries
             raise UserInputError(f"{where}: '{key}' does not apply: the corruptions threat model {why}")
     if raw.get("mode", "individual") != "individual":
@@ -265,15 +267,16 @@ def load_registry(path: str | Path) -> list[Job]:
     return jobs
 
 
-def check_one_protocol_per_table(jobs: Iterable[Job]) -> dict[tuple[str, str, float], dict[str, Any]]:
+def check_one_protocol_per_table(jobs: Iterable[Job]) -> dict[tuple[str, str, float, str], dict[str, Any]]:
     """The protocol of each table; UserInputError when two jobs put different protocols in one table."""
-    seen: dict[tuple[str, str, float], tuple[Job, dict[str, Any]]] = {}
+    seen: dict[tuple[str, str, float, str], tuple[Job, dict[str, Any]]] = {}
     for job in jobs:
         proto = job_protocol(job)
         if job.table in seen and seen[job.table][1] != proto:
             other = seen[job.table][0]
             diff = sorted(k for k in proto if proto[k] != seen[job.table][1].get(k))
-            raise UserInputError(f"refusing to mix protocols in table {job.dataset} {threat_folder(job.norm, job.eps)}: "
+            raise UserInputError(f"refusing to mix protocols in table {job.dataset} "
+                                 f"{threat_folder(job.norm, job.eps, job.access)}: "
                                  f"{other.model} and {job.model} differ in {', '.join(diff)}")
         seen.setdefault(job.table, (job, proto))
     return {table: proto for table, (_, proto) in seen.items()}

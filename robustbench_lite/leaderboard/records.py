@@ -33,7 +33,7 @@ from ..atomic import atomic_write_text
 from ..errors import CorruptFileError, UserInputError
 from ..evaluation.core import EvaluationResult
 from ..hashing import state_dict_sha256
-from .merge import merge_records
+from .merge import STANDARD_AUTOATTACK_SUITE, merge_records
 from .sections import add_sections
 from ..threat import threat_folder
 from ..zoo.cards import normalization_of, parameter_count
@@ -73,7 +73,8 @@ def safe_name(name: str) -> str:
 def record_path(root: str | Path, record: dict[str, Any]) -> Path:
     """``root/<dataset>/<norm>-<eps:g>/<model>.json`` (``<dataset>/corruptions/...``) for a record."""
     threat = record["threat_model"]
-    return (Path(root) / safe_name(record["dataset"]["name"]) / threat_folder(threat["norm"], threat["eps"])
+    return (Path(root) / safe_name(record["dataset"]["name"])
+            / threat_folder(threat["norm"], threat["eps"], threat.get("access", "white-box"))
             / f"{safe_name(record['model']['name'])}.json")
 
 
@@ -270,11 +271,12 @@ def build_record(result: EvaluationResult, model_info: Any = None, model: nn.Mod
 
 
 def _set_autoattack_acc(record: dict[str, Any]) -> None:
-    """``autoattack_acc``: accuracy under an attack named ``autoattack*`` that saw every correct point."""
+    """``autoattack_acc``: accuracy under the standard AutoAttack suite (``config.suite`` says
+    "autoattack-standard": ours or the reference's own code), run on every correct point."""
     per = record["per_example"]
     n_correct = sum(per["correct"])
     for i, attack in enumerate(record["attacks"]):
-        if attack["name"].split("#")[0].startswith("autoattack") and (
+        if attack["config"].get("suite") == STANDARD_AUTOATTACK_SUITE and (
                 record["mode"] == "individual" or i == 0) and attack["n_attacked"] == n_correct:
             broken = per["attack_success"][attack["name"]]
             record["autoattack_acc"] = sum(c and not b for c, b in zip(per["correct"], broken)) / len(broken)

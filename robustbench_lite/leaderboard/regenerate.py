@@ -112,7 +112,7 @@ def plan(jobs: list[Job], root: Path, force: bool = False) -> list[Planned]:
     out = []
     for job in jobs:
         path = record_path(root, {"dataset": {"name": job.dataset}, "model": {"name": job.model},
-                                  "threat_model": {"norm": job.norm, "eps": job.eps}})
+                                  "threat_model": {"norm": job.norm, "eps": job.eps, "access": job.access}})
         try:
             inputs = job_inputs(job, current_weights_sha256(job.model), current_data_sha256(job))
         except RobustBenchLiteError as err:
@@ -149,7 +149,7 @@ def _write(record: dict[str, Any], root: Path) -> None:
     write_record(record, root, replace=True)
     threat = record["threat_model"]
     resume_runner_for(root, record["dataset"]["name"], threat["norm"], threat["eps"], record["model"]["name"],
-                      "").clear()
+                      "", access=threat.get("access", "white-box")).clear()
 
 
 def regenerate(root: str | Path, registry: str | Path | None = None, only: str | None = None,

@@ -20,7 +20,8 @@ from test_blackbox import Counting
 
 
 def indexed_linf_step(images, best, u, p, threat):
-    """The window step written the straightforward way (gather the window, set it, scatter it back)."""
+    """The window step written the straightforward way (gather the window, set it to the corner
+    ``x +- eps`` clipped to the box, scatter it back), as the reference's Linf sampler does."""
     n, c, h, w = images.shape
     eps, (lo, hi) = threat.eps, threat.box
     s = min(max(int(round(math.sqrt(p * h * w))), 1), h, w)
@@ -28,10 +29,10 @@ def indexed_linf_step(images, best, u, p, threat):
     clean = get_window(images, index)
     lower, upper = (clean - eps).clamp_min(lo), (clean + eps).clamp_max(hi)
     current = get_window(best, index)
-    sign = signs(u[:, 2:2 + c])[:, :, None, None]
-    window = torch.minimum(torch.maximum(current + 2 * eps * sign, lower), upper)
+    sign = signs(u[:, 2:2 + c])[:, :, None, None].expand_as(current)
+    window = torch.where(sign > 0, upper, lower)
     unchanged = (window == current).flatten(1).all(dim=1)
-    flipped = torch.minimum(torch.maximum(current - 2 * eps * sign, lower), upper)
+    flipped = torch.where(sign > 0, lower, upper)
     window = torch.where(unchanged[:, None, None, None], flipped, window)
     out = best.clone()
     batch, rows, cols = index

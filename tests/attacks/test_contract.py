@@ -29,12 +29,23 @@ SMALL = {"steps": 4, "restarts": 1, "n_queries": 40, "square_queries": 40, "max_
 KEEP_DEFAULTS = {"autoattack-ref"}
 
 
+def surrogate_model() -> nn.Sequential:
+    """A model of its own (other width, other seed) for attacks that craft on a surrogate."""
+    torch.manual_seed(1)
+    return nn.Sequential(Normalize((0.5,), (0.25,)), nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+#: required keywords some attacks have -> a value for this test
+REQUIRED = {"surrogate": surrogate_model}
+
+
 def make(name: str):
     factory = ATTACKS.get(name)
     if name in KEEP_DEFAULTS:
         return factory()
     params = inspect.signature(factory).parameters
-    return factory(**{k: v for k, v in SMALL.items() if k in params})
+    needed = {k: make_value() for k, make_value in REQUIRED.items() if k in params}
+    return factory(**{k: v for k, v in SMALL.items() if k in params}, **needed)
 
 
 def tiny_model(classes: int = 10) -> nn.Sequential:
@@ -163,6 +174,10 @@ BAD_PARAMETERS = [
     ("autoattack", {"stages": ["apgd-ce", "fab"]}), ("autoattack", {"stages": []}),
     ("autoattack", {"square_queries": 0}), ("autoattack", {"steps": 0}),
     ("autoattack-ref", {"version": "fast"}), ("autoattack-ref", {"batch_size": 0}),
+    ("fab", {"steps": 0}), ("fab", {"eta": 0.5}), ("fab", {"beta": 1.0}), ("fab", {"alpha_max": 2.0}),
+    ("fab-t", {"n_target_classes": 0}), ("autoattack-fmn", {"stages": ["fab-t", "fab-t"]}),
+    ("transfer", {"surrogate": "no-such-model"}), ("transfer", {"surrogate": "mnist5k-cnn-standard", "loss": "dlr"}),
+    ("transfer", {"surrogate": "mnist5k-cnn-standard", "restarts": 0}),
 ]
 
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from attacks import APGD, APGDT, FGSM, FMN, FMNT, PGD, AutoAttack
+from attacks import APGD, APGDT, FAB, FABT, FGSM, FMN, FMNT, PGD, AutoAttack
 from attacks.apgd import checkpoint_schedule
 from attacks.losses import ce_loss, cw_margin_loss, dlr_loss, get_loss, loss_and_grad
 from digits_model import held_out, trained_mlp
@@ -220,6 +220,7 @@ def test_fewer_classes_adapt_the_number_of_targets(classes):
     assert APGD(loss="dlr", steps=10)(model, x, y, threat).success.shape == (12,)
     fmnt = FMNT(steps=10)(model, x, y, threat)
     assert fmnt.distance.shape == (12,)
+    assert FABT(steps=10)(model, x, y, threat).distance.shape == (12,)
     suite = AutoAttack(steps=10, square_queries=50)(model, x, y, threat)
     pgd = PGD(steps=10)(model, x, y, threat)
     assert int(suite.success.sum()) >= int(pgd.success.sum())
@@ -242,7 +243,7 @@ class NanGradient(nn.Module):
 
 
 GRADIENT_ATTACKS = [FGSM(), PGD(steps=3), APGD(steps=5), APGDT(steps=5, n_target_classes=2), FMN(steps=3),
-                    FMNT(steps=3, n_target_classes=2)]
+                    FMNT(steps=3, n_target_classes=2), FAB(steps=3), FABT(steps=3, n_target_classes=2)]
 
 
 @pytest.mark.parametrize("attack", GRADIENT_ATTACKS, ids=lambda a: a.name)

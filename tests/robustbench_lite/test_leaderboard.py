@@ -222,6 +222,9 @@ def test_autoattack_acc_only_when_autoattack_saw_every_correct_point(tmp_path):
         def __init__(self) -> None:
             super().__init__(rel_stepsize=0.5)
 
+        def config(self):
+            return dict(super().config(), suite="autoattack-standard")
+
     eps = 0.3
     alone, model = run((AutoLike(),), eps=eps)
     expected = float((alone.correct & ~alone.attack_success["autoattack"]).double().mean())
@@ -231,6 +234,27 @@ def test_autoattack_acc_only_when_autoattack_saw_every_correct_point(tmp_path):
         assert rec["robust_acc"] < rec["autoattack_acc"]  # PGD broke points FGSM left: not robust_acc
     assert "autoattack_acc" not in record(("pgd", AutoLike()), eps=eps)  # after PGD it saw only survivors
     assert record(("pgd", AutoLike()), eps=eps, individual=True)["autoattack_acc"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_autoattack_acc_only_from_the_standard_suite_on_every_correct_point(tmp_path):
+    from attacks import FGSM
+
+    class StandardLike(FGSM):
+        name = "mine"
+
+        def config(self):
+            return dict(super().config(), suite="autoattack-standard")
+
+    class NamedLike(FGSM):
+        name = "autoattack"  # the name alone is not the standard suite
+
+        def config(self):
+            return dict(super().config(), suite="autoattack-fmn")
+
+    rec = record((StandardLike(),))
+    assert rec["autoattack_acc"] == rec["robust_acc"]
+    assert "autoattack_acc" not in record(("pgd", StandardLike()))  # the cascade's second attack saw fewer points
+    assert "autoattack_acc" not in record((NamedLike(),))
 
 
 def test_record_files_are_never_written_into_the_repo(tmp_path):

@@ -92,7 +92,7 @@ def test_tables_group_sort_and_set_apart_other_protocols(tmp_path):
     assert not first.registered
     # with the registry's protocol being the quick one, the full runs are the ones set apart
     quick = next(r for r, _ in first.apart)
-    tables = build_tables(load_records(tmp_path), {("toy", "Linf", 0.05): record_protocol(quick)})
+    tables = build_tables(load_records(tmp_path), {("toy", "Linf", 0.05, "white-box"): record_protocol(quick)})
     assert [r["model"]["name"] for r in tables[0].rows] == ["quick"] and tables[0].registered
     assert sorted(r["model"]["name"] for r, _ in tables[0].apart) == ["strong", "weak"]
 

@@ -60,7 +60,7 @@ def plot_robust_vs_eps(tables: list[Table], out_dir: Path) -> list[Path]:
     series: dict[tuple[str, str], dict[str, dict[float, float]]] = {}
     clean: dict[tuple[str, str], dict[str, float]] = {}
     for t in tables:
-        if t.kind == CORRUPTIONS:  # no radius to plot against
+        if t.kind == CORRUPTIONS or t.access != "white-box":  # no radius to plot against; another attacker
             continue
         for r in t.rows:
             name = r["model"]["name"]

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from ..protocol import protocol_differences, record_protocol
 from ...threat import CORRUPTIONS_NORM
 
-TableKey = tuple[str, str, float]
+TableKey = tuple[str, str, float, str]
 
 COLUMNS = ("rank", "model", "defense", "clean %", "robust %", "certified %", "unresolved %", "AA %",
            "certified % by certifier")
@@ -45,19 +45,22 @@ class Table:
     rows: list[dict[str, Any]] = field(default_factory=list)
     apart: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
     kind: str = ADVERSARIAL
+    access: str = "white-box"
 
     @property
     def title(self) -> str:
         if self.kind == CORRUPTIONS:
             return f"{self.dataset}, common corruptions (ranked by mean corruption accuracy)"
         suffix = " (ranked by worst-group accuracy)" if self.kind == GROUPS else ""
+        suffix += ", gray-box: transfer attacks" if self.access != "white-box" else ""
         return f"{self.dataset}, {self.norm} eps = {self.eps:g}{suffix}"
 
     @property
     def anchor(self) -> str:
         if self.kind == CORRUPTIONS:
             return f"{self.dataset}-corruptions".lower()
-        return f"{self.dataset}-{self.norm}-{self.eps:g}".lower().replace(".", "_")
+        access = "" if self.access == "white-box" else f"-{self.access}"
+        return f"{self.dataset}-{self.norm}-{self.eps:g}{access}".lower().replace(".", "_")
 
     @property
     def corruption_names(self) -> list[str]:
@@ -111,7 +114,7 @@ def table_kind(norm: str, records: Iterable[dict[str, Any]]) -> str:
 
 def table_key(record: dict[str, Any]) -> TableKey:
     t = record["threat_model"]
-    return (record["dataset"]["name"], t["norm"], float(t["eps"]))
+    return (record["dataset"]["name"], t["norm"], float(t["eps"]), t.get("access", "white-box"))
 
 
 def build_tables(records: Iterable[dict[str, Any]],
@@ -129,7 +132,7 @@ def build_tables(records: Iterable[dict[str, Any]],
             counts = Counter(json.dumps(record_protocol(r), sort_keys=True) for r in recs)
             protocol = json.loads(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0])
         kind = table_kind(key[1], recs)
-        table = Table(*key, protocol=protocol, registered=registered, kind=kind)
+        table = Table(*key[:3], protocol=protocol, registered=registered, kind=kind, access=key[3])
         for r in sorted(recs, key=SORT_KEYS[kind]):
             diff = protocol_differences(r, protocol)
             if diff:
