@@ -16,6 +16,7 @@ from .plots import plot_certified_band
 from .plots import plot_corruption_severity
 from .plots import plot_min_norm
 from .plots import plot_robust_vs_eps
+from .selective import plot_selective
 from .tables import Table
 from .tables import TableKey
 from .tables import build_tables
@@ -56,7 +57,8 @@ def render_all(root: str | Path, registry: str | Path | None = None) -> list[Pat
     tables = tables_for(root, registry=registry)
     plot_dir = root / "plots"
     plots = (plot_robust_vs_eps(tables, plot_dir) + plot_certified_band(tables, plot_dir)
-             + plot_min_norm(tables, plot_dir) + plot_corruption_severity(tables, plot_dir))
+             + plot_min_norm(tables, plot_dir) + plot_corruption_severity(tables, plot_dir)
+             + plot_selective(tables, plot_dir))
     for stale in set(plot_dir.glob("*.png")) - set(plots) if plot_dir.exists() else ():
         stale.unlink()
     readme, page = root / "README.md", root / "index.html"
