@@ -210,12 +210,15 @@ def _ranked_blocks(scores: Tensor, correct: Tensor, onehot: Tensor) -> tuple[Ten
 
 
 def _area(covered: Tensor, right: Tensor, total: float) -> float | None:
-    """Area under accuracy against coverage, a step per threshold: sum_j (c_j - c_{j-1}) * acc_j."""
-    steps = torch.diff(covered, prepend=covered.new_zeros(1))
-    mask = covered > 0
+    """Area under accuracy against coverage, a step per threshold: sum_j (c_j - c_{j-1}) * acc_j.
+
+    Summed as counts times accuracies, divided once: each term is at most its count, so the float
+    result never exceeds 1 (per-step fractions could add up to 1 + 2e-16)."""
     if total == 0:
         return None
-    return float((steps[mask] / total * right[mask] / covered[mask]).sum())
+    steps = torch.diff(covered, prepend=covered.new_zeros(1))
+    mask = covered > 0
+    return float((steps[mask] * (right[mask] / covered[mask])).sum() / total)
 
 
 def _selective_inputs(scores: Tensor, correct: Tensor, groups: Tensor | None,

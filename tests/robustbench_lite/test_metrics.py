@@ -177,6 +177,13 @@ def test_selective_accuracy_is_the_accuracy_of_the_covered_set(rows, coverage):
         assert out["auc"] == pytest.approx(float((ranked.cumsum(0) / torch.arange(1, n + 1)).mean()))
 
 
+def test_selective_area_of_a_perfect_group_is_exactly_one():
+    # thirteen steps of 1/13 add up to 1.0000000000000002 in torch; a record's fraction must stay <= 1
+    scores = torch.arange(13.0)
+    out = selective_accuracy(scores, torch.ones(13, dtype=torch.bool), torch.zeros(13, dtype=torch.long))
+    assert out["auc"] == 1.0 and out["group_auc"] == [1.0]
+
+
 def test_selective_coverage_needs_no_float_luck():
     # 0.55 * 100 is 55.00000000000001 in floats: 55 % coverage must cover 55 examples, not 56
     out = selective_accuracy(torch.arange(100.0), torch.ones(100, dtype=torch.bool), coverages=[0.55])
