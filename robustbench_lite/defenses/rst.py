@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from robustbench_lite.data.dataset import Dataset
 from robustbench_lite.data.semisupervised import UnlabeledImages
-from robustbench_lite.errors import UserInputError
+from robustbench_lite.errors import UserInputError, checked_int, checked_number
 from robustbench_lite.seeding import mix
 
 from .base import add_option
@@ -154,14 +154,12 @@ class RST(TRADES):
                  beta: float = 6.0, unlabeled_fraction: float = 0.5, teacher_epochs: int = 40,
                  teacher_lr: float = 1e-3, teacher_batch_size: int = 50, seed: int = 0) -> None:
         super().__init__(eps=eps, norm=norm, steps=steps, step_size=step_size, beta=beta, seed=seed)
-        if not 0 < unlabeled_fraction < 1:
+        self.unlabeled_fraction = checked_number("unlabeled_fraction", unlabeled_fraction, above=0)
+        if not self.unlabeled_fraction < 1:
             raise UserInputError(f"unlabeled_fraction must lie in (0, 1), got {unlabeled_fraction!r}")
-        if int(teacher_epochs) < 1 or int(teacher_batch_size) < 1 or not teacher_lr > 0:
-            raise UserInputError("teacher_epochs and teacher_batch_size must be >= 1 and teacher_lr > 0")
-        self.unlabeled_fraction = float(unlabeled_fraction)
-        self.teacher_epochs = int(teacher_epochs)
-        self.teacher_lr = float(teacher_lr)
-        self.teacher_batch_size = int(teacher_batch_size)
+        self.teacher_epochs = checked_int("teacher_epochs", teacher_epochs, minimum=1)
+        self.teacher_lr = checked_number("teacher_lr", teacher_lr, above=0)
+        self.teacher_batch_size = checked_int("teacher_batch_size", teacher_batch_size, minimum=1)
         self._report: dict[str, Any] = {}
 
     def per_example_loss(self, model: nn.Module, x: Tensor, y: Tensor, indices: Tensor | None = None) -> Tensor:

@@ -55,6 +55,10 @@ def test_rst_loss_is_trades_on_labeled_rows_and_the_weighted_mean_on_a_mixed_bat
     (lambda: RST(unlabeled_fraction=1.0), "unlabeled_fraction"),
     (lambda: RST(teacher_epochs=0), "teacher_epochs"),
     (lambda: RST(teacher_lr=0.0), "teacher_lr"),
+    (lambda: RST(teacher_lr=float("nan")), "teacher_lr must be finite"),
+    (lambda: RST(unlabeled_fraction=float("nan")), "unlabeled_fraction must be finite"),
+    (lambda: RST(teacher_epochs=2.5), "teacher_epochs must be an integer"),
+    (lambda: RST(teacher_batch_size=0), "teacher_batch_size must be >= 1"),
 ])
 def test_parameter_checks(make, message):
     with pytest.raises(UserInputError, match=message):
