@@ -66,6 +66,7 @@ def record_path(runs: Path, key: str, seed: int, eps: float) -> Path:
 
 
 def evaluate_all(runs: Path, seeds: list[int], eps_list: list[float], n: int) -> None:
+    from robustbench_lite.atomic import atomic_write_text
     from robustbench_lite.data import load_dataset
     from robustbench_lite.evaluate import evaluate
     from robustbench_lite.leaderboard import build_record, to_json_text
@@ -83,15 +84,21 @@ def evaluate_all(runs: Path, seeds: list[int], eps_list: list[float], n: int) ->
                 result = evaluate(model, test, ThreatModel("Linf", eps), attacks=["pgd", "autoattack"],
                                   certifiers=[], n_examples=n, batch_size=250, seed=0)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(to_json_text(build_record(result, info, model)))
+                atomic_write_text(path, to_json_text(build_record(result, info, model)))  # no half record to skip
                 print(f"evaluated {path.name}: clean {result.clean_acc:.3f} robust {result.robust_acc:.3f}", flush=True)
 
 
-def flags(runs: Path, key: str, seed: int, eps: float, which: str = "robust") -> np.ndarray | None:
+def flags(runs: Path, key: str, seed: int, eps: float, n: int, which: str = "robust") -> np.ndarray | None:
+    """Per-example flags of the first ``n`` test images (a record of more images is cut: each example's
+    result is seeded by the example alone), or None without a record."""
     path = record_path(runs, key, seed, eps)
     if not path.is_file():
         return None
-    return np.array(json.loads(path.read_text())["per_example"][which], dtype=np.float64)
+    record = json.loads(path.read_text())
+    if record["dataset"]["indices"]["start"] != 0 or record["dataset"]["n_examples"] < n:
+        raise SystemExit(f"{path}: covers {record['dataset']['n_examples']} images from index "
+                         f"{record['dataset']['indices']['start']}, not the first {n}")
+    return np.array(record["per_example"][which][:n], dtype=np.float64)
 
 
 def gaps(r_l: np.ndarray, r_rst: np.ndarray, r_c: np.ndarray) -> dict[str, np.ndarray]:
@@ -110,7 +117,8 @@ def paired_bootstrap(l: np.ndarray, rst: np.ndarray, c: np.ndarray, resamples: i
     out = {}
     for k, v in boot.items():
         finite = v[np.isfinite(v)]
-        out[k] = (point[k], *np.percentile(finite, [2.5, 97.5]).tolist(), 1 - len(finite) / len(v))
+        interval = np.percentile(finite, [2.5, 97.5]).tolist() if len(finite) else [float("nan")] * 2
+        out[k] = (point[k], *interval, 1 - len(finite) / len(v))
     return out
 
 
@@ -123,17 +131,17 @@ def over_seeds(values: list[float]) -> tuple[float, float, float]:
     return float(a.mean()), float(a.mean() - half), float(a.mean() + half)
 
 
-def report(runs: Path, seeds: list[int], eps_list: list[float]) -> str:
+def report(runs: Path, seeds: list[int], eps_list: list[float], n: int = 1000) -> str:
     lines = []
     for eps in eps_list:
-        lines.append(f"== Linf eps {eps:g}: robust accuracy (PGD-40 + AutoAttack, first 1,000 mnist5k test images) ==")
+        lines.append(f"== Linf eps {eps:g}: robust accuracy (PGD-40 + AutoAttack, first {n:,} mnist5k test images) ==")
         lines.append(f"{'seed':>4}  {'L clean':>7} {'L':>6}  {'RST clean':>9} {'RST':>6}  {'C clean':>7} {'C':>6}  "
                      f"{'d1 = RST-L [95% CI]':>24}  {'d2 = C-RST [95% CI]':>24}  {'R [95% CI]':>22}")
         per_seed = {"d1": [], "d2": [], "R": [], "L": [], "RST": [], "C": []}
         first = None
         for seed in seeds:
-            robust = {k: flags(runs, k, seed, eps) for k in CONFIGS}
-            clean = {k: flags(runs, k, seed, eps, "correct") for k in CONFIGS}
+            robust = {k: flags(runs, k, seed, eps, n) for k in CONFIGS}
+            clean = {k: flags(runs, k, seed, eps, n, "correct") for k in CONFIGS}
             if any(v is None for v in robust.values()):
                 lines.append(f"{seed:>4}  (not all three models evaluated)")
                 continue
@@ -183,7 +191,7 @@ def main() -> None:
         train_all(args.runs, args.seeds)
     if args.evaluate:
         evaluate_all(args.runs, args.seeds, args.eps, args.n)
-    print(report(args.runs, args.seeds, args.eps))
+    print(report(args.runs, args.seeds, args.eps, args.n))
 
 
 if __name__ == "__main__":
