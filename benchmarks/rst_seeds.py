@@ -68,8 +68,8 @@ def record_path(runs: Path, key: str, seed: int, eps: float) -> Path:
 def evaluate_all(runs: Path, seeds: list[int], eps_list: list[float], n: int) -> None:
     from robustbench_lite.atomic import atomic_write_text
     from robustbench_lite.data import load_dataset
-    from robustbench_lite.evaluate import evaluate
-    from robustbench_lite.leaderboard import build_record, to_json_text
+    from robustbench_lite.evaluation.core import evaluate
+    from robustbench_lite.leaderboard.records import build_record, to_json_text
     from robustbench_lite.threat import ThreatModel
     from robustbench_lite.zoo import load_model_with_info
 
