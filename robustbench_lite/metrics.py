@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -238,3 +239,137 @@ def wrm_report(model: nn.Module, x: Tensor, y: Tensor, *, gamma: float, gammas_a
             "phi_shortfall": shortfall, "ascent_grad_norm": float(phi.grad_norm.mean()),
             "ascent_grad_norm_max": float(phi.grad_norm.max()), "n_examples": int(x.shape[0]), "steps": int(steps),
             "restarts": int(restarts), "rows": rows, "bound_holds": all(r["bound_holds"] for r in rows)}
+
+
+# --- selective classification ---------------------------------------------------------------------------
+SCORES = ("softmax", "margin")
+DEFAULT_COVERAGES = (1.0, 0.9, 0.8, 0.5)
+
+
+def confidence_scores(logits: Tensor, score: str = "softmax") -> Tensor:
+    """Confidence of each prediction, (N, K) logits -> (N,) float64; higher means more confident.
+
+    ``softmax``: the softmax response max_k p_k (Geifman & El-Yaniv 2017; Jones et al. 2021's default),
+    returned as its log-odds ``log(p_top / (1 - p_top)) = z_top - logsumexp_{k != top} z_k``: the same
+    order as p_top, without p_top rounding to 1.0 on confident inputs. ``margin``: ``z_top - z_second``.
+    """
+    if score not in SCORES:
+        raise UserInputError(f"unknown confidence score {score!r}: choose one of {', '.join(SCORES)}")
+    z = torch.as_tensor(logits).detach().double()
+    if z.dim() != 2 or z.shape[1] < 2:
+        raise UserInputError(f"confidence scores need (N, K >= 2) logits, got {tuple(z.shape)}")
+    top2 = z.topk(2, dim=1).values
+    if score == "margin":
+        return top2[:, 0] - top2[:, 1]
+    others = z.scatter(1, z.argmax(1, keepdim=True), float("-inf"))
+    return top2[:, 0] - torch.logsumexp(others, dim=1)
+
+
+def _ranked_blocks(scores: Tensor, correct: Tensor, onehot: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Examples sorted by decreasing score, cut after each distinct score (ties are never split).
+    Returns per threshold j: its score, the covered count n_j, correct count, and (J, G) per-group
+    covered / correct counts stacked as (J, 2, G)."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    s, ok, oh = scores[order], correct[order].double(), onehot[order]
+    ends = torch.cat([(s[1:] != s[:-1]).nonzero().flatten(), torch.tensor([len(s) - 1])])
+    covered = ends + 1
+    right = ok.cumsum(0)[ends]
+    per_group = torch.stack([oh.cumsum(0)[ends], (oh * ok[:, None]).cumsum(0)[ends]], dim=1)
+    return s[ends], covered, right, per_group
+
+
+def _area(covered: Tensor, right: Tensor, total: float) -> float | None:
+    """Area under accuracy against coverage, a step per threshold: sum_j (c_j - c_{j-1}) * acc_j.
+
+    Summed as counts times accuracies, divided once: each term is at most its count, so the float
+    result never exceeds 1 (per-step fractions could add up to 1 + 2e-16)."""
+    if total == 0:
+        return None
+    steps = torch.diff(covered, prepend=covered.new_zeros(1))
+    mask = covered > 0
+    return float((steps[mask] * (right[mask] / covered[mask])).sum() / total)
+
+
+def _selective_inputs(scores: Tensor, correct: Tensor, groups: Tensor | None,
+                      num_groups: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Checked (N,) float64 scores, (N,) bool flags and the (N, G) one-hot groups (G = 0 without groups)."""
+    scores = torch.as_tensor(scores).detach().double().flatten().cpu()
+    correct = torch.as_tensor(correct).flatten().bool().cpu()
+    n = scores.numel()
+    if n == 0 or correct.numel() != n:
+        raise UserInputError(f"selective accuracy needs one correct flag per score and at least one example "
+                             f"(got {n} scores, {correct.numel()} flags)")
+    if not torch.isfinite(scores).all():
+        raise UserInputError("confidence scores must be finite")
+    if groups is None:
+        return scores, correct, torch.zeros(n, 0, dtype=torch.float64)
+    groups = torch.as_tensor(groups).flatten().long().cpu()
+    count = int(groups.max()) + 1 if num_groups is None else int(num_groups)
+    if groups.numel() != n or int(groups.min()) < 0 or int(groups.max()) >= count:
+        raise UserInputError(f"groups must be {n} ints in 0..{count - 1}, one per score")
+    return scores, correct, F.one_hot(groups, count).double()
+
+
+def selective_accuracy(scores: Tensor, correct: Tensor, groups: Tensor | None = None,
+                       coverages: Sequence[float] = DEFAULT_COVERAGES, *, num_groups: int | None = None) -> dict[str, Any]:
+    """Selective accuracy at fixed coverages, on average and per group, and the area under each curve.
+
+    The classifier predicts on examples whose score is >= a threshold tau and abstains on the rest;
+    one tau for all groups. For a target coverage c, tau is the highest threshold that covers at
+    least ``ceil(c * N)`` examples (examples with equal scores are covered together, so the achieved
+    coverage can exceed c). scores (N,) (higher = more confident, e.g. :func:`confidence_scores`),
+    correct (N,) bool, groups (N,) ints in 0..G-1 or None (G = ``num_groups`` or max + 1), coverages in (0, 1].
+
+    Returns ``coverages``, ``achieved_coverage``, ``threshold``, ``avg_acc`` (one per coverage) and
+    ``auc`` (area under the average curve); with groups also ``group_acc`` / ``group_coverage``
+    (per coverage, a list over group ids, None where the group has no covered example / no example),
+    ``worst_group_acc`` / ``worst_group`` (over the groups with a covered example), ``group_auc`` (each
+    group's area against its own coverage; None for an empty group) and ``worst_group_auc``.
+
+    >>> selective_accuracy(torch.tensor([0.9, 0.2]), torch.tensor([True, False]), coverages=[1.0, 0.5])["avg_acc"]
+    [0.5, 1.0]
+    """
+    scores, correct, onehot = _selective_inputs(scores, correct, groups, num_groups)
+    cov = [float(c) for c in coverages]
+    if not cov or any(not 0 < c <= 1 for c in cov):
+        raise UserInputError(f"coverages must lie in (0, 1], got {list(coverages)!r}")
+    n = scores.numel()
+    thresholds, covered, right, per_group = _ranked_blocks(scores, correct, onehot)
+    picks = [int(torch.searchsorted(covered, torch.tensor(math.ceil(c * n - 1e-9)))) for c in cov]
+    out: dict[str, Any] = {
+        "metric": "selective_accuracy", "coverages": cov,
+        "achieved_coverage": [int(covered[j]) / n for j in picks],
+        "threshold": [float(thresholds[j]) for j in picks],
+        "avg_acc": [float(right[j] / covered[j]) for j in picks],
+        "auc": _area(covered.double(), right, n),
+    }
+    if groups is None:
+        return out
+    sizes = onehot.sum(0)
+    g_cov, g_right = per_group[:, 0], per_group[:, 1]
+    out["group_acc"] = [[float(g_right[j, g] / g_cov[j, g]) if g_cov[j, g] > 0 else None for g in range(len(sizes))]
+                        for j in picks]
+    out["group_coverage"] = [[float(g_cov[j, g] / sizes[g]) if sizes[g] > 0 else None for g in range(len(sizes))]
+                             for j in picks]
+    worst = [min((a, g) for g, a in enumerate(row) if a is not None) for row in out["group_acc"]]
+    out["worst_group_acc"] = [a for a, _ in worst]
+    out["worst_group"] = [g for _, g in worst]
+    out["group_auc"] = [_area(g_cov[:, g], g_right[:, g], float(sizes[g])) for g in range(len(sizes))]
+    out["worst_group_auc"] = min(a for a in out["group_auc"] if a is not None)
+    return out
+
+
+def selective_curves(scores: Tensor, correct: Tensor, groups: Tensor | None = None, *,
+                     num_groups: int | None = None) -> dict[str, Any]:
+    """The whole accuracy-coverage curve, one point per distinct threshold: ``coverage`` (J,) the
+    average coverage, ``avg_acc`` (J,), and with groups ``group_acc`` (G lists of J, None where the
+    group has no covered example yet). Same conventions as :func:`selective_accuracy`; for plots."""
+    scores, correct, onehot = _selective_inputs(scores, correct, groups, num_groups)
+    _, covered, right, per_group = _ranked_blocks(scores, correct, onehot)
+    out: dict[str, Any] = {"coverage": (covered.double() / len(scores)).tolist(),
+                           "avg_acc": (right / covered).tolist()}
+    if groups is not None:
+        g_cov, g_right = per_group[:, 0], per_group[:, 1]
+        out["group_acc"] = [[float(r / c) if c > 0 else None for r, c in zip(g_right[:, g], g_cov[:, g])]
+                            for g in range(onehot.shape[1])]
+    return out

@@ -148,7 +148,7 @@ def train(model: nn.Module, dataset: Any, defense: Defense, config: TrainConfig,
           resume: bool = False, progress: bool = False, device: str | torch.device = "cpu",
           on_epoch_end: Callable[[nn.Module, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train ``model`` in place on ``dataset`` (``.x`` (N, C, H, W) in [0, 1], ``.y``, optional ``.indices``,
-    ``.groups``) with ``defense.loss``; returns the per-epoch log (loss, train_acc, lr, schedule, seconds).
+    ``.groups``, ``.pseudo``) with ``defense.loss``; returns the per-epoch log (loss, train_acc, lr, schedule, seconds).
 
     With ``checkpoint``, the state after every epoch is saved there; ``resume=True`` continues from it.
     ``on_epoch_end(model, entry)`` runs after each epoch, before the entry is logged and checkpointed; it
@@ -159,6 +159,7 @@ def train(model: nn.Module, dataset: Any, defense: Defense, config: TrainConfig,
     indices = getattr(dataset, "indices", None)
     indices = torch.arange(len(x)) if indices is None else indices.cpu()
     groups = getattr(dataset, "groups", None)
+    pseudo = getattr(dataset, "pseudo", None)
     optimizer = make_optimizer(model, config)
     fingerprint = _fingerprint(model, dataset, defense, config)
     start, history = 0, []
@@ -187,6 +188,8 @@ def train(model: nn.Module, dataset: Any, defense: Defense, config: TrainConfig,
             batch = {"indices": indices[pos], "epoch": epoch, "step": step, "steps_per_epoch": steps_per_epoch}
             if groups is not None:
                 batch["groups"] = groups[pos].to(device)
+            if pseudo is not None:
+                batch["pseudo"] = pseudo[pos].to(device)
             loss = defense.loss(model, x[pos.to(device)], y[pos.to(device)], **batch)
             if not torch.isfinite(loss):
                 raise UserInputError(f"the training loss became {loss.item()} at epoch {epoch + 1}: training diverged; "
@@ -347,8 +350,11 @@ def run(args: argparse.Namespace) -> int:
                          lr_schedule=args.lr_schedule)
     defense = defense_cls.from_args(args)
     train_set, test_set = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
+    def build_model() -> nn.Module:
+        return architectures.build(args.arch, num_classes=train_set.num_classes)
+
     torch.manual_seed(args.seed)
-    model = architectures.build(args.arch, num_classes=train_set.num_classes)
+    model = build_model()
     try:
         with torch.no_grad():
             model.eval()(train_set.x[:1])
@@ -362,6 +368,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"{ckpt} exists: pass --resume to continue that run, or choose another --out or --name")
     command = training_command(args, defense_cls)
     log.info("training %s: %s", name, command)
+    train_set = defense.prepare(train_set, build_model, device=args.device)
     selector = WorstGroupSelection(load_dataset(args.dataset, "val"), out / f"{name}.best.safetensors") \
         if args.select == "worst-group-val" else None
     history = train(model, train_set, defense, config, checkpoint=ckpt, resume=args.resume,
@@ -385,6 +392,9 @@ def run(args: argparse.Namespace) -> int:
         "versions": {"robustbench_lite": __version__, "torch": torch.__version__},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    extra = defense.report(test_set)
+    if extra:
+        card["training"][defense.name] = extra
     atomic_write_bytes(weights, weights_bytes)  # the card is complete before either file is written
     atomic_write_text(out / f"{name}.card.json", json.dumps(card, indent=1) + "\n")
     log.info("%s: clean accuracy %.4f on %d %s test images; wrote %s", name, card["clean_acc"], len(test_set),

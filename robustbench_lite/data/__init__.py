@@ -15,6 +15,8 @@ Names (:data:`DATASET_NAMES`):
   trust (:mod:`.torchvision_sets`).
 - ``colored-mnist5k``, ``colored-digits`` (and ``colored-mnist5k-10``): the spurious-correlation
   benchmark with (class, colour) groups and splits train / val / test (:mod:`.colored`).
+- ``mnist5k-ssl``: mnist5k's train split as 1,000 labeled images and 3,000 unlabeled ones whose labels
+  the loader withholds, for robust self-training (:mod:`.semisupervised`).
 
 Normalization never happens here: it belongs to the model (``zoo.architectures.Normalize``).
 """
@@ -24,8 +26,10 @@ from __future__ import annotations
 from . import embedded as _embedded  # noqa: F401  # isort: skip
 from . import torchvision_sets as _torchvision_sets  # noqa: F401  # isort: skip
 from . import colored as _colored  # noqa: F401  # isort: skip
+from . import semisupervised as _semisupervised  # noqa: F401  # isort: skip
 from .cache import cache_dir
 from .dataset import Dataset
+from .semisupervised import UnlabeledImages, unlabeled_images, withheld_labels
 from .registry import (
     BUILTIN_NAMES,
     DATASETS,
@@ -50,4 +54,7 @@ __all__ = [
     "default_data_dir",
     "load_dataset",
     "register_dataset",
+    "UnlabeledImages",
+    "unlabeled_images",
+    "withheld_labels",
 ]

@@ -10,6 +10,7 @@ from .augmix import AugMix
 from .base import Defense, add_option
 from .certified import IBPTraining
 from .group_dro import GroupDRO
+from .rst import RST
 from .standard import Standard
 from .trades import TRADES
 from .wrm import WRM
@@ -22,6 +23,7 @@ DEFENSES.register("augmix", AugMix)
 DEFENSES.register("wrm", WRM)
 DEFENSES.register("group-dro", GroupDRO)
 DEFENSES.register("ibp", IBPTraining)
+DEFENSES.register("rst", RST)
 
 __all__ = ["DEFENSES", "Defense", "PGDAT", "Standard", "add_option"]
-__all__ += ["AugMix", "GroupDRO", "IBPTraining", "TRADES", "WRM"]
+__all__ += ["AugMix", "GroupDRO", "IBPTraining", "RST", "TRADES", "WRM"]

@@ -2,11 +2,13 @@
 
 ``defense.loss(model, x, y, **batch) -> Tensor`` returns a scalar to minimise for one batch. ``batch``
 carries what a loop knows about the batch beyond images and labels: ``indices`` (N,) dataset indices
-(for per-example seeds), ``groups`` (N,) group labels where the dataset has them, ``epoch``, and
+(for per-example seeds), ``groups`` (N,) group labels where the dataset has them, ``pseudo`` (N,) bool
+where the label is a pseudo-label (robust self-training's pool), ``epoch``, and
 ``step`` / ``steps_per_epoch`` (position in the epoch, for schedules finer than an epoch). A defense
 may keep state across batches (e.g. group weights); :meth:`Defense.state_dict` returns it as tensors
 so a checkpoint can restore it, and :meth:`Defense.on_epoch_start` lets it follow a schedule
-(e.g. an eps ramp-up).
+(e.g. an eps ramp-up). A defense that needs work before the loop (RST trains a teacher and
+pseudo-labels unlabeled images) does it in :meth:`Defense.prepare`, which returns the training set.
 
 ``robustbench-lite train`` builds a defense from its command line through :meth:`Defense.add_arguments`
 and :meth:`Defense.from_args`, so a new defense adds its own options without touching the loop.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import abc
 import argparse
-from typing import Any
+from typing import Any, Callable
 
 from torch import Tensor, nn
 
@@ -78,6 +80,15 @@ class Defense(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def prepare(self, train_set: Any, build_model: Callable[[], nn.Module], *, device: Any = "cpu") -> Any:
+        """Called once before the loop with the training split and a factory of fresh models (same
+        architecture); returns the set to train on. Default: ``train_set`` unchanged."""
+        return train_set
+
+    def report(self, test_set: Any = None) -> dict[str, Any]:
+        """What :meth:`prepare` did (e.g. RST's teacher), for the model card; empty by default."""
+        return {}
 
     # --- command line -----------------------------------------------------------------------------
     @classmethod

@@ -74,7 +74,9 @@ class EvaluationResult:
     ``refuted_by[name]``: (N,) bool, a certifier's checked counterexample broke the example (certifiers
     that returned counterexamples); ``certifier_examples[name]``: the certifier ran only on the first
     that many examples (the others read ``skipped: beyond the first N examples``); ``rejected[name]``:
-    (N,) uint8, why the evaluator rejected a plug-in's claimed point (:mod:`robustbench_lite.evaluation.claims`).
+    (N,) uint8, why the evaluator rejected a plug-in's claimed point (:mod:`robustbench_lite.evaluation.claims`);
+    ``clean_logits`` (N, K) and, when attacks ran, ``adversarial_logits`` (N, K) at each example's
+    deciding adversarial point (the breaking one, else the last attack's; the clean input where no attack ran).
     """
 
     dataset: str
@@ -101,6 +103,8 @@ class EvaluationResult:
     refuted_by: dict[str, Tensor] = field(default_factory=dict)
     certifier_examples: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, Tensor] = field(default_factory=dict)
+    clean_logits: Tensor | None = None
+    adversarial_logits: Tensor | None = None
 
     @property
     def n_examples(self) -> int:
@@ -432,6 +436,7 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
                 for name, _ in attack_list + cert_list if any(name in o.rejected for o in outcomes)}
     x_worst = torch.cat([o.x_worst for o in outcomes]).to(x_all.dtype)
     logits_all = [o.logits for o in outcomes]
+    adversarial_logits = _logits_at(model, x_worst, batch_size, dev) if attack_list else None
     for name, _ in attack_list:
         reports[name].accuracy = _mean(robust_after[name])
     for name, _ in cert_list:
@@ -444,6 +449,7 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
         certifiers=[reports[n_] for n_, _ in cert_list], seconds=time.perf_counter() - started,
         clean_forward=n, distances=distances, **group_fields(dataset), refuted_by=refuted,
         certifier_examples=dict(prefixes or {}), rejected=rejected,
+        clean_logits=torch.cat(logits_all).cpu(), adversarial_logits=adversarial_logits,
     )
     ctx = checks_module.CheckContext(
         model=model, x=x_all.to(dev), y=y_all.to(dev), indices=indices, clean_logits=torch.cat(logits_all),
@@ -453,6 +459,12 @@ def _run(model: nn.Module, dataset: Any, threat: ThreatModel, attack_list: list[
                 "seeds": seeds_all},
     )
     return result, ctx
+
+
+def _logits_at(model: nn.Module, x: Tensor, batch_size: int, dev: torch.device) -> Tensor:
+    """Logits (N, K) on the CPU of the points ``x`` (N, ...), in batches (the model is in eval mode)."""
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
 
 
 def group_fields(dataset: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from ..errors import SoundnessError, UserInputError
-from .sections import refresh_sections
+from .sections import merge_confidence, refresh_sections
 from ..threat import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def merge_records(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         merged["wrm_certificate"] = old["wrm_certificate"]
     elif "wrm_certificate" in new:  # the new certificate's verdict replaces the old one's
         merged["flags"] = [f for f in merged["flags"] if f["name"] != "wrm_certificate_violated" or f in new["flags"]]
+    merge_confidence(old_per, new["per_example"], per)
     refresh_sections(merged)
     bad = [i for i in range(n) if per["certified"][i] and not per["robust"][i]]
     if bad:

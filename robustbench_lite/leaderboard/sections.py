@@ -3,6 +3,10 @@
 - ``groups`` (datasets with group labels, e.g. colored-mnist5k; Sagawa et al. 2020, arXiv 1911.08731):
   average and worst-group clean accuracy, worst-group robust accuracy when attacks ran, and every
   group's accuracy, computed from ``per_example.correct`` / ``robust`` and ``per_example.group``.
+- ``selective`` (datasets with group labels; Jones et al. 2021, arXiv 2010.14134): selective accuracy at
+  fixed coverages on average and per group, and the area under each accuracy-coverage curve, from the
+  softmax-response confidence of each prediction (``per_example.confidence``): clean, and at the
+  deciding adversarial point when attacks ran (correct = ``per_example.robust`` there).
 - ``corruptions`` (the ``corruptions`` threat model, :mod:`robustbench_lite.corruptions.evaluate`; Hendrycks &
   Dietterich 2019, arXiv 1903.12261): accuracy per corruption and severity and ``mean_corruption_acc``,
   computed from ``per_example.corruption_correct``.
@@ -18,7 +22,7 @@
   prefix of the table), and ``unresolved`` = robust - certified there: the true robust accuracy of those
   examples lies in the band.
 
-The group, corruption and certification sections are functions of stored per-example flags, so a
+The group, selective, corruption and certification sections are functions of stored per-example flags, so a
 merged record gets them recomputed (:func:`refresh_sections`).
 """
 from __future__ import annotations
@@ -32,7 +36,8 @@ from torch import nn
 from ..evaluation.checks import ERROR, make_flag
 from ..errors import UserInputError
 from ..hashing import dataset_sha256, indices_sha256, sha256_json
-from ..metrics import corruption_summary, worst_group_accuracy, wrm_report
+from ..metrics import (DEFAULT_COVERAGES, confidence_scores, corruption_summary, selective_accuracy,
+                       worst_group_accuracy, wrm_report)
 from ..threat import CORRUPTIONS_NORM
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,9 @@ log = logging.getLogger(__name__)
 DOCS = "docs/metrics.md"
 GROUP_DEFINITION = f"{DOCS}#worst-group-accuracy-worst_group_acc"
 CORRUPTION_DEFINITION = f"{DOCS}#mean-corruption-accuracy-mean_corruption_acc"
+SELECTIVE_DEFINITION = f"{DOCS}#selective-accuracy-selective_accuracy"
+#: the confidence score of the records and the decimals it is stored with (the section is computed from those)
+SELECTIVE_SCORE, CONFIDENCE_DECIMALS = "softmax", 6
 WRM_DEFINITION = f"{DOCS}#wrm-certificate-wrm_certificate"
 #: ascent steps of phi and of the Lagrangian attack (the gradient norm at the end is recorded)
 WRM_STEPS = 100
@@ -66,6 +74,61 @@ def group_section(per_example: dict[str, Any], names: Sequence[str], attacks_ran
     if attacks_ran:
         section["robust"] = _group_block(per_example["robust"], groups, names)
     return section
+
+
+# --- selective classification ----------------------------------------------------------------------
+def confidence_block(result: Any) -> dict[str, Any] | None:
+    """``per_example.confidence`` of an evaluation: the score of every clean prediction and, when attacks
+    ran, of the prediction at its deciding adversarial point (rounded to CONFIDENCE_DECIMALS)."""
+    clean = getattr(result, "clean_logits", None)
+    if clean is None:
+        return None
+    block = {"score": SELECTIVE_SCORE, "clean": _rounded(confidence_scores(clean, SELECTIVE_SCORE))}
+    adversarial = getattr(result, "adversarial_logits", None)
+    if adversarial is not None:
+        block["adversarial"] = _rounded(confidence_scores(adversarial, SELECTIVE_SCORE))
+    return block
+
+
+def _rounded(scores: torch.Tensor) -> list[float]:
+    return [round(float(s), CONFIDENCE_DECIMALS) for s in scores.tolist()]
+
+
+def _selective_block(scores: Sequence[float], flags: Sequence[int], groups: Sequence[int],
+                     names: Sequence[str]) -> dict[str, Any]:
+    out = selective_accuracy(torch.tensor(list(scores), dtype=torch.float64), torch.tensor(list(flags)).bool(),
+                             torch.tensor(list(groups)), DEFAULT_COVERAGES, num_groups=len(names))
+    out["worst_group"] = [names[g] for g in out["worst_group"]]
+    return {k: v for k, v in out.items() if k not in ("metric", "coverages")}
+
+
+def selective_section(per_example: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """The record's ``selective`` section from ``per_example`` (``confidence``, ``correct``, ``robust``, ``group``)."""
+    confidence, groups = per_example["confidence"], per_example["group"]
+    section = {"metric": "selective_accuracy", "definition": SELECTIVE_DEFINITION, "score": confidence["score"],
+               "coverages": list(DEFAULT_COVERAGES), "names": list(names),
+               "clean": _selective_block(confidence["clean"], per_example["correct"], groups, names)}
+    if "adversarial" in confidence:
+        section["adversarial"] = _selective_block(confidence["adversarial"], per_example["robust"], groups, names)
+    return section
+
+
+def merge_confidence(old_per: dict[str, Any], new_per: dict[str, Any], merged_per: dict[str, Any]) -> None:
+    """Adversarial confidences of a merged record: each example's comes from the run whose attacks decided
+    its merged flag (the new run's, unless only an attack kept from the old record broke it; then the
+    old run's point, or none at all when the old record has no confidences)."""
+    confidence = merged_per.get("confidence")
+    if not confidence or "adversarial" not in confidence:
+        return
+    old = old_per.get("confidence") or {}
+    taken = [i for i, (m, r) in enumerate(zip(merged_per["robust"], new_per["robust"])) if m != r]
+    if not taken:
+        return
+    if "adversarial" not in old or old.get("score") != confidence["score"]:
+        del confidence["adversarial"]
+        return
+    for i in taken:
+        confidence["adversarial"][i] = old["adversarial"][i]
 
 
 # --- corruptions ------------------------------------------------------------------------------------
@@ -108,6 +171,10 @@ def add_sections(record: dict[str, Any], result: Any) -> None:
     if groups is not None:
         per["group"] = [int(g) for g in groups.tolist()]
         record["groups"] = group_section(per, list(result.group_names), bool(record["attacks"]))
+        confidence = confidence_block(result)
+        if confidence is not None:
+            per["confidence"] = confidence
+            record["selective"] = selective_section(per, list(result.group_names))
     corrupted = getattr(result, "corruption_correct", None)
     if corrupted:
         per["corruption_correct"] = {name: [[int(b) for b in row] for row in flags.tolist()]
@@ -122,6 +189,8 @@ def refresh_sections(record: dict[str, Any]) -> None:
     per = record["per_example"]
     if "groups" in record and "group" in per:
         record["groups"] = group_section(per, record["groups"]["names"], bool(record["attacks"]))
+    if "selective" in record and "confidence" in per:
+        record["selective"] = selective_section(per, record["selective"]["names"])
     if "corruptions" in record and "corruption_correct" in per:
         record["corruptions"] = corruption_section(per["corruption_correct"], per["correct"])
     _set_certification(record)

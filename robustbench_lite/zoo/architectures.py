@@ -106,8 +106,17 @@ def colored_cnn(num_classes: int = 2) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def colored_digits_mlp(num_classes: int = 2) -> nn.Sequential:
+    """``digits-mlp`` on 3-channel 8x8 images (colored-digits); the digits' statistics on every channel."""
+    layers = list(digits_mlp(num_classes))
+    layers[0] = Normalize(DIGITS_MEAN * 3, DIGITS_STD * 3)
+    layers[2] = nn.Linear(3 * 64, 64)
+    return nn.Sequential(*layers)
+
+
 ARCHITECTURES["mnist-cnn-elu"] = mnist_cnn_elu
 ARCHITECTURES["colored-cnn"] = colored_cnn
+ARCHITECTURES["colored-digits-mlp"] = colored_digits_mlp
 
 
 # --- RobustBench's standard CIFAR architectures (issue 17) -------------------------------------------

@@ -30,6 +30,7 @@ EMBEDDED = {  # name -> {split: size}
     "colored-mnist5k-10": {"train": 3200, "val": 800, "test": 1000},
 }
 TORCHVISION = ("mnist", "cifar10", "cifar100")
+SEMI_SUPERVISED = ("mnist5k-ssl",)  # tested in test_rst.py
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,7 +46,7 @@ def _private_cache(tmp_path_factory):
 # --- names, splits, errors ----------------------------------------------------------------------
 def test_names_are_registered_in_order_and_case_insensitive():
     assert DATASET_NAMES[0] == "mnist5k"
-    assert set(DATASET_NAMES) == set(EMBEDDED) | set(TORCHVISION)
+    assert set(DATASET_NAMES) == set(EMBEDDED) | set(TORCHVISION) | set(SEMI_SUPERVISED)
     assert load_dataset("MNIST5K", "Test").split == "test"
 
 

@@ -159,7 +159,7 @@ def train_argv(draw) -> list[str]:
     small = st.sampled_from(["1", "2"])
     options = [
         optional("--defense", st.one_of(st.sampled_from(["standard", "pgd-at", "trades", "ibp", "wrm", "augmix",
-                                                         "group-dro"]), NAME_TEXT)),
+                                                         "group-dro", "rst"]), NAME_TEXT)),
         optional("--dataset", st.one_of(st.sampled_from(["digits", "colored-mnist5k"]), NAME_TEXT)),
         optional("--arch", st.one_of(st.sampled_from(["digits-mlp", "mnist-cnn"]), NAME_TEXT)),
         optional("--epochs", st.one_of(small, NUMBER_TEXT.filter(lambda t: not t.strip().isdigit()))),
@@ -182,6 +182,9 @@ def train_argv(draw) -> list[str]:
         optional("--augmix-width", st.one_of(small, NUMBER_TEXT.filter(lambda t: not t.strip().isdigit()))),
         optional("--augmix-depth", st.one_of(small, NUMBER_TEXT.filter(lambda t: not t.strip().isdigit()))),
         optional("--eta-q", NUMBER_TEXT), optional("--group-adjustment", NUMBER_TEXT), optional("--l2", NUMBER_TEXT),
+        optional("--unlabeled-fraction", NUMBER_TEXT), optional("--teacher-lr", NUMBER_TEXT),
+        optional("--teacher-epochs", st.one_of(small, NUMBER_TEXT.filter(lambda t: not t.strip().isdigit()))),
+        optional("--teacher-batch-size", NUMBER_TEXT),
     ]
     for extra in draw(st.lists(st.sampled_from(options), max_size=4)):
         argv += draw(extra)

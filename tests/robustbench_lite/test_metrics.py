@@ -8,9 +8,12 @@ from torch import nn
 
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.metrics import (
+    confidence_scores,
     group_accuracies,
     mean_corruption_accuracy,
     measured_adversarial_loss,
+    selective_accuracy,
+    selective_curves,
     worst_group_accuracy,
     wrm_certificate,
     wrm_report,
@@ -151,3 +154,107 @@ def test_wrm_metric_parameter_checks():
         wrm_report(model, x, y, gamma=1.0, restarts=0)
     with pytest.raises(UserInputError, match="gammas_adv"):
         wrm_report(model, x, y, gamma=1.0, gammas_adv=[-1.0])
+
+
+# --- selective classification (Jones et al. 2021) ---------------------------------------------------
+# five examples by hand: scores with a tie at 0.8, two groups
+HAND_SCORES = torch.tensor([0.9, 0.8, 0.8, 0.3, 0.1], dtype=torch.float64)
+HAND_CORRECT = torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool)
+HAND_GROUPS = torch.tensor([0, 1, 0, 1, 1])
+
+
+def test_selective_accuracy_by_hand():
+    out = selective_accuracy(HAND_SCORES, HAND_CORRECT, HAND_GROUPS, [1.0, 0.5, 0.2])
+    # thresholds 0.9 / 0.8 / 0.3 / 0.1 cover 1 / 3 / 4 / 5 examples, of which 1 / 2 / 3 / 3 are right
+    assert out["achieved_coverage"] == [1.0, 0.6, 0.2]  # 50 % needs 3 covered: the tie at 0.8 goes in whole
+    assert out["threshold"] == [0.1, 0.8, 0.9]
+    assert out["avg_acc"] == pytest.approx([3 / 5, 2 / 3, 1.0])
+    assert out["group_acc"] == [[1.0, pytest.approx(1 / 3)], [1.0, 0.0], [1.0, None]]
+    assert out["group_coverage"] == [[1.0, 1.0], [1.0, pytest.approx(1 / 3)], [0.5, 0.0]]
+    assert out["worst_group_acc"] == [pytest.approx(1 / 3), 0.0, 1.0] and out["worst_group"] == [1, 1, 0]
+    # area: steps of coverage 1/5, 2/5, 1/5, 1/5 at accuracies 1, 2/3, 3/4, 3/5
+    assert out["auc"] == pytest.approx(1 / 5 + 2 / 5 * 2 / 3 + 1 / 5 * 3 / 4 + 1 / 5 * 3 / 5)
+    # group 1 (3 examples): its coverage steps 1/3 at 0.8 (wrong), 1/3 at 0.3, 1/3 at 0.1
+    assert out["group_auc"] == [1.0, pytest.approx(1 / 3 * 0 + 1 / 3 * 1 / 2 + 1 / 3 * 1 / 3)]
+    assert out["worst_group_auc"] == pytest.approx(5 / 18)
+
+
+def test_selective_curve_by_hand_and_without_groups():
+    curve = selective_curves(HAND_SCORES, HAND_CORRECT, HAND_GROUPS)
+    assert curve["coverage"] == [0.2, 0.6, 0.8, 1.0]
+    assert curve["avg_acc"] == pytest.approx([1.0, 2 / 3, 3 / 4, 3 / 5])
+    assert curve["group_acc"][1] == [None, 0.0, 0.5, pytest.approx(1 / 3)]
+    plain = selective_accuracy(HAND_SCORES, HAND_CORRECT, coverages=[0.5])
+    assert set(plain) == {"metric", "coverages", "achieved_coverage", "threshold", "avg_acc", "auc"}
+
+
+def test_selective_accuracy_does_not_depend_on_example_order():
+    order = torch.tensor([3, 0, 4, 2, 1])
+    a = selective_accuracy(HAND_SCORES, HAND_CORRECT, HAND_GROUPS, [1.0, 0.8, 0.5, 0.2])
+    b = selective_accuracy(HAND_SCORES[order], HAND_CORRECT[order], HAND_GROUPS[order], [1.0, 0.8, 0.5, 0.2])
+    assert a == b
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.booleans(), st.integers(0, 2)), min_size=1, max_size=30),
+       st.sampled_from([1.0, 0.9, 0.7, 0.5, 0.1]))
+def test_selective_accuracy_is_the_accuracy_of_the_covered_set(rows, coverage):
+    scores = torch.tensor([float(s) for s, _, _ in rows])
+    correct = torch.tensor([c for _, c, _ in rows])
+    groups = torch.tensor([g for _, _, g in rows])
+    out = selective_accuracy(scores, correct, groups, [coverage], num_groups=3)
+    n = len(rows)
+    tau = out["threshold"][0]
+    covered = scores >= tau
+    assert int(covered.sum()) >= coverage * n - 1e-9  # at least the target coverage
+    assert (scores > tau).sum() < coverage * n - 1e-9 or tau == scores.max()  # and the highest such threshold
+    assert out["avg_acc"][0] == pytest.approx(float(correct[covered].double().mean()))
+    for g in range(3):
+        members = covered & (groups == g)
+        expected = float(correct[members].double().mean()) if members.any() else None
+        assert out["group_acc"][0][g] == (None if expected is None else pytest.approx(expected))
+    # the area is the mean accuracy of the k most confident examples when scores are distinct
+    if len(set(scores.tolist())) == n:
+        ranked = correct[torch.sort(scores, descending=True).indices].double()
+        assert out["auc"] == pytest.approx(float((ranked.cumsum(0) / torch.arange(1, n + 1)).mean()))
+
+
+def test_selective_area_of_a_perfect_group_is_exactly_one():
+    # thirteen steps of 1/13 add up to 1.0000000000000002 in torch; a record's fraction must stay <= 1
+    scores = torch.arange(13.0)
+    out = selective_accuracy(scores, torch.ones(13, dtype=torch.bool), torch.zeros(13, dtype=torch.long))
+    assert out["auc"] == 1.0 and out["group_auc"] == [1.0]
+
+
+def test_selective_coverage_needs_no_float_luck():
+    # 0.55 * 100 is 55.00000000000001 in floats: 55 % coverage must cover 55 examples, not 56
+    out = selective_accuracy(torch.arange(100.0), torch.ones(100, dtype=torch.bool), coverages=[0.55])
+    assert out["achieved_coverage"] == [0.55]
+
+
+def test_confidence_scores_order_like_the_softmax_response_and_margin():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.4, 0.3], [60.0, 0.0, 0.0], [59.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    p = torch.softmax(logits.double(), 1).max(1).values
+    score = confidence_scores(logits)
+    finite = p < 1
+    assert torch.allclose(score[finite], torch.log(p / (1 - p))[finite])
+    assert score[2] > score[3]  # both have p_top == 1.0 in float64, the log-odds still order them
+    assert torch.allclose(confidence_scores(logits, "margin"), torch.tensor([2.0, 0.1, 60.0, 59.0, 3.0]).double())
+    two = torch.tensor([[1.0, -2.0], [0.0, 0.5]])
+    assert torch.allclose(confidence_scores(two), confidence_scores(two, "margin"))  # two classes: the same
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: selective_accuracy(torch.ones(3), torch.ones(2, dtype=torch.bool)), "one correct flag per score"),
+    (lambda: selective_accuracy(torch.ones(0), torch.ones(0, dtype=torch.bool)), "at least one example"),
+    (lambda: selective_accuracy(torch.ones(2), torch.ones(2, dtype=torch.bool), coverages=[0.0]), "coverages"),
+    (lambda: selective_accuracy(torch.ones(2), torch.ones(2, dtype=torch.bool), coverages=[1.5]), "coverages"),
+    (lambda: selective_accuracy(torch.tensor([1.0, float("nan")]), torch.ones(2, dtype=torch.bool)), "finite"),
+    (lambda: selective_accuracy(torch.ones(2), torch.ones(2, dtype=torch.bool), torch.tensor([0, 3]), num_groups=2),
+     "groups must be"),
+    (lambda: confidence_scores(torch.ones(3, 4), "entropy"), "unknown confidence score"),
+    (lambda: confidence_scores(torch.ones(3, 1)), "K >= 2"),
+])
+def test_selective_metrics_check_their_inputs(call, message):
+    with pytest.raises(UserInputError, match=message):
+        call()

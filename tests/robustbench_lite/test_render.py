@@ -255,3 +255,33 @@ def test_adversarial_rows_list_each_certifiers_own_accuracy():
     cells = dict(zip(COLUMNS, row_cells(record, 1)))
     assert cells["certified %"] == "50.0" and cells["certified % by certifier"] == "ibp 25.0, crown 50.0"
     assert dict(zip(COLUMNS, row_cells({**record, "certifiers": []}, 1)))["certified % by certifier"] == "-"
+
+
+def test_selective_table_and_plot_for_datasets_with_groups(tmp_path):
+    """Average against worst-group selective accuracy per coverage, clean and under attack, in the
+    README, index.html and the terminal, and a plot of the curves per group; none without groups."""
+    from test_reports import INFO as GROUP_INFO, grouped
+
+    from robustbench_lite.leaderboard.render.selective import selective_tables
+
+    for name, model in (("linear", toy_model()), ("weak", weak_model())):
+        result = evaluate(model, grouped(), ThreatModel("Linf", 0.05), attacks=["fgsm"], certifiers=[])
+        write_record(build_record(result, dict(GROUP_INFO, name=name), model), tmp_path)
+    write_record(make_record("plain"), tmp_path)
+    tables = build_tables([r for p in sorted(tmp_path.glob("*/*/*.json")) for r in [__import__("json").loads(p.read_text())]])
+    [(table, columns, rows)] = selective_tables(tables)
+    assert table.dataset == "toy-groups" and columns[3:5] == ("avg @100%", "worst @100%") and columns[-2:] == ("AUC avg", "AUC worst")
+    record = next(r for r in table.rows if r["model"]["name"] == table.rows[0]["model"]["name"])
+    first = [row for row in rows if row[0] == record["model"]["name"]]
+    assert [row[2] for row in first] == ["clean", "under attack"]
+    assert first[0][3] == f"{100 * record['clean_acc']:.1f}" and first[1][3] == f"{100 * record['robust_acc']:.1f}"
+    assert first[1][4] == f"{100 * record['groups']['robust']['worst_group_acc']:.1f}"
+    markdown, page, text = render_markdown(tables), render_html(tables), render_text(tables)
+    heading = "Selective classification (Jones et al. 2021): toy-groups, Linf eps = 0.05"
+    assert f"## {heading}" in markdown and heading in page and heading in text
+    assert "| " + " | ".join(first[1]) + " |" in markdown
+    reader = TableReader()
+    reader.feed(page)
+    assert reader.tables["selective-0"][1:] == rows
+    written = {p.name for p in render_all(tmp_path)}
+    assert "selective_toy-groups_Linf-0.05.png" in written and not [p for p in written if p.startswith("selective_toy_")]

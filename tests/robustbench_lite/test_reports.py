@@ -18,7 +18,7 @@ from robustbench_lite.data.dataset import Dataset
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.evaluation.core import evaluate
 from robustbench_lite.leaderboard.records import build_record, read_record, record_path, schema_errors, write_record
-from robustbench_lite.metrics import worst_group_accuracy
+from robustbench_lite.metrics import confidence_scores, selective_accuracy, worst_group_accuracy
 from robustbench_lite.threat import ThreatModel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,6 +88,79 @@ def test_worst_group_is_the_lowest_group_accuracy(pairs):
     accs = {g: sum(c for c, h in pairs if h == g) / sum(1 for _, h in pairs if h == g) for g in present}
     assert section["clean"]["worst_group_acc"] == min(accs.values())
     assert [a is None for a in section["clean"]["group_acc"]] == [g not in present for g in range(4)]
+
+
+# --- selective classification ----------------------------------------------------------------------
+def test_selective_section_uses_clean_and_adversarial_confidences(tmp_path):
+    """The record's scores are the softmax log-odds of the model at x (clean) and at the deciding
+    adversarial point; the section is selective_accuracy of those scores with correct / robust flags."""
+    ds, model = grouped(), toy_model()
+    result = evaluate(model, ds, ThreatModel("Linf", 0.2), attacks=["pgd"], certifiers=[], batch_size=7)
+    record = build_record(result, INFO, model)
+    assert not schema_errors(record)
+    per, section = record["per_example"], record["selective"]
+    with torch.no_grad():
+        clean = confidence_scores(model(ds.x))
+    assert per["confidence"]["clean"] == pytest.approx(clean.tolist(), abs=1e-6)
+    adversarial = torch.tensor(per["confidence"]["adversarial"])
+    broken = torch.tensor(per["attack_success"]["pgd"]).bool()
+    assert broken.any() and not torch.allclose(adversarial[broken].double(), clean[broken], atol=1e-3)
+    wrong = ~torch.tensor(per["correct"]).bool()  # no attack ran on them: their point is the clean input
+    assert adversarial[wrong].tolist() == pytest.approx(clean[wrong].tolist(), abs=1e-6)
+    with torch.no_grad():  # a broken example's point is misclassified, so its top class is not y
+        assert (result.adversarial_logits.argmax(1)[broken] != ds.y[broken]).all()
+    expected = selective_accuracy(torch.tensor(per["confidence"]["adversarial"], dtype=torch.float64),
+                                  result.robust, ds.groups, section["coverages"], num_groups=6)
+    assert section["adversarial"]["avg_acc"] == expected["avg_acc"]
+    assert section["adversarial"]["worst_group"] == [NAMES[g] for g in expected["worst_group"]]
+    assert section["clean"]["avg_acc"][0] == record["clean_acc"]  # 100 % coverage: plain accuracy
+    assert section["adversarial"]["worst_group_acc"][0] == record["groups"]["robust"]["worst_group_acc"]
+    assert section["definition"].split("#")[1] in doc_anchors()
+    from robustbench_lite.render.terminal import format_result
+
+    text = format_result(result, "toy", None, 1.0, record)
+    avg = "/".join(f"{100 * a:.1f}" for a in section["adversarial"]["avg_acc"])
+    assert f"selective under attack  avg {avg}, worst group" in text and "at coverage 100/90/80/50 %" in text
+    plain = build_record(evaluate(model, toy_dataset(12), ThreatModel("Linf", 0.1), attacks=[], certifiers=[]),
+                         INFO, model)
+    assert "selective" not in plain and "confidence" not in plain["per_example"]
+    no_attack = build_record(evaluate(model, ds, ThreatModel("Linf", 0.1), attacks=[], certifiers=[]), INFO, model)
+    assert "adversarial" not in no_attack["selective"] and "adversarial" not in no_attack["per_example"]["confidence"]
+
+
+def test_selective_section_does_not_depend_on_batch_size():
+    records = [build_record(evaluate(toy_model(), grouped(), ThreatModel("Linf", 0.15), attacks=["pgd"],
+                                     certifiers=[], batch_size=b), INFO, toy_model()) for b in (5, 36)]
+    assert records[0]["selective"] == records[1]["selective"]
+    assert records[0]["per_example"]["confidence"] == records[1]["per_example"]["confidence"]
+
+
+def test_merge_takes_the_adversarial_confidence_of_the_run_that_broke_the_example(tmp_path):
+    ds, model, threat = grouped(), toy_model(), ThreatModel("Linf", 0.2)
+    first = build_record(evaluate(model, ds, threat, attacks=["pgd"], certifiers=[]), INFO, model)
+    write_record(first, tmp_path)
+    from attacks.pgd import PGD
+
+    weak = PGD(steps=1, abs_stepsize=0.02, random_start=False)
+    weak.name = "weak-pgd"  # a second attack under its own name, kept beside the first on merge
+    second = build_record(evaluate(model, ds, threat, attacks=[weak], certifiers=[]), INFO, model)
+    merged = read_record(write_record(second, tmp_path))
+    per, old, new = merged["per_example"], first["per_example"], second["per_example"]
+    only_old = [i for i in range(len(ds)) if old["attack_success"]["pgd"][i] and not new["attack_success"]["weak-pgd"][i]]
+    assert only_old  # PGD breaks examples the weak attack does not
+    for i in range(len(ds)):
+        source = old if i in only_old else new
+        assert per["confidence"]["adversarial"][i] == source["confidence"]["adversarial"][i]
+    robust = torch.tensor(per["robust"]).bool()
+    expected = selective_accuracy(torch.tensor(per["confidence"]["adversarial"]), robust, ds.groups,
+                                  merged["selective"]["coverages"], num_groups=6)
+    assert merged["selective"]["adversarial"]["avg_acc"] == expected["avg_acc"]
+    # an older record without confidences cannot say where those examples were broken: no adversarial block
+    stripped = dict(first, per_example={k: v for k, v in first["per_example"].items() if k != "confidence"})
+    stripped.pop("selective")
+    write_record(stripped, tmp_path, replace=True)
+    merged = read_record(write_record(second, tmp_path))
+    assert "adversarial" not in merged["per_example"]["confidence"] and "adversarial" not in merged["selective"]
 
 
 # --- corruptions ------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 from .html import render_html
 from .markdown import render_markdown
 from .plots import plot_certified_band, plot_corruption_severity, plot_min_norm, plot_robust_vs_eps
+from .selective import plot_selective
 from .tables import Table, TableKey, build_tables, render_text
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def render_all(root: str | Path, registry: str | Path | None = None) -> list[Pat
     tables = tables_for(root, registry=registry)
     plot_dir = root / "plots"
     plots = (plot_robust_vs_eps(tables, plot_dir) + plot_certified_band(tables, plot_dir)
-             + plot_min_norm(tables, plot_dir) + plot_corruption_severity(tables, plot_dir))
+             + plot_min_norm(tables, plot_dir) + plot_corruption_severity(tables, plot_dir)
+             + plot_selective(tables, plot_dir))
     for stale in set(plot_dir.glob("*.png")) - set(plots) if plot_dir.exists() else ():
         stale.unlink()
     readme, page = root / "README.md", root / "index.html"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from .selective import SELECTIVE_NOTE, selective_text_sections
 from .tables import (APART_COLUMNS, APART_NUMERIC, WRM_COLUMNS, WRM_NOTE, WRM_NUMERIC, WRM_TITLE, Table, apart_cells,
                      describe_protocol, wrm_rows)
 
@@ -68,6 +69,9 @@ def render_html(tables: list[Table], plots: list[Path] | None = None, base: Path
     if wrm:
         body += [f'<h2 id="h-wrm-certificate">{html.escape(WRM_TITLE)}</h2>', f'<p class="protocol">{html.escape(WRM_NOTE)}</p>']
         body += _table(WRM_COLUMNS, wrm, WRM_NUMERIC, "wrm-certificate")
+    for i, (heading, columns, rows, numeric) in enumerate(selective_text_sections(tables)):
+        body += [f'<h2 id="h-selective-{i}">{html.escape(heading)}</h2>', f'<p class="protocol">{html.escape(SELECTIVE_NOTE)}</p>']
+        body += _table(columns, rows, numeric, f"selective-{i}")
     for p in plots or []:
         rel = p.relative_to(base) if base is not None else p
         body.append(f'<p><img src="{html.escape(rel.as_posix())}" alt="{html.escape(p.stem)}"></p>')

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .selective import SELECTIVE_NOTE, selective_text_sections
 from .tables import (APART_COLUMNS, APART_NUMERIC, WRM_COLUMNS, WRM_NOTE, WRM_NUMERIC, WRM_TITLE, Table, apart_cells,
                      describe_protocol, wrm_rows)
 
@@ -50,6 +51,8 @@ def render_markdown(tables: list[Table], plots: list[Path] | None = None, base: 
     wrm = wrm_rows(tables)
     if wrm:
         lines += [f"## {WRM_TITLE}", "", WRM_NOTE + ".", ""] + _md_table(WRM_COLUMNS, wrm, WRM_NUMERIC) + [""]
+    for heading, columns, rows, numeric in selective_text_sections(tables):
+        lines += [f"## {heading}", "", SELECTIVE_NOTE + ".", ""] + _md_table(columns, rows, numeric) + [""]
     if plots:
         lines += ["## Plots", ""]
         for p in plots:

@@ -275,6 +275,10 @@ def render_text(tables: list[Table]) -> str:
     if wrm:
         out += [f"== {WRM_TITLE} ==", WRM_NOTE]
         out += text_grid(WRM_COLUMNS, wrm, WRM_NUMERIC)
+    from .selective import SELECTIVE_NOTE, selective_text_sections
+
+    for heading, columns, rows, numeric in selective_text_sections(tables):
+        out += ["", f"== {heading} ==", SELECTIVE_NOTE] + text_grid(columns, rows, numeric)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -1,5 +1,5 @@
 """Terminal output of ``robustbench-lite evaluate``: one evaluation's accuracies, costs, flags and the
-defense metrics of its record (worst-group accuracy, the WRM certificate, corruption accuracy)."""
+defense metrics of its record (worst-group and selective accuracy, the WRM certificate, corruption accuracy)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,6 +61,15 @@ def _sections(record: dict[str, Any]) -> list[str]:
                                  for name, a in zip(groups["names"], g["group_acc"]))
                 lines.append(f"  {'worst-group ' + which:<22}{_pct(g['worst_group_acc']):>7}  ({g['worst_group']}; "
                              f"per group %: {accs})")
+    selective = record.get("selective")
+    if selective:
+        coverage = "/".join(f"{100 * c:g}" for c in selective["coverages"])
+        for key, label in (("clean", "clean"), ("adversarial", "under attack")):
+            if key in selective:
+                block = selective[key]
+                avg = "/".join(f"{100 * a:.1f}" for a in block["avg_acc"])
+                worst = "/".join(f"{100 * a:.1f}" for a in block["worst_group_acc"])
+                lines.append(f"  {'selective ' + label:<24}avg {avg}, worst group {worst} % at coverage {coverage} %")
     cert = record.get("wrm_certificate")
     if cert:
         lines.append(f"WRM certificate (gamma {cert['gamma']:g}, {cert['n_examples']} examples, {cert['steps']} ascent steps"
