@@ -15,6 +15,8 @@ number of other classes when there are fewer), all targets batched together.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from torch import Tensor, nn
 
@@ -23,8 +25,15 @@ from robustbench_lite.seeding import ExampleRNG
 from robustbench_lite.threat import ThreatModel
 
 from .base import Attack, AttackResult, margin_loss, select_rows
-from .losses import (AttackLoss, dlr_loss, get_loss, gradient_health, health_flags, loss_and_grad,
-                     top_other_classes)
+from .losses import (
+    AttackLoss,
+    dlr_loss,
+    get_loss,
+    gradient_health,
+    health_flags,
+    loss_and_grad,
+    top_other_classes,
+)
 from .pgd import goal_reached
 
 _TINY = 1e-12
@@ -47,6 +56,40 @@ def checkpoint_schedule(steps: int) -> tuple[int, int, int]:
     return max(int(0.22 * steps), 1), max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
 
 
+@dataclass
+class _Rows:
+    """APGD's per-row state (Croce & Hein 2020, Algorithm 1), compacted to the rows still running:
+    ``idx`` their positions in the batch; ``x0`` clean points; ``x``, ``x_old`` the last two iterates;
+    ``x_best`` / ``grad_best`` / ``loss_best`` the best point so far; ``step`` the step size; ``n_incr`` the
+    loss increases since the last checkpoint; ``loss_best_last`` / ``reduced_last`` the last checkpoint's
+    best loss and halving. ``group``: rows of one example's restarts or targets leave together."""
+
+    idx: Tensor
+    x0: Tensor
+    y: Tensor
+    loss_target: Tensor | None
+    goal_target: Tensor | None
+    group: Tensor
+    x: Tensor
+    x_old: Tensor
+    grad: Tensor
+    x_best: Tensor
+    grad_best: Tensor
+    loss_best: Tensor
+    loss_prev: Tensor
+    loss_best_last: Tensor
+    step: Tensor
+    n_incr: Tensor
+    reduced_last: Tensor
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only ``rows`` (a bool mask) of every per-row tensor."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                setattr(self, f.name, value[rows])
+
+
 def apgd_rows(model: nn.Module, x0: Tensor, y: Tensor, loss_target: Tensor | None, goal_target: Tensor | None,
               group: Tensor, x_start: Tensor, threat: ThreatModel, loss: AttackLoss, steps: int, rho: float,
               eot_iter: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -67,65 +110,62 @@ def apgd_rows(model: nn.Module, x0: Tensor, y: Tensor, loss_target: Tensor | Non
     zero |= z & ~now
     bad |= b
     grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0) if b.any() else grad
-    s = {  # per-row state, kept compacted to the rows still running
-        "idx": torch.arange(n_rows, device=x0.device), "x0": x0, "y": y, "lt": loss_target, "gt": goal_target,
-        "group": group, "x": x_start, "x_old": x_start, "grad": grad, "x_best": x_start, "grad_best": grad,
-        "loss_best": loss_now, "loss_prev": loss_now, "loss_best_last": loss_now,
-        "step": torch.full((n_rows,), 2.0 * threat.eps, device=x0.device),
-        "n_incr": torch.zeros(n_rows, device=x0.device),
-        "reduced_last": torch.zeros(n_rows, dtype=torch.bool, device=x0.device),
-    }
+    s = _Rows(  # per-row state, kept compacted to the rows still running
+        idx=torch.arange(n_rows, device=x0.device), x0=x0, y=y, loss_target=loss_target, goal_target=goal_target,
+        group=group, x=x_start, x_old=x_start, grad=grad, x_best=x_start, grad_best=grad,
+        loss_best=loss_now, loss_prev=loss_now, loss_best_last=loss_now,
+        step=torch.full((n_rows,), 2.0 * threat.eps, device=x0.device),
+        n_incr=torch.zeros(n_rows, device=x0.device),
+        reduced_last=torch.zeros(n_rows, dtype=torch.bool, device=x0.device),
+    )
 
     def leave(now: Tensor) -> None:
         if not now.any():
             return
-        out_x[s["idx"][now]] = s["x"][now]
-        out_hit[s["idx"][now]] = True
-        keep = ~torch.isin(s["group"], s["group"][now])
-        for key, value in s.items():
-            if value is not None:
-                s[key] = value[keep]
+        out_x[s.idx[now]] = s.x[now]
+        out_hit[s.idx[now]] = True
+        s.keep(~torch.isin(s.group, s.group[now]))
 
     leave(now)
     interval, decrement, min_interval = checkpoint_schedule(steps)
     since_check = 0
     for i in range(steps):
-        if s["idx"].numel() == 0:
+        if s.idx.numel() == 0:
             break
         with torch.no_grad():
-            x, x0r = s["x"], s["x0"]
-            momentum = x - s["x_old"]
+            x, x0r = s.x, s.x0
+            momentum = x - s.x_old
             a = 0.75 if i > 0 else 1.0
-            z = threat.project(x + _view(s["step"], x) * threat.ops.ascent_direction(s["grad"]), x0r)
-            s["x_old"] = x
-            s["x"] = threat.project(x + a * (z - x) + (1 - a) * momentum, x0r)
-        logits, loss_now, grad = loss_and_grad(model, s["x"], s["y"], s["lt"], loss, eot_iter)
+            z = threat.project(x + _view(s.step, x) * threat.ops.ascent_direction(s.grad), x0r)
+            s.x_old = x
+            s.x = threat.project(x + a * (z - x) + (1 - a) * momentum, x0r)
+        logits, loss_now, grad = loss_and_grad(model, s.x, s.y, s.loss_target, loss, eot_iter)
         _, b = gradient_health(grad, zero_check=False)
         if b.any():
-            bad[s["idx"][b]] = True
+            bad[s.idx[b]] = True
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        s["grad"] = grad
-        improved = loss_now > s["loss_best"]
-        s["x_best"] = select_rows(improved, s["x"], s["x_best"])
-        s["grad_best"] = select_rows(improved, grad, s["grad_best"])
-        s["loss_best"] = torch.where(improved, loss_now, s["loss_best"])
-        s["n_incr"] = s["n_incr"] + (loss_now > s["loss_prev"]).float()
-        s["loss_prev"] = loss_now
-        leave(goal_reached(logits.argmax(dim=1), s["y"], s["gt"]))
+        s.grad = grad
+        improved = loss_now > s.loss_best
+        s.x_best = select_rows(improved, s.x, s.x_best)
+        s.grad_best = select_rows(improved, grad, s.grad_best)
+        s.loss_best = torch.where(improved, loss_now, s.loss_best)
+        s.n_incr = s.n_incr + (loss_now > s.loss_prev).float()
+        s.loss_prev = loss_now
+        leave(goal_reached(logits.argmax(dim=1), s.y, s.goal_target))
         since_check += 1
         if since_check == interval:
-            oscillating = s["n_incr"] <= interval * rho
-            stalled = ~s["reduced_last"] & (s["loss_best_last"] >= s["loss_best"])
+            oscillating = s.n_incr <= interval * rho
+            stalled = ~s.reduced_last & (s.loss_best_last >= s.loss_best)
             halve = oscillating | stalled
-            s["reduced_last"] = halve
-            s["loss_best_last"] = s["loss_best"]
-            s["step"] = torch.where(halve, s["step"] / 2, s["step"])
-            s["x"] = select_rows(halve, s["x_best"], s["x"])
-            s["grad"] = select_rows(halve, s["grad_best"], s["grad"])
-            s["n_incr"] = torch.zeros_like(s["n_incr"])
+            s.reduced_last = halve
+            s.loss_best_last = s.loss_best
+            s.step = torch.where(halve, s.step / 2, s.step)
+            s.x = select_rows(halve, s.x_best, s.x)
+            s.grad = select_rows(halve, s.grad_best, s.grad)
+            s.n_incr = torch.zeros_like(s.n_incr)
             since_check = 0
             interval = max(interval - decrement, min_interval)
-    out_x[s["idx"]] = s["x_best"]
+    out_x[s.idx] = s.x_best
     return out_x, out_hit, zero, bad
 
 
