@@ -27,6 +27,7 @@ the float32 ones are positive but not after that, recomputed in float64 on a flo
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +54,16 @@ def _dot(a: Tensor, v: Tensor) -> Tensor:
     return torch.einsum("nsd,nd->ns", a2, v2)
 
 
+def interval_exact(graph: Graph, threat: ThreatModel, index: int) -> bool:
+    """Under Linf, interval bounds are exact through at most one non-diagonal affine map."""
+    if threat.norm != "Linf":
+        return False
+    nodes = [graph.nodes[i] for i in graph.ancestors(index)]
+    if any(n.kind not in ("affine", "input") for n in nodes):
+        return False
+    return sum(isinstance(n.op, (LinearOp, ConvOp)) for n in nodes) <= 1
+
+
 #: patch mode groups all channels of a position when at least this fraction of them is selected
 GROUP_DENSITY = 0.65
 
@@ -73,20 +84,32 @@ class Propagator:
         self.needed = {n.inputs[0] for n in nonlinear}
 
     # --- the backward walk ---------------------------------------------------------------------
-    def backward(self, start: int, a: Tensor, alphas: dict[int, Tensor] | None = None) -> Tensor:
-        """Lower bound (N, S) of ``A node_start`` over the input set, A (B, S, *shape), B in {1, N}."""
+    def backward(self, start: int, a: Tensor, alphas: dict[int, Tensor] | None = None,
+                 betas: dict[int, Tensor] | None = None, taps: dict[int, Tensor | None] | None = None) -> Tensor:
+        """Lower bound (N, S) of ``A node_start`` over the input set, A (B, S, *shape), B in {1, N}.
+
+        ``alphas`` {ReLU node: (N, S, *shape)}: lower slopes of its unstable neurons (alpha-CROWN).
+        ``betas`` {ReLU node: (N, S, *shape)}: ``beta * sign`` of branch-and-bound split constraints
+        ``sign * z >= 0`` on the ReLU's input z, subtracted from its coefficient (beta-CROWN, Wang et al.
+        2021: with beta >= 0 the Lagrangian term is <= 0 on the subdomain, so the bound stays sound).
+        ``taps``: the coefficient A (N, S, *shape) arriving at each listed node is stored in it.
+        """
         acc: dict[int, Tensor] = {start: a}
         bias: Tensor | float = 0.0
         for i in self.graph.ancestors(start):
             if i not in acc:  # a ReLU folded into the max-pool after it
                 continue
             a = acc.pop(i)
+            if taps is not None and i in taps:
+                taps[i] = a
             node = self.graph.nodes[i]
             if node.kind == "input":
                 return bias + self._concretize(a)
             if i in self.fused:
                 relu = node.inputs[0]
                 a_in, b = self.fused[i].backward(a, None if alphas is None else alphas.get(relu))
+                if betas is not None and relu in betas:
+                    a_in = a_in - betas[relu]
                 bias = bias + b
                 targets = [(self.graph.nodes[relu].inputs[0], a_in)]
             elif node.kind == "add":
@@ -99,6 +122,8 @@ class Propagator:
                 targets = [(node.inputs[0], node.op.backward(a))]
             else:
                 a_in, b = self.relax[i].backward(a, None if alphas is None else alphas.get(i))
+                if betas is not None and i in betas:
+                    a_in = a_in - betas[i]
                 bias = bias + b
                 targets = [(node.inputs[0], a_in)]
             for j, t in targets:
@@ -123,8 +148,12 @@ class Propagator:
         return cost
 
     # --- pre-activation bounds ------------------------------------------------------------------
-    def compute_bounds(self) -> None:
-        """Bounds of every node up to the output; CROWN-refined where a nonlinearity needs them."""
+    def compute_bounds(self, widen: Callable[[int, Interval], Interval] | None = None) -> None:
+        """Bounds of every node up to the output; CROWN-refined where a nonlinearity needs them.
+
+        ``widen(node, bounds)`` loosens each affine or add node's final bounds before anything uses them
+        (a rounding allowance, :func:`certify.bab_rounding.crown_allowance`).
+        """
         g = self.graph
         for node in g.nodes[:g.output]:
             i = node.index
@@ -148,17 +177,10 @@ class Propagator:
             else:
                 c, r = node.op.forward((hi + lo) * 0.5), node.op.forward_abs((hi - lo) * 0.5)
                 self.boxes[i] = (c - r, c + r)
-            if i in self.needed and node.kind in ("affine", "add") and not self._interval_exact(i):
+            if i in self.needed and node.kind in ("affine", "add") and not interval_exact(g, self.threat, i):
                 self.boxes[i] = self._refine(i)
-
-    def _interval_exact(self, index: int) -> bool:
-        """Under Linf, interval bounds are exact through at most one non-diagonal affine map."""
-        if self.threat.norm != "Linf":
-            return False
-        nodes = [self.graph.nodes[i] for i in self.graph.ancestors(index)]
-        if any(n.kind not in ("affine", "input") for n in nodes):
-            return False
-        return sum(isinstance(n.op, (LinearOp, ConvOp)) for n in nodes) <= 1
+            if widen is not None and node.kind in ("affine", "add"):
+                self.boxes[i] = widen(i, self.boxes[i])
 
     def _refine(self, index: int) -> Interval:
         """Intersection of the node's interval bound and its CROWN bound (chunked over neurons)."""

@@ -220,10 +220,13 @@ def fold_windows(w: Tensor, kernel: tuple[int, int], stride: tuple[int, int], di
 
 
 def _bias(a: Tensor, intercept: Tensor) -> Tensor:
-    """``min(A, 0) . intercept`` per (example, row): A (B, S, *shape), B in {1, N}; intercept (N, *shape)."""
+    """``min(A, 0) . intercept`` per (example, row): A (B, S, *shape), intercept (N, *shape); B and N are
+    equal or one of them is 1 (A or the relaxation shared by every example)."""
     neg, icpt = a.clamp(max=0).flatten(2), intercept.flatten(1)
     if neg.shape[0] == icpt.shape[0]:
         return torch.einsum("nsd,nd->ns", neg, icpt)
+    if icpt.shape[0] == 1:
+        return neg @ icpt[0]
     bias = neg @ icpt.T
     return bias.squeeze(0).T if bias.shape[0] == 1 else bias
 
