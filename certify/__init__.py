@@ -8,6 +8,7 @@ rounding by one rule, :mod:`certify.rounding` (docs/soundness.md).
 """
 from robustbench_lite.plugins import Registry
 
+from .bab import BaB
 from .base import CertResult, Certifier, margins_certified, spec_matrix
 from .crown import CROWN, AlphaCROWN, intermediate_bounds
 from .ibp import IBP
@@ -24,6 +25,7 @@ CERTIFIERS.register("lp", LP)
 CERTIFIERS.register("mip", MIP)
 CERTIFIERS.register("sdp", SDP)
 CERTIFIERS.register("sdp-fo", SDPFO)
+CERTIFIERS.register("bab", BaB)
 
-__all__ = ["CERTIFIERS", "AlphaCROWN", "CROWN", "CertResult", "Certifier", "IBP", "LP", "MIP", "SDP", "SDPFO",
+__all__ = ["CERTIFIERS", "AlphaCROWN", "BaB", "CROWN", "CertResult", "Certifier", "IBP", "LP", "MIP", "SDP", "SDPFO",
            "intermediate_bounds", "margins_certified", "spec_matrix"]

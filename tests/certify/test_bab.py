@@ -1,0 +1,305 @@
+"""Branch and bound (certify.bab): agreement with an exact reference on tiny nets, soundness of subdomain
+bounds under splits, no certificate for an example an attack breaks, float rounding, determinism.
+
+The exact reference enumerates the activation patterns of the neurons that interval bounds leave
+unstable and solves one LP (HiGHS) per pattern and class: the minimum margin over the Linf ball ∩ box.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linprog
+from torch import nn
+
+from attacks import APGD, PGD
+from certify import CERTIFIERS, BaB, CROWN
+from certify.bab_bound import make_context, optimise, sound_lower
+from certify.bab_domains import Domains
+from certify.bab_leaf import frozen_copy
+from certify.bab_rounding import float64_graph
+from certify.graph import build_graph, to_affine_relu
+from robustbench_lite.errors import UserInputError
+from robustbench_lite.threat import ThreatModel
+from test_soundness import random_net
+
+K = 3
+
+
+def tiny_net(kind: str, seed: int) -> tuple[nn.Module, tuple[int, ...]]:
+    """A random network with a dozen ReLUs or fewer, and its input shape."""
+    torch.manual_seed(seed)
+    if kind == "dense":
+        net, shape = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, K)), (2,)
+    else:
+        net, shape = nn.Sequential(nn.Conv2d(1, 2, 2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 4), nn.ReLU(),
+                                   nn.Linear(4, K)), (1, 3, 3)
+    with torch.no_grad():  # steeper than the default initialisation: decision boundaries inside the box
+        for p in net.parameters():
+            p.mul_(3.0)
+    return net.eval(), shape
+
+
+def exact_min_margin(net: nn.Module, shape: tuple[int, ...], x0: torch.Tensor, eps: float, y: int) -> float:
+    """min over j != y and over the Linf ball ∩ [0, 1] of logit_y - logit_j, by depth-first enumeration of
+    the activation patterns of the interval-unstable neurons (a partial pattern whose region is empty,
+    by an LP, is pruned), then one LP per region and class."""
+    with torch.no_grad():
+        maps = [(w.double().numpy(), b.double().numpy()) for w, b in to_affine_relu(net, shape)]
+    x = x0.double().flatten().numpy()
+    lo, hi = np.maximum(x - eps, 0.0), np.minimum(x + eps, 1.0)
+    box = list(zip(lo, hi))
+
+    def feasible(rows: list, rhs: list) -> bool:
+        return not rows or linprog(np.zeros(x.size), A_ub=np.vstack(rows), b_ub=np.array(rhs), bounds=box,
+                                   method="highs").status == 0
+
+    def search(layer: int, a: np.ndarray, c: np.ndarray, rows: list, rhs: list) -> float:
+        if layer == len(maps) - 1:
+            w, b = maps[-1]
+            la, lc = w @ a, w @ c + b
+            best = math.inf
+            for j in range(la.shape[0]):
+                if j != y:
+                    res = linprog(la[y] - la[j], A_ub=np.vstack(rows) if rows else None,
+                                  b_ub=np.array(rhs) if rows else None, bounds=box, method="highs")
+                    best = min(best, res.fun + lc[y] - lc[j]) if res.status == 0 else best
+            return best
+        w, b = maps[layer]
+        sa, sc = w @ a, w @ c + b
+        # interval bounds of each pre-activation over the box (sound, widened): which neurons are free
+        centre, radius = sa @ ((lo + hi) / 2) + sc, np.abs(sa) @ ((hi - lo) / 2)
+        low, up = centre - radius - 1e-9 * (1 + abs(centre)), centre + radius + 1e-9 * (1 + abs(centre))
+        on = (low >= 0).astype(float)
+        free = np.flatnonzero((low < 0) & (up > 0))
+        best = math.inf
+
+        def assign(k: int, on: np.ndarray, rows: list, rhs: list) -> None:
+            nonlocal best
+            if k == len(free):
+                best = min(best, search(layer + 1, on[:, None] * sa, on * sc, rows, rhs))
+                return
+            n = free[k]
+            for state in (0.0, 1.0):
+                sign = -1.0 if state else 1.0  # active: -s <= 0; inactive: s <= 0
+                r2, h2 = rows + [sign * sa[n]], rhs + [-sign * sc[n]]
+                if feasible(r2, h2):
+                    on2 = on.copy()
+                    on2[n] = state
+                    assign(k + 1, on2, r2, h2)
+
+        assign(0, on, rows, rhs)
+        return best
+
+    return search(0, np.eye(x.size), np.zeros(x.size), [], [])
+
+
+def _attack_radius(net: nn.Module, x0: torch.Tensor, y: int) -> float:
+    """The smallest Linf radius (bisection, 0.5 at most) at which PGD breaks x0: near the boundary."""
+    lo, hi = 0.0, 0.5
+    pgd = PGD(steps=20, restarts=2, rel_stepsize=0.1, loss="margin")
+    for _ in range(7):
+        mid = (lo + hi) / 2
+        if bool(pgd(net, x0, torch.tensor([y]), ThreatModel("Linf", mid)).success[0]):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def instances(count: int, seed: int):
+    """(kind, net, shape, x0, eps, y): eps a multiple of PGD's radius, near and far from the boundary."""
+    g = torch.Generator().manual_seed(seed)
+    factors = (0.5, 0.9, 1.0, 1.1, 2.0)
+    for i in range(count):
+        kind = "dense" if i % 2 == 0 else "conv"
+        net, shape = tiny_net(kind, seed * 1000 + i)
+        x0 = torch.rand(1, *shape, generator=g)
+        with torch.no_grad():  # logits at x0 close together: the decision boundaries pass near x0
+            net[-1].bias -= net(x0)[0] - 0.5 * torch.randn(K, generator=g)
+            y = int(net(x0).argmax())
+        eps = min(0.3, _attack_radius(net, x0, y) * factors[i % len(factors)])
+        yield kind, net, shape, x0, eps, y
+
+
+def _check_agreement(count: int, seed: int, attack_steps: int) -> dict:
+    counts = {"certified": 0, "refuted": 0, "near": 0}
+    for kind, net, shape, x0, eps, y in instances(count, seed):
+        truth = exact_min_margin(net, shape, x0, eps, y)
+        threat = ThreatModel("Linf", eps)
+        res = BaB(timeout=30.0, attack_steps=attack_steps, batch_size=8)(net, x0, torch.tensor([y]), threat)
+        verdict = res.info["verdict"][0]
+        assert not (verdict == "certified" and truth < 0), f"{kind} net certified with exact minimum {truth}"
+        if abs(truth) < 1e-6:
+            counts["near"] += 1  # within the LP's tolerance of the boundary: no ground truth
+            continue
+        expected = "certified" if truth > 0 else "refuted"
+        assert verdict == expected, f"{kind} net (eps {eps:.3f}): {verdict}, exact minimum {truth:.3g}"
+        counts[verdict] += 1
+        if verdict == "refuted":
+            point = res.counterexample
+            assert threat.contains(point, x0, tol=0.0).all()
+            with torch.no_grad():
+                assert int(net(point).argmax()) != y
+        else:
+            assert torch.isnan(res.counterexample).all()
+            assert res.margin_lower[0, [j for j in range(K) if j != y]].min() <= truth + 1e-9
+    return counts
+
+
+def test_verdicts_equal_exact_reference_on_tiny_nets():
+    counts = _check_agreement(16, seed=0, attack_steps=0)  # no attack: BaB must prove and refute alone
+    assert counts["certified"] >= 3 and counts["refuted"] >= 3 and counts["near"] <= 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(1, 9))
+def test_verdicts_equal_exact_reference_on_hundreds_of_tiny_nets(seed):
+    counts = _check_agreement(40, seed=seed, attack_steps=0 if seed % 2 else 20)
+    assert counts["certified"] + counts["refuted"] >= 36
+
+
+def _in_domain_points(net: nn.Module, x0: torch.Tensor, threat: ThreatModel, ctx, splits: dict, seed: int):
+    """float64 points of the ball ∩ box (random, corners, then pushed down each margin by signed
+    gradient steps) that satisfy every split; their margins (P, K)."""
+    g = torch.Generator().manual_seed(seed)
+    net64 = frozen_copy(net).double()
+    lo, hi = (x0.double() - threat.eps).clamp(min=0), (x0.double() + threat.eps).clamp(max=1)  # float64: in the ball
+    pts = [lo + (hi - lo) * torch.rand(300, *x0.shape[1:], generator=g, dtype=torch.float64),
+           torch.where(torch.rand(100, *x0.shape[1:], generator=g) < 0.5, lo, hi)]
+    start = torch.cat(pts)
+    for j in range(K):  # signed-gradient descent on margin j from every start, iterates kept
+        p = start.clone()
+        for _ in range(10):
+            p.requires_grad_(True)
+            z = net64(p)
+            grad, = torch.autograd.grad((z[:, ctx.y] - z[:, j]).sum(), p)
+            p = torch.minimum(torch.maximum(p.detach() - 0.05 * threat.eps * grad.sign(), lo), hi)
+            pts.append(p)
+    pts = torch.cat(pts)
+    graph = float64_graph(net, tuple(x0.shape[1:]))
+    with torch.no_grad():
+        values = graph.forward(pts)
+    keep = torch.ones(pts.shape[0], dtype=torch.bool)
+    for r, sign in splits.items():
+        z = values[ctx.relu_input[r]].flatten(1)
+        s = sign.flatten().to(torch.float64)
+        keep &= ((z * s) >= 0).all(1) | (s == 0).all()
+    z = values[graph.output][keep]
+    return z[:, [ctx.y]] - z
+
+
+@settings(max_examples=20, deadline=None)
+@given(kind=st.sampled_from(["dense", "conv", "mlp", "lenet", "residual"]), seed=st.integers(0, 10_000),
+       eps=st.floats(0.05, 0.3), fraction=st.floats(0.5, 1.0))
+def test_subdomain_bounds_hold_at_sampled_and_descended_points(kind, seed, eps, fraction):
+    net, shape = tiny_net(kind, seed) if kind in ("dense", "conv") else random_net(kind, seed)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(1, *shape, generator=g)
+    threat = ThreatModel("Linf", eps)
+    frozen = frozen_copy(net)
+    with torch.no_grad():
+        y = int(frozen(x0).argmax())
+    ctx = make_context(build_graph(frozen, shape), float64_graph(frozen, shape), x0, y, threat, 64.0)
+    if not ctx.relus:
+        return
+    splits, alphas, betas = {}, {}, {}
+    others = torch.tensor([j for j in range(K) if j != y])
+    for r in ctx.relus:
+        lo, hi = ctx.pre32[ctx.relu_input[r]]
+        unstable = (lo < 0) & (hi > 0)
+        pick = unstable & (torch.rand(unstable.shape, generator=g) < fraction)
+        sign = torch.where(torch.rand(unstable.shape, generator=g) < 0.5, 1, -1).to(torch.int8)
+        splits[r] = torch.where(pick, sign, torch.zeros_like(sign))
+        shape_r = (1, others.numel(), *lo.shape[1:])
+        alphas[r] = torch.rand(shape_r, generator=g)
+        betas[r] = 2 * torch.rand(shape_r, generator=g) * (splits[r] != 0).unsqueeze(1)
+    dom = Domains(ctx.relus, splits, alphas, betas, torch.full((1, others.numel()), -math.inf), others[None],
+                  torch.full((1, 2), -1))
+    bound = sound_lower(ctx, dom)[0]  # random alpha in [0, 1] and beta >= 0: a valid bound
+    optimise(ctx, dom, 20, 0.2, 0.5)  # beta pushed hard: a wrong sign of the split term shows
+    tuned = sound_lower(ctx, dom)[0]
+    margins = _in_domain_points(net, x0, threat, ctx, splits, seed)
+    for b in (bound, tuned):
+        for row, j in enumerate(others.tolist()):
+            if margins.shape[0]:
+                worst = float(margins[:, j].min())
+                assert b[row] <= worst + 1e-12 * (1 + abs(worst)), f"bound {float(b[row])} above {worst}"
+
+
+def test_margin_that_only_float32_rounding_keeps_positive_is_not_certified():
+    # margin(x) = 0.7 x + b over [x0 - 0.2, x0 + 0.2]: its exact minimum is -8.8e-9, while float32 CROWN
+    # (whose x0 - eps rounds up) says +1.5e-8 and no float32 point of the ball is misclassified
+    x0, eps, w, b = 0.49150121212005615, 0.2, 0.699999988079071, -0.20405085384845734
+    net = nn.Sequential(nn.Linear(1, 2))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[w], [0.0]]))
+        net[0].bias.copy_(torch.tensor([b, 0.0]))
+    x, y, threat = torch.tensor([[x0]]), torch.tensor([0]), ThreatModel("Linf", eps)
+    exact = Fraction(w) * (Fraction(x0) - Fraction(eps)) + Fraction(b)
+    assert exact < 0 and CROWN()(net, x, y, threat).margin_lower[0, 1] > 0  # the premise
+    res = BaB(timeout=10.0)(net, x, y, threat)
+    assert res.status[0] != "certified" and res.info["verdict"][0] == "unknown"
+    assert float(res.margin_lower[0, 1]) <= float(exact)
+
+
+@pytest.mark.parametrize("name,dataset", [("digits-mlp-standard", "digits"), ("mnist5k-cnn-pgd-at", "mnist5k")])
+def test_never_certifies_what_an_attack_breaks(name, dataset):
+    _never_certifies_refuted(name, dataset, 1)
+
+
+@pytest.mark.slow
+def test_never_certifies_what_an_attack_breaks_on_every_zoo_model():
+    from robustbench_lite.zoo import list_models
+    for row in list_models():
+        try:
+            _never_certifies_refuted(row["name"], row["dataset"], 3)
+        except UserInputError as exc:  # a layer the graph walk does not take (e.g. ELU)
+            assert "unsupported" in str(exc)
+
+
+def _never_certifies_refuted(name: str, dataset: str, count: int) -> None:
+    from robustbench_lite.data import load_dataset
+    from robustbench_lite.zoo import load_model
+    model = load_model(name, verify=False)
+    data = load_dataset(dataset, "test")
+    x, y = data.x[:64], data.y[:64]
+    threat = ThreatModel("Linf", 0.1)
+    broken = APGD(steps=50)(model, x, y, threat).success.nonzero().flatten()[:count]
+    assert broken.numel(), f"no example of {name} broken by APGD"
+    res = BaB(timeout=3.0, attack_steps=0)(model, x[broken], y[broken], threat)
+    assert not res.certified.any() and "certified" not in res.info["verdict"]
+
+
+def test_verdict_does_not_depend_on_batch_size_or_order():
+    net, shape = tiny_net("dense", 3)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, *shape, generator=g)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    threat = ThreatModel("Linf", 0.15)
+    a = BaB(batch_size=2, attack_steps=0)(net, x, y, threat)
+    b = BaB(batch_size=64, attack_steps=0)(net, x.flip(0), y.flip(0), threat)
+    assert a.info["verdict"] == b.info["verdict"][::-1]
+    assert torch.equal(a.certified, b.certified.flip(0))
+
+
+def test_registered_contract_and_bad_arguments():
+    bab = CERTIFIERS.create("bab")
+    assert isinstance(bab, BaB) and bab.skip_refuted and bab.config()["timeout"] == 60.0
+    net, shape = tiny_net("dense", 1)
+    x = torch.rand(2, *shape)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    res = bab(net, x, y, ThreatModel("Linf", 0.01))
+    assert res.counterexample.shape == x.shape and len(res.status) == 2 and len(res.info["verdict"]) == 2
+    for kwargs in ({"timeout": 0}, {"max_domains": 0}, {"branching": "random"}, {"spec": "each"},
+                   {"iterations": -1}, {"clock": "sun"}):
+        with pytest.raises(UserInputError):
+            BaB(**kwargs)
