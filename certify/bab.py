@@ -45,9 +45,9 @@ from .bab_bound import (Context, batch_capacity, choose_branches, falsification_
                         sound_lower, tighten_intermediate)
 from .bab_domains import Domains, domain_bytes
 from .bab_leaf import attack_from, check_counterexample, frozen_copy, resolve_leaves
-from .bab_rounding import float64_graph
 from .base import CERTIFIED, NOT_CERTIFIED, TIMEOUT, CertResult, Certifier
 from .graph import build_graph, check_supported
+from .rounding import float64_model
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class BaB(Certifier):
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
         frozen = frozen_copy(model)
         shape = tuple(x.shape[1:])
-        graph, graph64 = build_graph(frozen, shape), float64_graph(frozen, shape)
+        graph, graph64 = build_graph(frozen, shape), build_graph(float64_model(frozen), shape)
         k = graph.nodes[graph.output].shape[0] if graph.nodes[graph.output].shape else 0
         outcomes = [self.verify(frozen, graph, graph64, x[i:i + 1], int(y[i]), threat) for i in range(x.shape[0])]
         margin = torch.stack([o.margin_lower for o in outcomes]) if outcomes else x.new_zeros(0, k)

@@ -1,18 +1,18 @@
 """Bounding for branch and bound: beta-CROWN on batches of subdomains of one example.
 
 :func:`make_context` computes the example's root pre-activation bounds once, soundly (CROWN on a float64
-copy of the network, widened by :func:`certify.bab_rounding.crown_allowance`), and keeps them in float32
-(rounded outward) for the search. A batch of D subdomains is a :class:`certify.crown.Propagator` over
-the example's x repeated D times, whose pre-activation bounds are the root's with each domain's splits
-applied (:func:`certify.bab_domains.split_relaxation`); the bound of each domain's margins is
+copy of the network, widened by their proven rounding error, :mod:`certify.rounding`), and keeps them in
+float32 (rounded outward) for the search. A batch of D subdomains is a :class:`certify.crown.Propagator`
+over the example's x repeated D times, whose pre-activation bounds are the root's with each domain's
+splits applied (:func:`certify.bab_domains.split_relaxation`); the bound of each domain's margins is
 
     min over the input set of  c^T f(x) - sum_split beta_i sign_i z_i(x)      (beta-CROWN, Wang et al. 2021)
 
 with the lower ReLU slopes alpha (Xu et al. 2021) and beta >= 0 optimised jointly by projected Adam
 (:func:`optimise`), warm-started from the parent. The best bound seen per domain is kept with the alpha
-and beta that gave it, so :func:`sound_lower` can recompute exactly that bound in float64 with a
-rounding allowance before a domain counts as closed. :func:`choose_branches` picks each open domain's
-next split (BaBSR, or FSB: its candidates' children bounded with the parent's alpha and beta).
+and beta that gave it, so :func:`sound_lower` can recompute exactly that bound in float64 and lower it
+by its proven rounding error before a domain counts as closed. :func:`choose_branches` picks each open
+domain's next split (BaBSR, or FSB: its candidates' children bounded with the parent's alpha and beta).
 """
 from __future__ import annotations
 
@@ -26,27 +26,33 @@ from torch import Tensor
 from robustbench_lite.threat import ThreatModel
 
 from .bab_domains import Domains, branching_scores, preactivation_bias, split_relaxation, top_candidates
-from .bab_rounding import (SoundPropagator, crown_allowance, sound_input_box, sound_maxpool_relaxation,
-                           sound_relu_relaxation, to_float32_outward)
 from .crown import Propagator
 from .graph import Graph
-from .layers import Relaxation, maxpool_relaxation, relu_relaxation
 from .ibp import input_box
+from .layers import Relaxation, maxpool_relaxation, relu_relaxation
+from .rounding import error_bounds, padded_boxes, round_down, unit_roundoff
 
 Interval = tuple[Tensor, Tensor]
+U64 = 2.0 ** -53
+#: the pad's own float64 rounding (as :data:`certify.rounding._SELF`)
+SELF = 1.0 + 2.0 ** -20
 
 
 @dataclass
 class Context:
-    """One example: its graphs (float32 and float64), sound root bounds and what the search reuses.
+    """One example: its graphs (float32 and float64), proven root bounds and what the search reuses.
 
     ``relus``: the ReLU nodes with an unstable neuron at the root (the only ones ever split or given
-    alphas); ``pre32``/``pre64`` {pre-activation node: (1, *shape)}; ``relax32``/``relax64`` the root's
-    relaxations of every ReLU and max-pool (float32 for the search, float64 sound for the checks);
-    ``sound``: the float64 walk.
+    alphas); ``pre32``/``pre64`` {pre-activation node: (1, *shape)}: float64 bounds proven for the exact
+    network and their float32 outward rounding; ``relax32``/``relax64`` the relaxations of every ReLU
+    and max-pool built from them (float32 for the search, float64 for the proofs); ``errors`` {node:
+    (1, *shape)}: :func:`certify.rounding.error_bounds` of the float64 graph at the root, which bound the
+    rounding of any float64 walk whose relaxations come from bounds inside the root's (see
+    :func:`sound_lower`); ``magnitude`` {pre-activation node: max |z|} over the root bounds.
     """
 
     graph: Graph
+    graph64: Graph
     x: Tensor
     y: int
     threat: ThreatModel
@@ -56,7 +62,8 @@ class Context:
     pre64: dict[int, Interval]
     relax32: dict[int, Relaxation]
     relax64: dict[int, Relaxation]
-    sound: SoundPropagator
+    errors: dict[int, Tensor]
+    magnitude: dict[int, Tensor]
     bias: dict[int, Tensor | float]
     memory_mb: float
     macs: int = 0  # multiply-accumulates of every walk so far (gradients count twice their walk)
@@ -76,6 +83,13 @@ class Context:
         prop.relax = patched(self.relax32, splits)
         return prop
 
+    def propagator64(self, splits: dict[int, Tensor], rows: int) -> Propagator:
+        """The float64 propagator of ``rows`` domains (the proofs' walk)."""
+        x64 = self.x.double().expand(rows, *self.x.shape[1:])
+        prop = Propagator(self.graph64, x64, self.threat, self.memory_mb / 2)
+        prop.relax = patched(self.relax64, splits)
+        return prop
+
 
 def patched(relax: dict[int, Relaxation], splits: dict[int, Tensor]) -> dict[int, Relaxation]:
     """The root's relaxations with each layer's splits applied (layers with no split stay shared)."""
@@ -83,22 +97,44 @@ def patched(relax: dict[int, Relaxation], splits: dict[int, Tensor]) -> dict[int
             for i, r in relax.items()}
 
 
+def outward32(lo: Tensor, hi: Tensor) -> Interval:
+    """float32 bounds that contain the float64 interval [lo, hi]."""
+    return round_down(lo), -round_down(-hi)
+
+
+def relaxations(graph: Graph, pre: dict[int, Interval]) -> dict[int, Relaxation]:
+    """CROWN's relaxation of every ReLU (LeakyReLU) and max-pool from the bounds ``pre`` of its input."""
+    out = {}
+    for n in graph.nodes:
+        if n.kind == "relu":
+            out[n.index] = relu_relaxation(*pre[n.inputs[0]], n.op.negative_slope)
+        elif n.kind == "maxpool":
+            out[n.index] = maxpool_relaxation(n.op, *pre[n.inputs[0]])
+    return out
+
+
+def lowered(bound: Tensor, pad: Tensor) -> Tensor:
+    """``bound - pad`` in float64, lowered by the subtraction's own rounding."""
+    return bound - pad - 2.0 ** -52 * (bound.abs() + pad)
+
+
 def make_context(graph: Graph, graph64: Graph, x: Tensor, y: int, threat: ThreatModel, memory_mb: float) -> Context:
-    """The root of one example x (1, *input_shape): sound pre-activation bounds and the relaxation data."""
-    lo, hi = sound_input_box(x, threat)
-    root = Propagator(graph64, x.double(), threat, memory_mb / 2)
-    root.compute_bounds(widen=crown_allowance(graph64, lo, hi))
-    pre64 = {i: root.boxes[i] for i in root.needed if i != 0}
-    pre32 = {i: to_float32_outward(*b) for i, b in pre64.items()}
+    """The root of one example x (1, *input_shape): proven pre-activation bounds and the relaxation data
+    (CROWN in float64 widened by :func:`certify.rounding.error_bounds`, as :func:`certify.crown.intermediate_bounds`)."""
+    x64 = x.double()
+    root = Propagator(graph64, x64, threat, memory_mb / 2)
+    with torch.no_grad():
+        root.compute_bounds()
+        errors = error_bounds(graph64, root.boxes, x64, threat, unit_roundoff(torch.float64))
+    needed = sorted(root.needed)
+    pre64 = dict(zip(needed, padded_boxes([root.boxes[i] for i in needed], [errors[i] for i in needed])))
+    pre32 = {i: outward32(*b) for i, b in pre64.items()}
     relu_input = {n.index: n.inputs[0] for n in graph.nodes if n.kind == "relu"}
-    relus = [r for r, i in relu_input.items() if i in pre64 and bool(((pre64[i][0] < 0) & (pre64[i][1] > 0)).any())]
-    pre32[0] = input_box(x, threat)  # a ReLU or max-pool straight on the input (float32, search only)
-    relax32 = {n.index: relu_relaxation(*pre32[n.inputs[0]]) if n.kind == "relu"
-               else maxpool_relaxation(n.op, *pre32[n.inputs[0]]) for n in graph.nodes if n.kind in ("relu", "maxpool")}
-    sound = SoundPropagator(graph64, x, threat, root.boxes)
-    sound.relax_from(pre64, 1)
-    return Context(graph, x, y, threat, relus, relu_input, pre32, pre64, relax32, dict(sound.relax), sound,
-                   {r: preactivation_bias(graph, r) for r in relus}, memory_mb, root.macs)
+    relus = [r for r, i in relu_input.items() if bool(((pre64[i][0] < 0) & (pre64[i][1] > 0)).any())]
+    magnitude = {i: torch.maximum(lo.abs(), hi.abs()) for i, (lo, hi) in pre64.items()}
+    return Context(graph, graph64, x, y, threat, relus, relu_input, pre32, pre64, relaxations(graph, pre32),
+                   relaxations(graph64, pre64), errors, magnitude, {r: preactivation_bias(graph, r) for r in relus},
+                   memory_mb, root.macs)
 
 
 def tighten_intermediate(ctx: Context, iterations: int, lr: float, max_rows: int) -> int:
@@ -119,7 +155,7 @@ def tighten_intermediate(ctx: Context, iterations: int, lr: float, max_rows: int
         width = math.prod(shape)
         chunk = max(1, int(ctx.memory_mb * 2 ** 20 / 4 // (8 * _rows_per_domain(ctx, 1))))
         new_lo, new_hi = lo64.flatten().clone(), hi64.flatten().clone()
-        ctx.sound.relax = dict(ctx.relax64)
+        pad = ctx.errors[node].flatten()
         for s in range(0, ids.numel(), chunk):
             part = ids[s:s + chunk]
             m = part.numel()
@@ -146,20 +182,15 @@ def tighten_intermediate(ctx: Context, iterations: int, lr: float, max_rows: int
                                                      best_slopes[r])
                 adam.step(grads)
             ctx.macs += 3 * prop.macs
-            sound = ctx.sound.backward(node, rows.double(), best_slopes)[0]
+            with torch.no_grad():  # a row of 1-norm 1 from the node: its rounding is within errors[node]
+                bound = ctx.propagator64({}, 1).backward(node, rows.double(), best_slopes)[0]
+            sound = lowered(bound, pad[part].repeat(2))
             new_lo[part] = torch.maximum(new_lo[part], sound[:m])
             new_hi[part] = torch.minimum(new_hi[part], -sound[m:])
             done += 2 * m
         ctx.pre64[node] = (new_lo.reshape(lo64.shape), new_hi.reshape(hi64.shape))
-        ctx.pre32[node] = to_float32_outward(*ctx.pre64[node])
-        for n in ctx.graph.nodes:
-            if n.kind in ("relu", "maxpool") and n.inputs[0] == node:
-                (lo, hi), (lo64, hi64) = ctx.pre32[node], ctx.pre64[node]
-                if n.kind == "relu":
-                    ctx.relax32[n.index], ctx.relax64[n.index] = relu_relaxation(lo, hi), sound_relu_relaxation(lo64, hi64)
-                else:
-                    ctx.relax32[n.index] = maxpool_relaxation(n.op, lo, hi)
-                    ctx.relax64[n.index] = sound_maxpool_relaxation(n.op, lo64, hi64)
+        ctx.pre32[node] = outward32(*ctx.pre64[node])
+        ctx.relax32, ctx.relax64 = relaxations(ctx.graph, ctx.pre32), relaxations(ctx.graph64, ctx.pre64)
     ctx.relus = [r for r in ctx.relus if bool(((ctx.pre64[ctx.relu_input[r]][0] < 0)
                                                  & (ctx.pre64[ctx.relu_input[r]][1] > 0)).any())]
     return done
@@ -246,11 +277,28 @@ class ProjectedAdam:
 
 
 def sound_lower(ctx: Context, dom: Domains) -> Tensor:
-    """float64 lower bounds (D, S) of the domains' margins that hold in exact arithmetic (same alpha, beta)."""
-    ctx.sound.relax = patched(ctx.relax64, dom.splits)
-    c = ctx.spec_rows(dom.spec, torch.float64)
-    betas = {r: (dom.betas[r] * dom.splits[r].unsqueeze(1)).double() for r in dom.splits}
-    return ctx.sound.backward(ctx.graph.output, c, dom.alphas, betas)
+    """float64 lower bounds (D, S) of the domains' margins that hold in exact arithmetic (same alpha, beta).
+
+    The float64 walk's rounding (docs/soundness.md): a walk from the output with row e_y - e_j errs by
+    at most E_out[y] + E_out[j] (:func:`certify.rounding.margin_pad`); each split layer's term
+    ``beta sign z`` is subtracted from the coefficient A at its pre-activation node z, so the walk below
+    z starts from the computed A' = fl(A - beta sign) instead of A: by the same induction its rounding
+    grows by at most ``|beta| . E_z`` (|A'| <= |A| + |beta| up to one rounding) plus the subtraction's
+    own ``u |A'| . (M_z + E_z)``, M_z the magnitude of z over the root bounds."""
+    d = len(dom)
+    split_any = [r for r, s in dom.splits.items() if bool((s != 0).any())]
+    betas = {r: dom.betas[r].double() * dom.splits[r].unsqueeze(1) for r in split_any}
+    taps: dict[int, Tensor | None] = {ctx.relu_input[r]: None for r in split_any}
+    with torch.no_grad():
+        bound = ctx.propagator64(dom.splits, d).backward(ctx.graph.output, ctx.spec_rows(dom.spec, torch.float64),
+                                                         dom.alphas, betas, taps=taps)
+        out = ctx.errors[ctx.graph.output].flatten()
+        pad = out[ctx.y] + out[dom.spec]
+        for r in split_any:
+            z = ctx.relu_input[r]
+            e, m = ctx.errors[z].flatten(1), ctx.magnitude[z].flatten(1)
+            pad = pad + betas[r].abs().flatten(2) @ e[0] + U64 * (taps[z].abs().flatten(2) @ (e[0] + m[0]))
+    return lowered(bound, pad * SELF)
 
 
 def falsification_points(ctx: Context, dom: Domains, taps: dict[int, Tensor]) -> Tensor:

@@ -110,17 +110,20 @@ def apply_splits(pre: dict[int, Interval], splits: dict[int, Tensor], relu_input
 
 
 def split_relaxation(root: Relaxation, sign: Tensor) -> Relaxation:
-    """The ReLU relaxation of M domains from the root's (1 row) and their split signs (M, *shape): a
-    split-active neuron is the identity (its lower bound is 0), a split-inactive one is 0 (upper bound 0)."""
+    """The (Leaky)ReLU relaxation of M domains from the root's (1 row) and their split signs (M, *shape): a
+    split-active neuron is the identity (its lower bound is 0), a split-inactive one is its negative slope
+    times z (0 for a ReLU; its upper bound is 0)."""
     one, zero = torch.ones_like(root.lower_slope), torch.zeros_like(root.lower_slope)
+    leak = torch.full_like(root.lower_slope, root.negative_slope)
     active, inactive = sign > 0, sign < 0
     fixed = active | inactive
 
     def patch(t: Tensor) -> Tensor:
-        return torch.where(active, one, torch.where(inactive, zero, t))
+        return torch.where(active, one, torch.where(inactive, leak, t))
 
     return Relaxation("relu", patch(root.lower_slope), patch(root.upper_slope),
-                      torch.where(fixed, zero, root.upper_intercept), unstable=root.unstable & ~fixed)
+                      torch.where(fixed, zero, root.upper_intercept), unstable=root.unstable & ~fixed,
+                      negative_slope=root.negative_slope)
 
 
 def preactivation_bias(graph: Graph, relu: int) -> Tensor | float:

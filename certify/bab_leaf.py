@@ -28,7 +28,7 @@ from robustbench_lite.seeding import ExampleRNG
 from robustbench_lite.threat import ThreatModel
 
 from .bab_domains import Domains, apply_splits
-from .bab_rounding import sound_input_box
+from .ibp import input_box
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -102,7 +102,7 @@ def attack_from(model: nn.Module, x: Tensor, y: int, threat: ThreatModel, starts
 
 def _masked_forward(ctx, masks: dict[int, Tensor], v: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
     """The float64 network with each ReLU replaced by its fixed pattern (an affine map of v)."""
-    graph = ctx.sound.graph
+    graph = ctx.graph64
     values: list[Tensor] = []
     for node in graph.nodes[:graph.output + 1]:
         if node.kind == "input":
@@ -120,8 +120,9 @@ def _leaf_lp(ctx, dom: Domains, row: int) -> tuple[str, dict[int, Tensor] | None
     """('optimal' | 'infeasible' | 'failed', betas (1, 1, *shape) per split ReLU, LP point (1, ...))."""
     splits = {r: s[row:row + 1] for r, s in dom.splits.items()}
     pre = apply_splits(ctx.pre64, splits, ctx.relu_input)
-    masks = {r: (pre.get(i, ctx.sound.boxes[i])[0] >= 0).to(torch.float64) for r, i in ctx.relu_input.items()}
-    lo, hi = sound_input_box(ctx.x, ctx.threat)
+    masks = {r: torch.where(pre[i][0] >= 0, 1.0, ctx.graph64.nodes[r].op.negative_slope).to(torch.float64)
+             for r, i in ctx.relu_input.items()}  # a leaf's every ReLU is stable or split
+    lo, hi = input_box(ctx.x.double(), ctx.threat)
     d = ctx.x[0].numel()
     basis = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)])
     with torch.no_grad():

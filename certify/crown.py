@@ -27,7 +27,6 @@ the float32 ones are positive but not after that, recomputed in float64 on a flo
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -52,16 +51,6 @@ def _dot(a: Tensor, v: Tensor) -> Tensor:
     if a2.shape[0] == 1 and v2.shape[0] != 1:
         return v2 @ a2[0].T
     return torch.einsum("nsd,nd->ns", a2, v2)
-
-
-def interval_exact(graph: Graph, threat: ThreatModel, index: int) -> bool:
-    """Under Linf, interval bounds are exact through at most one non-diagonal affine map."""
-    if threat.norm != "Linf":
-        return False
-    nodes = [graph.nodes[i] for i in graph.ancestors(index)]
-    if any(n.kind not in ("affine", "input") for n in nodes):
-        return False
-    return sum(isinstance(n.op, (LinearOp, ConvOp)) for n in nodes) <= 1
 
 
 #: patch mode groups all channels of a position when at least this fraction of them is selected
@@ -148,12 +137,8 @@ class Propagator:
         return cost
 
     # --- pre-activation bounds ------------------------------------------------------------------
-    def compute_bounds(self, widen: Callable[[int, Interval], Interval] | None = None) -> None:
-        """Bounds of every node up to the output; CROWN-refined where a nonlinearity needs them.
-
-        ``widen(node, bounds)`` loosens each affine or add node's final bounds before anything uses them
-        (a rounding allowance, :func:`certify.bab_rounding.crown_allowance`).
-        """
+    def compute_bounds(self) -> None:
+        """Bounds of every node up to the output; CROWN-refined where a nonlinearity needs them."""
         g = self.graph
         for node in g.nodes[:g.output]:
             i = node.index
@@ -177,10 +162,17 @@ class Propagator:
             else:
                 c, r = node.op.forward((hi + lo) * 0.5), node.op.forward_abs((hi - lo) * 0.5)
                 self.boxes[i] = (c - r, c + r)
-            if i in self.needed and node.kind in ("affine", "add") and not interval_exact(g, self.threat, i):
+            if i in self.needed and node.kind in ("affine", "add") and not self._interval_exact(i):
                 self.boxes[i] = self._refine(i)
-            if widen is not None and node.kind in ("affine", "add"):
-                self.boxes[i] = widen(i, self.boxes[i])
+
+    def _interval_exact(self, index: int) -> bool:
+        """Under Linf, interval bounds are exact through at most one non-diagonal affine map."""
+        if self.threat.norm != "Linf":
+            return False
+        nodes = [self.graph.nodes[i] for i in self.graph.ancestors(index)]
+        if any(n.kind not in ("affine", "input") for n in nodes):
+            return False
+        return sum(isinstance(n.op, (LinearOp, ConvOp)) for n in nodes) <= 1
 
     def _refine(self, index: int) -> Interval:
         """Intersection of the node's interval bound and its CROWN bound (chunked over neurons)."""

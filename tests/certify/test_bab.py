@@ -23,8 +23,8 @@ from certify import CERTIFIERS, BaB, CROWN
 from certify.bab_bound import make_context, optimise, sound_lower
 from certify.bab_domains import Domains
 from certify.bab_leaf import frozen_copy
-from certify.bab_rounding import float64_graph
 from certify.graph import build_graph, to_affine_relu
+from certify.rounding import float64_model
 from robustbench_lite.errors import UserInputError
 from robustbench_lite.threat import ThreatModel
 from test_soundness import random_net
@@ -183,7 +183,7 @@ def _in_domain_points(net: nn.Module, x0: torch.Tensor, threat: ThreatModel, ctx
             p = torch.minimum(torch.maximum(p.detach() - 0.05 * threat.eps * grad.sign(), lo), hi)
             pts.append(p)
     pts = torch.cat(pts)
-    graph = float64_graph(net, tuple(x0.shape[1:]))
+    graph = build_graph(float64_model(frozen_copy(net)), tuple(x0.shape[1:]))
     with torch.no_grad():
         values = graph.forward(pts)
     keep = torch.ones(pts.shape[0], dtype=torch.bool)
@@ -206,7 +206,7 @@ def test_subdomain_bounds_hold_at_sampled_and_descended_points(kind, seed, eps, 
     frozen = frozen_copy(net)
     with torch.no_grad():
         y = int(frozen(x0).argmax())
-    ctx = make_context(build_graph(frozen, shape), float64_graph(frozen, shape), x0, y, threat, 64.0)
+    ctx = make_context(build_graph(frozen, shape), build_graph(float64_model(frozen), shape), x0, y, threat, 64.0)
     if not ctx.relus:
         return
     splits, alphas, betas = {}, {}, {}
@@ -235,7 +235,7 @@ def test_subdomain_bounds_hold_at_sampled_and_descended_points(kind, seed, eps, 
 
 def test_margin_that_only_float32_rounding_keeps_positive_is_not_certified():
     # margin(x) = 0.7 x + b over [x0 - 0.2, x0 + 0.2]: its exact minimum is -8.8e-9, while float32 CROWN
-    # (whose x0 - eps rounds up) says +1.5e-8 and no float32 point of the ball is misclassified
+    # (whose x0 - eps rounds up, before the rounding rule's pad) says +1.5e-8 and no float32 point of the ball is misclassified
     x0, eps, w, b = 0.49150121212005615, 0.2, 0.699999988079071, -0.20405085384845734
     net = nn.Sequential(nn.Linear(1, 2))
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_margin_that_only_float32_rounding_keeps_positive_is_not_certified():
         net[0].bias.copy_(torch.tensor([b, 0.0]))
     x, y, threat = torch.tensor([[x0]]), torch.tensor([0]), ThreatModel("Linf", eps)
     exact = Fraction(w) * (Fraction(x0) - Fraction(eps)) + Fraction(b)
-    assert exact < 0 and CROWN()(net, x, y, threat).margin_lower[0, 1] > 0  # the premise
+    assert exact < 0 and CROWN().bound_margins(net, x, y, threat)[0, 1] > 0  # the premise: float32 says > 0
     res = BaB(timeout=10.0)(net, x, y, threat)
     assert res.status[0] != "certified" and res.info["verdict"][0] == "unknown"
     assert float(res.margin_lower[0, 1]) <= float(exact)
