@@ -46,7 +46,7 @@ from .bab_bound import (Context, batch_capacity, choose_branches, falsification_
 from .bab_domains import Domains, domain_bytes
 from .bab_leaf import attack_from, check_counterexample, frozen_copy, resolve_leaves
 from .base import CERTIFIED, NOT_CERTIFIED, TIMEOUT, CertResult, Certifier
-from .graph import build_graph, check_supported
+from .graph import build_graph, check_supported, unsupported_reason
 from .rounding import float64_model
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,9 @@ class BaB(Certifier):
 
     def check_supported(self, model: nn.Module) -> None:
         check_supported(model)
+
+    def unsupported(self, model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+        return unsupported_reason(model, input_shape)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> CertResult:
         frozen = frozen_copy(model)

@@ -293,12 +293,21 @@ def sound_lower(ctx: Context, dom: Domains) -> Tensor:
         bound = ctx.propagator64(dom.splits, d).backward(ctx.graph.output, ctx.spec_rows(dom.spec, torch.float64),
                                                          dom.alphas, betas, taps=taps)
         out = ctx.errors[ctx.graph.output].flatten()
-        pad = out[ctx.y] + out[dom.spec]
-        for r in split_any:
-            z = ctx.relu_input[r]
-            e, m = ctx.errors[z].flatten(1), ctx.magnitude[z].flatten(1)
-            pad = pad + betas[r].abs().flatten(2) @ e[0] + U64 * (taps[z].abs().flatten(2) @ (e[0] + m[0]))
+        pad = out[ctx.y] + out[dom.spec] + split_pad(ctx, betas, taps, ctx.errors, U64)
     return lowered(bound, pad * SELF)
+
+
+def split_pad(ctx: Context, betas: dict[int, Tensor], taps: dict[int, Tensor], errors: dict[int, Tensor],
+              u: float) -> Tensor:
+    """(D, S): the rounding a walk's split terms add (:func:`sound_lower`), ``betas`` {ReLU: beta * sign
+    (D, S, *shape)}, ``taps`` {pre-activation node: the computed coefficient there}, ``errors`` the
+    graph's :func:`certify.rounding.error_bounds` in arithmetic of unit roundoff u."""
+    pad: Tensor | float = 0.0
+    for r, beta in betas.items():
+        z = ctx.relu_input[r]
+        e, m = errors[z].flatten().to(beta), ctx.magnitude[z].flatten().to(beta)
+        pad = pad + beta.abs().flatten(2) @ e + u * (taps[z].abs().flatten(2) @ (e + m))
+    return pad
 
 
 def falsification_points(ctx: Context, dom: Domains, taps: dict[int, Tensor]) -> Tensor:
