@@ -27,6 +27,7 @@ from attacks.losses import get_loss
 from robustbench_lite.seeding import ExampleRNG
 from robustbench_lite.threat import ThreatModel
 
+from .bab_bound import sound_lower  # a leaf's proof is the same float64 walk as any domain's
 from .bab_domains import Domains, apply_splits
 from .ibp import input_box
 
@@ -168,8 +169,6 @@ def _betas(dom: Domains, where: list[tuple[int, int]], values: np.ndarray) -> di
 
 def resolve_leaves(model: nn.Module, ctx, leaves: Domains, closed_min: Tensor) -> tuple[str, Tensor | None]:
     """Decide every leaf: ('closed', None) when all are proven, ('refuted', point) or ('unknown', None)."""
-    from .bab_bound import sound_lower  # a leaf's proof is the same float64 walk as any domain's
-
     if ctx.threat.norm != "Linf" or any(n.kind == "maxpool" for n in ctx.graph.nodes):
         return "unknown", None
     for i in range(len(leaves)):
