@@ -8,7 +8,7 @@ Cases ``cnn-0.1``, ``cnn-0.3`` (mnist5k-cnn-pgd-at at Linf 0.1, 0.3) and ``digit
 (digits-mlp-standard): AutoAttack, run by the evaluator with its per-example seeds, decides which of
 the first ``--n`` test images are robust; alpha-CROWN and ``bab`` then run on those, as the
 evaluator hands a ``skip_refuted`` certifier only the unrefuted examples. bab's counterexamples pass
-the evaluator's own check (:func:`robustbench_lite.claims.check_points`) and count against robust
+the evaluator's own check (:func:`robustbench_lite.evaluation.claims.check_points`) and count against robust
 accuracy, so ``unresolved = robust - certified`` with robust after bab. Per case: the median time of
 the examples bab certifies, the subdomains of the examples that branched (median) and subdomains
 per second over them. ``mip`` (the registered exact MIP, ``time_limit`` = bab's timeout) runs on the
@@ -42,7 +42,7 @@ from _exact import conv_net, random_net  # noqa: E402
 from benchmarks._timing import timed  # noqa: E402
 from certify import MIP, AlphaCROWN, BaB  # noqa: E402
 from robustbench_lite import evaluate  # noqa: E402
-from robustbench_lite.claims import check_points  # noqa: E402
+from robustbench_lite.evaluation.claims import check_points  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
 from robustbench_lite.zoo import load_model  # noqa: E402
