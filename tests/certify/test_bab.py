@@ -202,6 +202,21 @@ def test_subdomain_bounds_hold_at_sampled_and_descended_points(kind, seed, eps, 
                 assert b[row] <= worst + 1e-12 * (1 + abs(worst)), f"bound {float(b[row])} above {worst}"
 
 
+def test_closing_bounds_are_lowered_by_their_rounding_pad():
+    """sound_lower applies the pad the test above proves sufficient: each closing bound lies below the
+    plain float64 walk of the same domain by at least the output's error E_out[y] + E_out[j] (> 0)."""
+    for seed in range(4):
+        _, _, _, ctx, dom = _random_domain("dense", seed, 0.2, 0.7, 1.0)
+        split_any = [r for r, s in dom.splits.items() if bool((s != 0).any())]
+        betas64 = {r: dom.betas[r].double() * dom.splits[r].unsqueeze(1) for r in split_any}
+        with torch.no_grad():
+            raw = ctx.propagator64(dom.splits, 1).backward(ctx.graph.output, ctx.spec_rows(dom.spec, torch.float64),
+                                                           dom.alphas, betas64)
+        e_out = ctx.errors[ctx.graph.output].flatten()
+        pad = e_out[ctx.y] + e_out[dom.spec]
+        assert (pad > 0).all() and (raw - sound_lower(ctx, dom) >= pad).all(), seed
+
+
 def test_split_multipliers_tighten_split_domains():
     """beta is what makes a split count below its layer (beta-CROWN): optimised jointly with alpha, it
     lifts the float64 bound of split domains above alpha alone (same start, same steps) on some of them,
