@@ -116,7 +116,7 @@ def test_selective_section_uses_clean_and_adversarial_confidences(tmp_path):
     assert section["clean"]["avg_acc"][0] == record["clean_acc"]  # 100 % coverage: plain accuracy
     assert section["adversarial"]["worst_group_acc"][0] == record["groups"]["robust"]["worst_group_acc"]
     assert section["definition"].split("#")[1] in doc_anchors()
-    from robustbench_lite.render.terminal import format_result
+    from robustbench_lite.leaderboard.render.terminal import format_result
 
     text = format_result(result, "toy", None, 1.0, record)
     avg = "/".join(f"{100 * a:.1f}" for a in section["adversarial"]["avg_acc"])
