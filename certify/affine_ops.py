@@ -9,37 +9,20 @@
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layers import AffineOp
+from .layers import AffineOp, ScaleShiftOp
 
 
-class ElementwiseAffineOp(AffineOp):
+class ElementwiseAffineOp(ScaleShiftOp):
     """``x * scale + shift``; scale and shift (*shape) broadcast over the batch."""
 
     def __init__(self, scale: Tensor, shift: Tensor, in_shape: tuple[int, ...]) -> None:
         self.scale, self.shift = scale, shift
         self.in_shape = self.out_shape = in_shape
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.scale + self.shift
-
-    @property
-    def macs(self) -> int:
-        return math.prod(self.in_shape)
-
-    def forward_abs(self, r: Tensor) -> Tensor:
-        return r * self.scale.abs()
-
-    def backward(self, a: Tensor) -> Tensor:
-        return a * self.scale
-
-    def bias_term(self, a: Tensor) -> Tensor | None:
-        return (a * self.shift).flatten(2).sum(-1)
 
 
 class EmbedOp(AffineOp):

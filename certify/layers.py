@@ -129,13 +129,11 @@ class ConvOp(AffineOp):
         return None if self.bias is None else a.sum(dim=(-1, -2)) @ self.bias
 
 
-class ChannelAffineOp(AffineOp):
-    """``x * scale + shift`` per channel (dim 1 of the batch): Normalize and eval BatchNorm."""
+class ScaleShiftOp(AffineOp):
+    """``x * scale + shift`` with ``scale`` and ``shift`` broadcast over the batch (the subclasses fix their shape)."""
 
-    def __init__(self, scale: Tensor, shift: Tensor, in_shape: tuple[int, ...]) -> None:
-        view = (-1,) + (1,) * (len(in_shape) - 1)
-        self.scale, self.shift = scale.reshape(view), shift.reshape(view)
-        self.in_shape = self.out_shape = in_shape
+    scale: Tensor
+    shift: Tensor
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.scale + self.shift
@@ -155,6 +153,15 @@ class ChannelAffineOp(AffineOp):
 
     def bias_term(self, a: Tensor) -> Tensor | None:
         return (a * self.shift).flatten(2).sum(-1)
+
+
+class ChannelAffineOp(ScaleShiftOp):
+    """``x * scale + shift`` per channel (dim 1 of the batch): Normalize and eval BatchNorm."""
+
+    def __init__(self, scale: Tensor, shift: Tensor, in_shape: tuple[int, ...]) -> None:
+        view = (-1,) + (1,) * (len(in_shape) - 1)
+        self.scale, self.shift = scale.reshape(view), shift.reshape(view)
+        self.in_shape = self.out_shape = in_shape
 
 
 class ReshapeOp(AffineOp):
