@@ -15,7 +15,6 @@ to check. Neither the LP's value nor its status is ever read as a proof.
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import torch
