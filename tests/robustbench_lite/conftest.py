@@ -16,6 +16,12 @@ def _checkout_status() -> str:
 
 
 @pytest.fixture(autouse=True)
+def _results_dir(tmp_path_factory, monkeypatch):
+    """Ad-hoc records of every test go to a temporary results folder, never to the checkout's ./results."""
+    monkeypatch.setenv("RBL_RESULTS_DIR", str(tmp_path_factory.mktemp("results")))
+
+
+@pytest.fixture(autouse=True)
 def checkout_untouched(request):
     """A fuzz test never writes into the checkout (records, results, stray folders from relative paths)."""
     if not request.module.__name__.startswith("test_fuzz"):
