@@ -159,17 +159,22 @@ def part4(args: argparse.Namespace, script: str) -> None:
     print(f"\npart 4: {args.cifar_images} random 32x32 images, Linf 1/255, random weights; one thread, each case in "
           f"its own process (limits: {args.time_limit:.0f} s, {args.limit_gb:g} GB address space); CROWN "
           f"memory_mb={args.memory_mb:g}")
-    if not peer:
-        print("peer (auto_LiRPA) not found: run with PYTHONPATH=../shared/peers (see ../shared/peers/README.md); "
-              "no ratios")
-    print(f"{'net':16s} {'method':6s} {'who':5s} {'wall s':>8s} {'cpu s':>8s} {'peak RSS MB':>11s} {'certified':>9s} "
-          f"{'status':24s} {'peer/ours (cpu)':>15s}")
+    print_header(peer, f"{'net':16s} {'method':6s}")
     for net in args.cifar_nets:
         for method in args.methods:
             rows = {"ours": _case(script, args, net, method, "ours")}
             if peer:
                 rows["peer"] = _case(script, args, net, method, "peer")
             print_pair(f"{net:16s} {method:6s}", rows)
+
+
+def print_header(peer: bool, lead: str) -> None:
+    """The column header of :func:`print_pair` after ``lead``; says so when the peer is missing (no ratios)."""
+    if not peer:
+        print("peer (auto_LiRPA) not found: run with PYTHONPATH=../shared/peers (see ../shared/peers/README.md); "
+              "no ratios")
+    print(f"{lead} {'who':5s} {'wall s':>8s} {'cpu s':>8s} {'peak RSS MB':>11s} {'certified':>9s} {'status':24s} "
+          f"{'peer/ours (cpu)':>15s}")
 
 
 def print_pair(lead: str, rows: dict[str, dict]) -> None:

@@ -150,11 +150,7 @@ def part2(args: argparse.Namespace) -> None:
     print(f"\npart 2: CROWN margins of the first N mnist5k test images on mnist-lenet with max-pool, ours "
           f"(memory_mb={args.memory_mb:g}) and the peer, each in its own process (limits: {args.time_limit:.0f} s, "
           f"{args.limit_gb:g} GB address space); one thread")
-    if not peer:
-        print("peer (auto_LiRPA) not found: run with PYTHONPATH=../shared/peers (see ../shared/peers/README.md); "
-              "no ratios")
-    print(f"{'N':>4s} {'eps':>5s} {'who':5s} {'wall s':>8s} {'cpu s':>8s} {'peak RSS MB':>11s} {'certified':>9s} "
-          f"{'status':24s} {'peer/ours (cpu)':>15s}")
+    _cifar.print_header(peer, f"{'N':>4s} {'eps':>5s}")
     for eps in args.eps:
         for n in args.sizes:
             rows = {"ours": _cifar._case(__file__, args, "mnist-lenet", "CROWN", "ours", n=n, eps=eps)}
