@@ -367,7 +367,8 @@ def _top_level_imports(name: str, path: Path) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            out.add(mod)
+            if node.module:  # `from . import patches` depends on the sibling, not on the package's __init__
+                out.add(mod)
             out.update(f"{mod}.{a.name}" for a in node.names)  # `from pkg import module`
     return {m for m in out if _module_file(m) is not None}
 

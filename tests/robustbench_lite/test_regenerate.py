@@ -211,6 +211,15 @@ def test_code_fingerprint_of_lp_follows_crown_and_not_the_registry_code():
                                                                                       "robustbench_lite.corruptions.evaluate"])
 
 
+def test_code_fingerprint_of_crown_leaves_out_its_package_siblings():
+    """``from . import patches`` in crown.py depends on patches.py, not on certify/__init__.py and every
+    certifier it registers: an edit to bab or sdp-fo must not re-run a CROWN-only entry."""
+    files = code_files(["certify.crown"])
+    assert {"certify/crown.py", "certify/patches.py", "certify/rounding.py"} <= set(files)
+    assert not {"certify/__init__.py", "certify/bab.py", "certify/sdp_fo.py", "certify/mip.py"} & set(files)
+    assert "certify/bab_bound.py" in code_files(["certify.bab"])
+
+
 def test_certifiers_import_project_modules_at_module_level():
     """The fingerprint follows module-level imports only, so a certifier that imports a project module
     inside a function hides a dependency from it."""
