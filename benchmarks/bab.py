@@ -4,8 +4,9 @@
     OMP_NUM_THREADS=1 python benchmarks/bab.py --cases cnn-0.1 --n 50 --jsonl /tmp/bab.jsonl
     python benchmarks/bab.py --clock cpu                                 # budgets in CPU seconds
 
-Cases ``cnn-0.1``, ``cnn-0.3`` (mnist5k-cnn-pgd-at at Linf 0.1, 0.3) and ``digits-0.1``
-(digits-mlp-standard): AutoAttack, run by the evaluator with its per-example seeds, decides which of
+Cases ``cnn-0.1``, ``cnn-0.3`` (mnist5k-cnn-pgd-at at Linf 0.1, 0.3), ``digits-0.1``
+(digits-mlp-standard) and ``trades4k-0.3`` (mnist5k-cnn-trades-4k at Linf 0.3, a model bab's
+defaults were not tuned on; no target): AutoAttack, run by the evaluator with its per-example seeds, decides which of
 the first ``--n`` test images are robust; alpha-CROWN and ``bab`` then run on those, as the
 evaluator hands a ``skip_refuted`` certifier only the unrefuted examples. bab's counterexamples pass
 the evaluator's own check (:func:`robustbench_lite.evaluation.claims.check_points`) and count against robust
@@ -20,11 +21,18 @@ per example on 2 CPU cores, bab >= 10x faster than MIP where MIP finishes. The l
 a time budget on a shared machine buys less work than on an idle one (``--clock cpu`` counts this
 process's CPU seconds instead). ``--jsonl`` appends one record per example as it finishes (a killed
 run keeps them); nothing is written to the repository.
+
+Per case it also prints the median number of unstable neurons per ReLU layer at bab's root (after the
+intermediate bounds' alpha-CROWN) on the examples alpha-CROWN leaves open: what branching has to split.
+``--refine-rows 0 256`` runs bab with each ``refine_rows`` setting (per-domain intermediate bounds
+re-tightened under the splits, :func:`certify.bab_bound.refine`; 0 is off, the default) on every
+example side by side, one summary row per setting.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -41,16 +49,21 @@ from _exact import conv_net, random_net  # noqa: E402
 
 from benchmarks._timing import timed  # noqa: E402
 from certify import MIP, AlphaCROWN, BaB  # noqa: E402
+from certify.bab_bound import make_context, tighten_intermediate  # noqa: E402
+from certify.bab_leaf import frozen_copy  # noqa: E402
+from certify.graph import build_graph  # noqa: E402
+from certify.rounding import float64_model  # noqa: E402
 from robustbench_lite import evaluate  # noqa: E402
 from robustbench_lite.evaluation.claims import check_points  # noqa: E402
 from robustbench_lite.data import load_dataset  # noqa: E402
 from robustbench_lite.threat import ThreatModel  # noqa: E402
 from robustbench_lite.zoo import load_model  # noqa: E402
 
-CASES = {  # name: (model, dataset, eps, target unresolved in points)
+CASES = {  # name: (model, dataset, eps, target unresolved in points; nan: no target)
     "cnn-0.1": ("mnist5k-cnn-pgd-at", "mnist5k", 0.1, 1.0),
     "cnn-0.3": ("mnist5k-cnn-pgd-at", "mnist5k", 0.3, 10.0),
     "digits-0.1": ("digits-mlp-standard", "digits", 0.1, 0.0),
+    "trades4k-0.3": ("mnist5k-cnn-trades-4k", "mnist5k", 0.3, float("nan")),  # bab was not tuned on it
 }
 TINY = {"dense 2-16-16-3": lambda s: random_net((2, 16, 16, 3), s),
         "dense 2-32-32-3": lambda s: random_net((2, 32, 32, 3), s), "conv 1x1x2": conv_net}
@@ -74,7 +87,29 @@ def mip_verdict(res) -> str:
     return res.status[0] if res.status[0] != "not_certified" else "undecided"
 
 
-def run_case(name: str, n: int, timeout: float, clock: str, with_mip: bool, jsonl: str | None) -> dict:
+def ctx_relus(graph) -> list[int]:
+    return [n.index for n in graph.nodes if n.kind == "relu"]
+
+
+def instability(model, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> str:
+    """Unstable neurons per ReLU layer at bab's root (sound CROWN bounds, then alpha-CROWN on the
+    intermediate bounds, as bab runs them), median over the examples: what branching has to split."""
+    frozen = frozen_copy(model)
+    shape = tuple(x.shape[1:])
+    graph, graph64 = build_graph(frozen, shape), build_graph(float64_model(frozen), shape)
+    counts: list[list[int]] = []
+    for i in range(x.shape[0]):
+        ctx = make_context(graph, graph64, x[i:i + 1], int(y[i]), threat, 1024.0)
+        tighten_intermediate(ctx, 20, 0.5, 4096)
+        counts.append([int(((ctx.pre64[ctx.relu_input[r]][0] < 0) & (ctx.pre64[ctx.relu_input[r]][1] > 0)).sum())
+                       for r in ctx_relus(graph)])
+    sizes = [math.prod(graph.nodes[r].shape) for r in ctx_relus(graph)]
+    med = [statistics.median(c[k] for c in counts) for k in range(len(sizes))] if counts else []
+    return ", ".join(f"{m:.0f}/{s}" for m, s in zip(med, sizes))
+
+
+def run_case(name: str, n: int, timeout: float, clock: str, with_mip: bool, jsonl: str | None,
+             refine_rows: list[int]) -> list[dict]:
     model_name, dataset, eps, target = CASES[name]
     model = load_model(model_name, verify=False).eval()
     data = load_dataset(dataset, "test")
@@ -88,30 +123,34 @@ def run_case(name: str, n: int, timeout: float, clock: str, with_mip: bool, json
     out = {"case": name, "n": n, "robust_aa": int(robust.sum()), "target": target}
     _, cpu, alpha = timed(lambda: AlphaCROWN()(model, x[idx], y[idx], threat))
     out["alpha"], out["alpha_s"] = int(alpha.certified.sum()), cpu / max(1, idx.numel())
-    bab, mip = BaB(timeout=timeout, clock=clock), MIP(time_limit=timeout)
-    rows = []
-    for i in idx.tolist():
-        wall, cpu, res = timed(lambda: bab(model, x[i:i + 1], y[i:i + 1], threat))
-        row = {"case": name, "index": i, "verdict": res.info["verdict"][0], "domains": res.info["domains"][0],
-               "seconds": res.info["seconds"][0], "wall": wall, "cpu": cpu, "found_by": res.info["found_by"][0],
-               "alpha": bool(alpha.certified[len(rows)])}
-        if row["verdict"] == "refuted":  # the evaluator's own check of the point
-            check = check_points(model, res.counterexample, x[i:i + 1], y[i:i + 1], threat)
-            row["point_checked"] = bool(check.inside[0] and check.misclassified[0])
-        if with_mip and mip.unsupported(model, tuple(x.shape[1:])) is None:
-            mwall, mcpu, mres = timed(lambda: mip(model, x[i:i + 1], y[i:i + 1], threat))
-            if mres.status[0].startswith("skipped"):  # e.g. too many neurons: found only once the net is built
-                with_mip = False
-                print(f"  {name}: mip {mres.status[0]}", flush=True)
-            else:
-                row.update(mip=mip_verdict(mres), mip_wall=mwall, mip_cpu=mcpu)
-        rows.append(row)
-        record(jsonl, row)
-        print(f"  {name} #{i}: {row['verdict']} ({row['found_by'] or '-'}) {row['domains']} domains, "
-              f"{row['seconds']:.1f} {clock} s, cpu {cpu:.1f} s, wall {wall:.1f} s"
-              + (f"; mip {row['mip']} in {row['mip_wall']:.1f} s" if "mip" in row else ""), flush=True)
-    out.update(summarise(rows, out["robust_aa"], n))
-    return out
+    open_idx = idx[~alpha.certified.cpu()]
+    if open_idx.numel():
+        print(f"  {name}: unstable neurons per ReLU layer at the root, median over the {open_idx.numel()} examples "
+              f"alpha-CROWN leaves open: {instability(model, x[open_idx], y[open_idx], threat)}", flush=True)
+    babs, mip = {r: BaB(timeout=timeout, clock=clock, refine_rows=r) for r in refine_rows}, MIP(time_limit=timeout)
+    rows: dict[int, list[dict]] = {r: [] for r in refine_rows}
+    for k, i in enumerate(idx.tolist()):
+        for setting, bab in babs.items():
+            wall, cpu, res = timed(lambda: bab(model, x[i:i + 1], y[i:i + 1], threat))
+            row = {"case": name, "index": i, "verdict": res.info["verdict"][0], "domains": res.info["domains"][0],
+                   "seconds": res.info["seconds"][0], "wall": wall, "cpu": cpu, "found_by": res.info["found_by"][0],
+                   "alpha": bool(alpha.certified[k]), "refine_rows": setting}
+            if row["verdict"] == "refuted":  # the evaluator's own check of the point
+                check = check_points(model, res.counterexample, x[i:i + 1], y[i:i + 1], threat)
+                row["point_checked"] = bool(check.inside[0] and check.misclassified[0])
+            if with_mip and setting == refine_rows[0] and mip.unsupported(model, tuple(x.shape[1:])) is None:
+                mwall, mcpu, mres = timed(lambda: mip(model, x[i:i + 1], y[i:i + 1], threat))
+                if mres.status[0].startswith("skipped"):  # e.g. too many neurons: found only once the net is built
+                    with_mip = False
+                    print(f"  {name}: mip {mres.status[0]}", flush=True)
+                else:
+                    row.update(mip=mip_verdict(mres), mip_wall=mwall, mip_cpu=mcpu)
+            rows[setting].append(row)
+            record(jsonl, row)
+            print(f"  {name} #{i} (refine_rows {setting}): {row['verdict']} ({row['found_by'] or '-'}) "
+                  f"{row['domains']} domains, {row['seconds']:.1f} {clock} s, cpu {cpu:.1f} s, wall {wall:.1f} s"
+                  + (f"; mip {row['mip']} in {row['mip_wall']:.1f} s" if "mip" in row else ""), flush=True)
+    return [{**out, "refine_rows": setting, **summarise(rows[setting], out["robust_aa"], n)} for setting in refine_rows]
 
 
 def summarise(rows: list[dict], robust_aa: int, n: int) -> dict:
@@ -171,6 +210,8 @@ def main() -> None:
     parser.add_argument("--tiny-points", type=int, default=10)
     parser.add_argument("--tiny-nets", type=int, default=3)
     parser.add_argument("--jsonl", default=None, help="append one JSON record per example here")
+    parser.add_argument("--refine-rows", type=int, nargs="+", default=[0],
+                        help="bab's refine_rows settings, each run on every example side by side (0: off)")
     args = parser.parse_args()
     print(f"{load()}, torch threads {torch.get_num_threads()}, bab timeout {args.timeout:g} {args.clock} s "
           f"per example", flush=True)
@@ -180,13 +221,13 @@ def main() -> None:
         if case == "tiny":
             tiny = run_tiny(args.tiny_points, args.tiny_nets, 0.1, args.jsonl)
         else:
-            rows.append(run_case(case, args.n, args.timeout, args.clock, not args.no_mip, args.jsonl))
+            rows += run_case(case, args.n, args.timeout, args.clock, not args.no_mip, args.jsonl, args.refine_rows)
         print(f"[{case} done in {time.perf_counter() - started:.0f} s]", flush=True)
-    print(f"\n{'case':11s} {'n':>4s} {'AA rob':>6s} {'robust':>6s} {'alpha':>5s} {'bab':>4s} {'refuted':>7s} "
+    print(f"\n{'case':12s} {'refine':>6s} {'n':>4s} {'AA rob':>6s} {'robust':>6s} {'alpha':>5s} {'bab':>4s} {'refuted':>7s} "
           f"{'timeout':>7s} {'unknown':>7s} {'unresolved':>10s} {'target':>6s} {'med cert s':>10s} "
           f"{'domains':>7s} {'dom/s':>6s} {'max s':>6s} {'alpha s/ex':>10s}")
     for r in rows:
-        print(f"{r['case']:11s} {r['n']:4d} {r['robust_aa']:6d} {r['robust']:6d} {r['alpha']:5d} "
+        print(f"{r['case']:12s} {r['refine_rows']:6d} {r['n']:4d} {r['robust_aa']:6d} {r['robust']:6d} {r['alpha']:5d} "
               f"{r['certified']:4d} {r['refuted']:7d} {r['timeout']:7d} {r['unknown']:7d} "
               f"{r['unresolved']:9.1f}% {r['target']:5.0f}% {r['median_certified_s']:10.2f} "
               f"{r['domains_median']:7.0f} {r['domains_per_s']:6.0f} {r['max_s']:6.1f} {r['alpha_s']:10.2f}")

@@ -17,7 +17,9 @@ Per example, in this order (every example alone, so batch size and order never c
    points minimising the open children's linear bounds are checked as counterexamples, and every
    ``attack_every`` batches APGD starts from the worst of them. A child with no unstable neuron left
    is a leaf: an LP (HiGHS) gives its exact minimum and the split multipliers that prove it
-   (:mod:`certify.bab_leaf`).
+   (:mod:`certify.bab_leaf`). With ``refine_rows`` > 0 each batch's children first get their own
+   intermediate bounds, re-tightened under their splits (:func:`certify.bab_bound.refine`); by default
+   every domain keeps the root's.
 
 Verdicts (``info["verdict"]``): ``certified`` (every subdomain's float64 bound > 0), ``refuted`` (a
 checked counterexample, returned in ``CertResult.counterexample``; status ``not_certified``),
@@ -42,7 +44,7 @@ from robustbench_lite.seeding import mix
 from robustbench_lite.threat import ThreatModel
 
 from .bab_bound import (Context, batch_capacity, choose_branches, falsification_points, make_context, optimise,
-                        sound_lower, tighten_intermediate)
+                        refine, sound_lower, tighten_intermediate)
 from .bab_domains import Domains, domain_bytes
 from .bab_leaf import attack_from, check_counterexample, frozen_copy, resolve_leaves
 from .base import CERTIFIED, NOT_CERTIFIED, TIMEOUT, CertResult, Certifier
@@ -91,6 +93,11 @@ class BaB(Certifier):
         intermediate_iterations, intermediate_rows: when alpha-CROWN leaves a margin open, Adam steps on
             the slopes of each intermediate bound (:func:`certify.bab_bound.tighten_intermediate`) for the
             layers with at most ``intermediate_rows`` unstable bounds; 0 iterations: CROWN's.
+        refine_rows: each batch's children get their own intermediate bounds, re-tightened under their
+            splits (:func:`certify.bab_bound.refine`) on the layers after the split one with at most this
+            many bounds (two per neuron unstable in some child); 0 (default): the root's bounds throughout.
+            Off by default: on the zoo's nets it did not pay for itself (docs/bab.md, "Per-domain
+            intermediate bounds").
         attack_steps, attack_every: APGD steps of the root attack and of the domain attacks, run every
             ``attack_every`` batches from the worst domains' points (0: never).
         memory_mb: budget of one bounding pass.
@@ -108,7 +115,8 @@ class BaB(Certifier):
     def __init__(self, *, timeout: float = 60.0, max_domains: int = 200_000, batch_size: int = 256,
                  iterations: int = 20, root_iterations: int = 50, lr_alpha: float = 0.1, lr_beta: float = 0.05,
                  root_lr_alpha: float = 0.5, branching: str = "fsb", candidates: int = 3, spec: str = "per-class",
-                 intermediate_iterations: int = 20, intermediate_rows: int = 4096, attack_steps: int = 100,
+                 intermediate_iterations: int = 20, intermediate_rows: int = 4096, refine_rows: int = 0,
+                 attack_steps: int = 100,
                  attack_every: int = 5, memory_mb: float = 1024.0, clock: str = "wall", seed: int = 0) -> None:
         for label, v in (("timeout", timeout), ("lr_alpha", lr_alpha), ("lr_beta", lr_beta),
                          ("root_lr_alpha", root_lr_alpha), ("memory_mb", memory_mb)):
@@ -118,7 +126,7 @@ class BaB(Certifier):
                               ("iterations", iterations, 0), ("root_iterations", root_iterations, 0),
                               ("candidates", candidates, 1), ("attack_steps", attack_steps, 0),
                               ("intermediate_iterations", intermediate_iterations, 0),
-                              ("intermediate_rows", intermediate_rows, 0),
+                              ("intermediate_rows", intermediate_rows, 0), ("refine_rows", refine_rows, 0),
                               ("attack_every", attack_every, 0)):
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise UserInputError(f"{label} must be an integer >= {low}, got {v!r}")
@@ -134,6 +142,7 @@ class BaB(Certifier):
         self.branching, self.candidates, self.spec = branching, candidates, spec
         self.attack_steps, self.attack_every = attack_steps, attack_every
         self.intermediate_iterations, self.intermediate_rows = intermediate_iterations, intermediate_rows
+        self.refine_rows = refine_rows
         self.memory_mb, self.clock, self.seed = float(memory_mb), clock, int(seed)
 
     def check_supported(self, model: nn.Module) -> None:
@@ -215,7 +224,8 @@ class BaB(Certifier):
                       {r: prop.relax[r].lower_slope.unsqueeze(1).expand(1, s, *prop.relax[r].lower_slope.shape[1:]).clone()
                        for r in ctx.relus},
                       {r: torch.zeros(1, s, *ctx.graph.nodes[r].shape) for r in ctx.relus},
-                      torch.full((1, s), -math.inf), others[None, :], torch.full((1, 2), -1))
+                      torch.full((1, s), -math.inf), others[None, :], torch.full((1, 2), -1),
+                      ctx.root_pre() if self.refine_rows else None)
         optimise(ctx, dom, self.root_iterations, self.root_lr_alpha, self.lr_beta)
         return dom
 
@@ -244,6 +254,7 @@ class BaB(Certifier):
                     break
             batch, pending = pending.worst_first(capacity)
             kids = batch.children()
+            refine(ctx, kids, int(batch.branch[:, 0].min()), self.refine_rows)
             taps, final = optimise(ctx, kids, self.iterations, self.lr_alpha, self.lr_beta,
                                    lambda: CLOCKS[self.clock]() - start > self.timeout)
             bounded += len(kids)

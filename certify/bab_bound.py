@@ -13,6 +13,8 @@ with the lower ReLU slopes alpha (Xu et al. 2021) and beta >= 0 optimised jointl
 and beta that gave it, so :func:`sound_lower` can recompute exactly that bound in float64 and lower it
 by its proven rounding error before a domain counts as closed. :func:`choose_branches` picks each open
 domain's next split (BaBSR, or FSB: its candidates' children bounded with the parent's alpha and beta).
+:func:`refine` optionally gives each domain its own intermediate bounds (``Domains.pre``), re-tightened
+under its splits; the relaxations of every walk then come from those (:func:`domain_relaxations`).
 """
 from __future__ import annotations
 
@@ -77,22 +79,42 @@ class Context:
         eye = torch.eye(self.num_classes, dtype=dtype, device=self.x.device)
         return eye[self.y][None, None, :] - eye[spec]
 
-    def propagator(self, splits: dict[int, Tensor], rows: int) -> Propagator:
-        """A float32 propagator of ``rows`` domains: the root's relaxations with ``splits`` applied."""
+    def propagator(self, splits: dict[int, Tensor], rows: int, pre: dict[int, Interval] | None = None) -> Propagator:
+        """A float32 propagator of ``rows`` domains: the relaxations of their bounds ``pre`` (None: the
+        root's) with ``splits`` applied."""
         prop = Propagator(self.graph, self.x.expand(rows, *self.x.shape[1:]), self.threat, self.memory_mb)
-        prop.relax = patched(self.relax32, splits)
+        prop.relax = patched(domain_relaxations(self.relax32, pre), splits)
         return prop
 
-    def propagator64(self, splits: dict[int, Tensor], rows: int) -> Propagator:
-        """The float64 propagator of ``rows`` domains (the proofs' walk)."""
+    def propagator64(self, splits: dict[int, Tensor], rows: int, pre: dict[int, Interval] | None = None) -> Propagator:
+        """The float64 propagator of ``rows`` domains (the proofs' walk); domain bounds ``pre`` are
+        intersected with the root's proven float64 bounds first, so every relaxation comes from bounds
+        inside the root's (the condition of the rounding pads, :func:`sound_lower`)."""
         x64 = self.x.double().expand(rows, *self.x.shape[1:])
         prop = Propagator(self.graph64, x64, self.threat, self.memory_mb / 2)
-        prop.relax = patched(self.relax64, splits)
+        inside = None if pre is None else {
+            r: (torch.maximum(lo.double(), self.pre64[self.relu_input[r]][0]),
+                torch.minimum(hi.double(), self.pre64[self.relu_input[r]][1])) for r, (lo, hi) in pre.items()}
+        prop.relax = patched(domain_relaxations(self.relax64, inside), splits)
         return prop
+
+    def root_pre(self) -> dict[int, Interval]:
+        """The root's float32 bounds of every split-able ReLU's input, (1, *shape) each."""
+        return {r: self.pre32[self.relu_input[r]] for r in self.relus}
+
+
+def domain_relaxations(relax: dict[int, Relaxation], pre: dict[int, Interval] | None) -> dict[int, Relaxation]:
+    """The root's relaxations with those of the ReLUs in ``pre`` rebuilt from the domains' own bounds."""
+    if pre is None:
+        return relax
+    out = dict(relax)
+    for r, (lo, hi) in pre.items():
+        out[r] = relu_relaxation(lo, hi, relax[r].negative_slope)
+    return out
 
 
 def patched(relax: dict[int, Relaxation], splits: dict[int, Tensor]) -> dict[int, Relaxation]:
-    """The root's relaxations with each layer's splits applied (layers with no split stay shared)."""
+    """The relaxations with each layer's splits applied (layers with no split stay shared)."""
     return {i: split_relaxation(r, splits[i]) if i in splits and bool((splits[i] != 0).any()) else r
             for i, r in relax.items()}
 
@@ -196,6 +218,54 @@ def tighten_intermediate(ctx: Context, iterations: int, lr: float, max_rows: int
     return done
 
 
+def refine(ctx: Context, dom: Domains, first: int, max_rows: int) -> int:
+    """Re-tighten the domains' intermediate bounds under their splits (beta-CROWN's per-subdomain
+    intermediate bounds, without their own optimisation): for each split-able ReLU after position
+    ``first`` of ``ctx.relus`` in order, CROWN bounds (lower slopes CROWN's adaptive ones) of the
+    neurons unstable in some domain, in float64 through each domain's own relaxations, the splits
+    applied (a split-active neuron is the identity, a split-inactive one 0: exact on the domain), lowered
+    by the node's proven rounding pad and intersected with the domain's bounds, so they hold on the
+    domain in exact arithmetic. A ReLU with more than ``max_rows`` rows (two per neuron) keeps its
+    bounds. ``dom.pre`` is updated in place; returns the rows bounded."""
+    done = 0
+    if dom.pre is None or max_rows == 0:
+        return 0
+    d = len(dom)
+    for r in ctx.relus[first + 1:]:
+        node = ctx.relu_input[r]
+        lo, hi = dom.pre[r]
+        free = ((lo < 0) & (hi > 0) & (dom.splits[r] == 0)).flatten(1)
+        ids = free.any(0).nonzero().flatten()
+        m = ids.numel()
+        if m == 0 or 2 * m > max_rows:
+            continue
+        shape = ctx.graph.nodes[node].shape
+        e = torch.zeros(1, 2 * m, math.prod(shape), dtype=torch.float64)
+        e[0, torch.arange(m), ids] = 1.0
+        e[0, torch.arange(m, 2 * m), ids] = -1.0
+        rows = e.reshape(1, 2 * m, *shape)
+        pad = ctx.errors[node].flatten()[ids].repeat(2)
+        new_lo, new_hi = lo.flatten(1).double(), hi.flatten(1).double()
+        per = max(1, int(ctx.memory_mb * 2 ** 20 / 8 // (4 * 2 * m * _activations(ctx))))
+        for s in range(0, d, per):
+            part = slice(s, min(d, s + per))
+            n = part.stop - part.start
+            prop = ctx.propagator64({q: t[part] for q, t in dom.splits.items()}, n,
+                                    {q: (a[part], b[part]) for q, (a, b) in dom.pre.items()})
+            with torch.no_grad():
+                sound = lowered(prop.backward(node, rows), pad)
+            ctx.macs += prop.macs
+            new_lo[part, ids] = torch.maximum(new_lo[part, ids], sound[:, :m])
+            new_hi[part, ids] = torch.minimum(new_hi[part, ids], -sound[:, m:])
+        done += 2 * m * d
+        dom.pre[r] = tuple(t.reshape(lo.shape) for t in outward32(new_lo, new_hi))  # type: ignore[assignment]
+    return done
+
+
+def _activations(ctx: Context) -> int:
+    return sum(math.prod(n.shape) for n in ctx.graph.nodes)
+
+
 def _rows_per_domain(ctx: Context, spec_rows: int) -> int:
     """float32 elements one domain needs in a bounding pass with gradients (a rough upper bound)."""
     nodes = sum(math.prod(n.shape) * (math.prod(n.op.kernel) if n.kind == "maxpool" else 1) for n in ctx.graph.nodes)
@@ -214,7 +284,7 @@ def optimise(ctx: Context, dom: Domains, iterations: int, lr_alpha: float, lr_be
     taps {ReLU node or 0 (the input): (D, S, *shape)} of a final pass with those parameters and its
     bound (D, S), for branching and falsification."""
     d = len(dom)
-    prop = ctx.propagator(dom.splits, d)
+    prop = ctx.propagator(dom.splits, d, dom.pre)
     c = ctx.spec_rows(dom.spec)
     signs = {r: s.unsqueeze(1).to(torch.float32) for r, s in dom.splits.items()}
     best = torch.full(dom.lower.shape, -math.inf)
@@ -290,7 +360,7 @@ def sound_lower(ctx: Context, dom: Domains) -> Tensor:
     betas = {r: dom.betas[r].double() * dom.splits[r].unsqueeze(1) for r in split_any}
     taps: dict[int, Tensor | None] = {ctx.relu_input[r]: None for r in split_any}
     with torch.no_grad():
-        bound = ctx.propagator64(dom.splits, d).backward(ctx.graph.output, ctx.spec_rows(dom.spec, torch.float64),
+        bound = ctx.propagator64(dom.splits, d, dom.pre).backward(ctx.graph.output, ctx.spec_rows(dom.spec, torch.float64),
                                                          dom.alphas, betas, taps=taps)
         out = ctx.errors[ctx.graph.output].flatten()
         pad = out[ctx.y] + out[dom.spec] + split_pad(ctx, betas, taps, ctx.errors, U64)
@@ -331,7 +401,7 @@ def choose_branches(ctx: Context, dom: Domains, taps: dict[int, Tensor], final: 
     open_rows = dom.lower <= 0
     babsr, intercept = [], []
     for r in ctx.relus:
-        lo, hi = ctx.pre32[ctx.relu_input[r]]
+        lo, hi = ctx.pre32[ctx.relu_input[r]] if dom.pre is None else dom.pre[r]
         s1, s2 = branching_scores(taps[r], lo, hi, ctx.bias[r], dom.splits[r] == 0, open_rows)
         babsr.append(s1)
         intercept.append(s2)
@@ -368,7 +438,7 @@ def _fsb_scores(ctx: Context, dom: Domains, taps: dict[int, Tensor], final: Tens
             rows = (which[:, 0] == pos).nonzero().flatten()
             if rows.numel() == 0:
                 continue
-            parent = ctx.propagator(dom.splits, d).backward(r, taps[r], dom.alphas, betas)
+            parent = ctx.propagator(dom.splits, d, dom.pre).backward(r, taps[r], dom.alphas, betas)
             for s in range(0, rows.numel(), per):
                 part = rows[s:s + per]
                 own = owner[part]
@@ -376,7 +446,8 @@ def _fsb_scores(ctx: Context, dom: Domains, taps: dict[int, Tensor], final: Tens
                 flat = splits[r].flatten(1).clone()
                 flat[torch.arange(part.numel()), which[part, 1]] = side[part]
                 splits[r] = flat.reshape(part.numel(), *dom.splits[r].shape[1:])
-                prop = ctx.propagator(splits, part.numel())
+                pre = None if dom.pre is None else {q: (lo[own], hi[own]) for q, (lo, hi) in dom.pre.items()}
+                prop = ctx.propagator(splits, part.numel(), pre)
                 child = prop.backward(r, taps[r][own], {q: t[own] for q, t in dom.alphas.items()},
                                       {q: t[own] for q, t in betas.items()})
                 ctx.macs += prop.macs

@@ -36,7 +36,10 @@ class Domains:
 
     ``splits`` {ReLU node: int8 (M, *shape)}; ``alphas``/``betas`` {ReLU node: (M, S, *shape)};
     ``lower`` (M, S) float32 bounds (open rows <= 0); ``spec`` (M, S) classes j; ``branch`` (M, 2) the
-    next split as (position in ``relus``, flat neuron index), -1 where no unstable neuron is left.
+    next split as (position in ``relus``, flat neuron index), -1 where no unstable neuron is left;
+    ``pre`` {ReLU node: (lower, upper) float32 (M, *shape)}: the domain's own proven bounds of the ReLU's
+    input (the root's, the splits applied, re-tightened under them: :func:`certify.bab_bound.refine`),
+    None for the root's bounds.
     """
 
     relus: list[int]
@@ -46,23 +49,28 @@ class Domains:
     lower: Tensor
     spec: Tensor
     branch: Tensor
+    pre: dict[int, Interval] | None = None
 
     def __len__(self) -> int:
         return self.lower.shape[0]
 
     def select(self, index: Tensor) -> "Domains":
+        pre = None if self.pre is None else {r: (lo[index], hi[index]) for r, (lo, hi) in self.pre.items()}
         return Domains(self.relus, {r: t[index] for r, t in self.splits.items()},
                        {r: t[index] for r, t in self.alphas.items()}, {r: t[index] for r, t in self.betas.items()},
-                       self.lower[index], self.spec[index], self.branch[index])
+                       self.lower[index], self.spec[index], self.branch[index], pre)
 
     @staticmethod
     def cat(parts: list["Domains"]) -> "Domains":
         first = parts[0]
+        pre = None if first.pre is None else {
+            r: (torch.cat([p.pre[r][0] for p in parts]), torch.cat([p.pre[r][1] for p in parts]))  # type: ignore[index]
+            for r in first.pre}
         return Domains(first.relus, {r: torch.cat([p.splits[r] for p in parts]) for r in first.splits},
                        {r: torch.cat([p.alphas[r] for p in parts]) for r in first.alphas},
                        {r: torch.cat([p.betas[r] for p in parts]) for r in first.betas},
                        torch.cat([p.lower for p in parts]), torch.cat([p.spec for p in parts]),
-                       torch.cat([p.branch for p in parts]))
+                       torch.cat([p.branch for p in parts]), pre)
 
     def worst_first(self, k: int) -> tuple["Domains", "Domains"]:
         """(the k domains with the lowest bound, the others); ties broken by position (deterministic)."""
@@ -88,6 +96,12 @@ class Domains:
             beta = kids.betas[r].flatten(2).clone()
             beta[rows[on], :, neuron] = 0.0
             kids.betas[r] = beta.reshape(kids.betas[r].shape)
+            if kids.pre is not None:  # the split neuron's own bounds: z >= 0 (active) or z <= 0 (inactive)
+                lo, hi = (t.flatten(1).clone() for t in kids.pre[r])
+                act, ina = rows[on][sign[on] > 0], rows[on][sign[on] < 0]
+                lo[act, neuron[sign[on] > 0]] = lo[act, neuron[sign[on] > 0]].clamp(min=0)
+                hi[ina, neuron[sign[on] < 0]] = hi[ina, neuron[sign[on] < 0]].clamp(max=0)
+                kids.pre[r] = (lo.reshape(kids.pre[r][0].shape), hi.reshape(kids.pre[r][1].shape))
         kids.branch = torch.full_like(kids.branch, -1)
         return kids
 
@@ -95,6 +109,7 @@ class Domains:
 def domain_bytes(dom: Domains) -> int:
     """Bytes one stored domain takes (splits, alpha, beta, bounds)."""
     per = sum(t[0].numel() * t.element_size() for group in (dom.splits, dom.alphas, dom.betas) for t in group.values())
+    per += sum(2 * lo[0].numel() * lo.element_size() for lo, _ in (dom.pre or {}).values())
     return max(1, per + 4 * dom.lower.shape[1] + 8 * dom.spec.shape[1] + 16)
 
 

@@ -120,8 +120,11 @@ def _leaf_lp(ctx, dom: Domains, row: int) -> tuple[str, dict[int, Tensor] | None
     """('optimal' | 'infeasible' | 'failed', betas (1, 1, *shape) per split ReLU, LP point (1, ...))."""
     splits = {r: s[row:row + 1] for r, s in dom.splits.items()}
     pre = apply_splits(ctx.pre64, splits, ctx.relu_input)
-    masks = {r: torch.where(pre[i][0] >= 0, 1.0, ctx.graph64.nodes[r].op.negative_slope).to(torch.float64)
-             for r, i in ctx.relu_input.items()}  # a leaf's every ReLU is stable or split
+    lows = {r: pre[i][0] for r, i in ctx.relu_input.items()}
+    if dom.pre is not None:  # the leaf's own bounds (splits applied): stable there even where the root's are not
+        lows.update({r: lo[row:row + 1] for r, (lo, _) in dom.pre.items()})
+    masks = {r: torch.where(lows[r] >= 0, 1.0, ctx.graph64.nodes[r].op.negative_slope).to(torch.float64)
+             for r in ctx.relu_input}  # a leaf's every ReLU is stable or split
     lo, hi = input_box(ctx.x.double(), ctx.threat)
     d = ctx.x[0].numel()
     basis = torch.cat([torch.zeros(1, d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)])
