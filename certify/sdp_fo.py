@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 #: an intermediate check runs only when the hardest class's estimate is above -CHECK_WITHIN (logits): the
 #: check's best diagonal added 0.1-0.7 to the estimate on the zoo CNN, so a lower one would not verify
 CHECK_WITHIN = 1.0
+#: what ``timeout`` counts (as :data:`certify.bab.CLOCKS`)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _positive_int(name: str, v: Any, minimum: int = 1) -> int:
@@ -69,7 +71,9 @@ class SDPFO(Certifier):
     largest lifted dimension, free inputs + unstable neurons + 1, whose dense float64 check is run: memory
     ``8 max_dense^2`` bytes; above it only the LP dual's bound counts and the status says so), ``early_stop``,
     ``stop_margin`` (an estimate above it ends the optimisation of a class), ``seed`` (Lanczos starts; mixed
-    with each example's content, so no result depends on the batch), ``memory_mb`` (CROWN's budget).
+    with each example's content, so no result depends on the batch), ``memory_mb`` (CROWN's budget), ``clock``
+    (what ``timeout`` counts: "wall" seconds, or "cpu" seconds of this process, every thread, which keeps a
+    budget's work about the same on a loaded machine).
 
     Shapes: x (N, ...) in the box, y (N,); margins (N, K). ``info["problems"]`` holds one record per solved
     (example, class): CROWN's, the LP dual's and the SDP's bounds, the SDP's estimate, steps, seconds and
@@ -82,7 +86,7 @@ class SDPFO(Certifier):
     def __init__(self, *, steps: int = 300, lp_steps: int = 100, lanczos_iters: int = 2, block: int = 8,
                  lr: float = 0.2, decay: float = 0.1, timeout: float = 60.0, verify_share: float = 0.75,
                  max_dense: int = 6000, early_stop: bool = True, stop_margin: float = 0.01, seed: int = 0,
-                 memory_mb: float = 1024.0) -> None:
+                 memory_mb: float = 1024.0, clock: str = "wall") -> None:
         self.steps = _positive_int("steps", steps, 0)
         self.lp_steps = _positive_int("lp_steps", lp_steps, 0)
         self.lanczos_iters = _positive_int("lanczos_iters", lanczos_iters, 0)
@@ -99,6 +103,9 @@ class SDPFO(Certifier):
         self.memory_mb = _positive("memory_mb", memory_mb)
         self.early_stop = bool(early_stop)
         self.seed = _positive_int("seed", seed, 0)
+        if clock not in CLOCKS:
+            raise UserInputError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+        self.clock = clock
 
     def check_supported(self, model: nn.Module) -> None:
         check_supported(model)
@@ -150,7 +157,8 @@ class SDPFO(Certifier):
             return NOT_CERTIFIED, None
         if not todo:
             return CERTIFIED, "crown"
-        start = time.perf_counter()
+        now = CLOCKS[self.clock]
+        start = now()
         deadline = start + self.verify_share * self.timeout
         rows = len(todo)
         spec = spec_matrix(torch.tensor([y]), len(margin))[0][todo]
@@ -165,7 +173,7 @@ class SDPFO(Certifier):
         records = [{"example": index, "class": j, "crown_bound": float(margin[j]), "lifted": int(p64.n[r])}
                    for r, j in enumerate(todo)]
         target = self.stop_margin if self.early_stop else math.inf
-        lp = lp_phase(p32, p32.crown_multipliers(), self.lp_steps, self.lr, self.decay, deadline, target)
+        lp = lp_phase(p32, p32.crown_multipliers(), self.lp_steps, self.lr, self.decay, deadline, target, now)
         lp_bound = linear_bounds(p64, lp.mult.map(lambda t: t.double()))
         stage = {j: "crown" for j in todo}
         for r, j in enumerate(todo):
@@ -178,7 +186,7 @@ class SDPFO(Certifier):
         if open_rows and not too_large and self.steps > 0:
             timed_out = self._sdp(p32, p64, lp, open_rows, todo, deadline, start + self.timeout, margin, stage, records,
                                   x) or timed_out
-        seconds = time.perf_counter() - start
+        seconds = now() - start
         for r in records:
             r["seconds"] = round(seconds, 4)
             r["bound"] = float(margin[r["class"]])
@@ -192,7 +200,7 @@ class SDPFO(Certifier):
         if too_large:
             return (f"{SKIPPED}: SDP of {int(p64.n[too_large[0]]) + 1} lifted coordinates exceeds "
                     f"max_dense={self.max_dense}"), None
-        return (TIMEOUT if timed_out or time.perf_counter() - start > self.timeout else NOT_CERTIFIED), None
+        return (TIMEOUT if timed_out or now() - start > self.timeout else NOT_CERTIFIED), None
 
     def _sdp(self, p32: LiftedProblem, p64: LiftedProblem, lp, open_rows: list[int], todo: list[int], deadline: float,
              deadline_verify: float, margin: Tensor, stage: dict[int, str], records: list[dict], x: Tensor) -> bool:
@@ -205,7 +213,7 @@ class SDPFO(Certifier):
         sub32, sub64 = p32.select(index), p64.select(index)
         seed = mix(self.seed, zlib.crc32(x.detach().float().cpu().numpy().tobytes()))
         dual = SDPDual(sub32, lp.mult.rows(index), self.steps, self.lr, self.decay, self.lanczos_iters, self.block,
-                       deadline, torch.Generator().manual_seed(seed))
+                       deadline, torch.Generator().manual_seed(seed), CLOCKS[self.clock])
         target = self.stop_margin if self.early_stop else math.inf
         checkpoints = [self.steps // 3, 2 * self.steps // 3, self.steps] if self.early_stop else [self.steps]
         pending = list(range(len(open_rows)))
@@ -217,7 +225,8 @@ class SDPFO(Certifier):
             for r in hardest:
                 row, j = open_rows[r], todo[open_rows[r]]
                 bound, details = sdp_bounds(sub64, result.mult.map(lambda t: t.double()), result.vector.double(),
-                                            rows=[r], max_dense=self.max_dense, deadline=deadline_verify)
+                                            rows=[r], max_dense=self.max_dense, deadline=deadline_verify,
+                                            clock=CLOCKS[self.clock])
                 records[row].update(sdp_estimate=float(result.value[r]), sdp_steps=result.steps,
                                     sdp_bound=float(bound[r]),
                                     **{k: v for k, v in details[r].items() if k in ("eigen", "lambda_lower")})

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -164,10 +165,11 @@ class LiftedProblem:
         return torch.cat([p.reshape(p.shape[0], -1) for p in parts], 1)
 
     # --- the affine map w -> (s, logits) and its transpose ---------------------------------------
-    def _forward(self, x: Tensor, relu_in: list[Tensor], linear: bool) -> tuple[list[Tensor], Tensor]:
-        if hasattr(self, "_passes"):
-            self._passes[0] += x.shape[0]
-        values: list[Tensor | None] = []
+    def walk(self, x: Tensor, relu_in: list[Tensor], affine: Callable[[Any, Tensor], Tensor]) -> tuple[list[Tensor], Tensor]:
+        """The lifted network's forward pass: ``affine(op, value)`` at every affine node, ``active * z +
+        relu_in[i]`` at ReLU i (the lifted coordinates enter there), sums at residual additions. Returns
+        every ReLU's input and the logits."""
+        values: list[Tensor] = []
         layer = {r: i for i, r in enumerate(self.relus)}
         for node in self.graph.nodes[:self.graph.output + 1]:
             if node.kind == "input":
@@ -178,9 +180,13 @@ class LiftedProblem:
                 i = layer[node.index]
                 values.append(self.active[i] * values[node.inputs[0]] + relu_in[i])
             else:
-                op = node.op
-                values.append(op.linear(values[node.inputs[0]]) if linear else op.forward(values[node.inputs[0]]))
+                values.append(affine(node.op, values[node.inputs[0]]))
         return [values[p] for p in self.pre], values[self.graph.output]
+
+    def _forward(self, x: Tensor, relu_in: list[Tensor], linear: bool) -> tuple[list[Tensor], Tensor]:
+        if hasattr(self, "_passes"):
+            self._passes[0] += x.shape[0]
+        return self.walk(x, relu_in, (lambda op, v: op.linear(v)) if linear else (lambda op, v: op.forward(v)))
 
     def offset(self) -> tuple[list[Tensor], Tensor]:
         """Pre-activations and logits at w = 0."""

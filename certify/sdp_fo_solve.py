@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -61,12 +62,12 @@ class _Adam:
 class _Schedule:
     """Geometric decay of the step to ``decay`` by the last step or the deadline, whichever comes first."""
 
-    def __init__(self, steps: int, deadline: float, decay: float) -> None:
-        self.steps, self.deadline, self.decay, self.start = steps, deadline, decay, time.perf_counter()
+    def __init__(self, steps: int, deadline: float, decay: float, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.steps, self.deadline, self.decay, self.clock, self.start = steps, deadline, decay, clock, clock()
 
     def factor(self, step: int) -> float:
         span = max(1e-9, self.deadline - self.start)
-        progress = max(step / max(1, self.steps), (time.perf_counter() - self.start) / span)
+        progress = max(step / max(1, self.steps), (self.clock() - self.start) / span)
         return self.decay ** min(1.0, progress)
 
 
@@ -128,15 +129,15 @@ def _linear_steps(problem: LiftedProblem, mult: Multipliers, lr: float) -> tuple
 
 
 def lp_phase(problem: LiftedProblem, mult: Multipliers, steps: int, lr: float, decay: float, deadline: float,
-             target: float = math.inf) -> PhaseResult:
+             target: float = math.inf, clock: Callable[[], float] = time.perf_counter) -> PhaseResult:
     """Projected Adam on the LP dual from ``mult``; stops early once every row's value exceeds ``target``."""
     mult = mult.map(lambda t: t.detach().clone())
     params, step_sizes, _ = _linear_steps(problem, mult, lr)
-    adam, schedule = _Adam(params, step_sizes), _Schedule(steps, deadline, decay)
+    adam, schedule = _Adam(params, step_sizes), _Schedule(steps, deadline, decay, clock)
     best_value = torch.full((problem.rows,), -math.inf, dtype=problem.dtype)
     best, done, timed_out = mult.map(lambda t: t.clone()), 0, False
     for step in range(steps + 1):
-        if time.perf_counter() > deadline:
+        if clock() > deadline:
             timed_out = True
             break
         for p in params:
@@ -194,11 +195,13 @@ class SDPDual:
     """
 
     def __init__(self, problem: LiftedProblem, mult: Multipliers, steps: int, lr: float, decay: float, iters: int,
-                 block: int, deadline: float, generator: torch.Generator) -> None:
+                 block: int, deadline: float, generator: torch.Generator,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.problem, self.steps, self.iters, self.generator = problem, steps, iters, generator
         self.mult = problem.box_kappa(mult.map(lambda t: t.detach().clone()))
         self.params, step_sizes = _sdp_steps(problem, self.mult, lr)
-        self.adam, self.schedule = _Adam(self.params, step_sizes), _Schedule(steps, deadline, decay)
+        self.clock = clock
+        self.adam, self.schedule = _Adam(self.params, step_sizes), _Schedule(steps, deadline, decay, clock)
         self.p = max(1, min(block, int(problem.n.min().item()) + 1))
         self.rep = problem.select(torch.arange(problem.rows).repeat_interleave(self.p))
         self.mask = torch.cat([torch.ones_like(problem.mask[:, :1]), problem.mask], 1)
@@ -221,7 +224,7 @@ class SDPDual:
         problem, rep, p = self.problem, self.rep, self.p
         above = 0
         while not self.done and (until is None or self.step <= until):
-            if time.perf_counter() > deadline and self.step > 0:
+            if self.clock() > deadline and self.step > 0:
                 self.timed_out = True
                 break
             with torch.no_grad():

@@ -22,7 +22,9 @@ exact ones as :func:`drift_pad`.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -50,23 +52,12 @@ class Magnitudes:
 
 
 def _abs_forward(problem: LiftedProblem, x_abs: Tensor, relu_abs: list[Tensor], bias: bool) -> tuple[list[Tensor], Tensor]:
-    values: list[Tensor] = []
-    layer = {r: i for i, r in enumerate(problem.relus)}
-    for node in problem.graph.nodes[:problem.graph.output + 1]:
-        if node.kind == "input":
-            values.append(x_abs)
-        elif node.kind == "add":
-            values.append(values[node.inputs[0]] + values[node.inputs[1]])
-        elif node.kind == "relu":
-            i = layer[node.index]
-            values.append(problem.active[i] * values[node.inputs[0]] + relu_abs[i])
-        else:
-            prev = values[node.inputs[0]]
-            out = node.op.forward_abs(prev)
-            if bias:
-                out = out + node.op.forward(torch.zeros_like(prev[:1])).abs()
-            values.append(out)
-    return [values[p] for p in problem.pre], values[problem.graph.output]
+    """The lifted walk with every affine layer's |W| (plus |b| when ``bias``)."""
+    def affine(op, prev: Tensor) -> Tensor:
+        out = op.forward_abs(prev)
+        return out + op.forward(torch.zeros_like(prev[:1])).abs() if bias else out
+
+    return problem.walk(x_abs, relu_abs, affine)
 
 
 @torch.no_grad()
@@ -229,10 +220,10 @@ def layer_blocks(problem: LiftedProblem, idx: Tensor) -> list[slice]:
 
 def sdp_bounds(problem: LiftedProblem, mult: Multipliers, starts: Tensor | None = None,
                rows: list[int] | None = None, max_dense: int = 6000, sweeps: int = 100,
-               deadline: float = math.inf) -> tuple[Tensor, list[dict]]:
+               deadline: float = math.inf, clock: Callable[[], float] = time.perf_counter) -> tuple[Tensor, list[dict]]:
     """Sound bounds (B,) float64 of the rows ``rows`` (default all; the others are ``-inf``) and per row how
     they were proven. Per row: the dense M of the multipliers, the best diagonal for it
-    (:func:`certify.eigen.best_diagonal`, ``sweeps`` at most, stopping at ``deadline``; the optimiser's own
+    (:func:`certify.eigen.best_diagonal`, ``sweeps`` at most, stopping at ``deadline`` on ``clock``; the optimiser's own
     kappa is only its state), a proven lower bound of ``lambda_min(M + K)``, every rounding error padded.
     ``starts`` (B, 1 + N): eigenvector estimates (warm starts)."""
     mult = project(problem, mult)
@@ -249,7 +240,7 @@ def sdp_bounds(problem: LiftedProblem, mult: Multipliers, starts: Tensor | None 
             details[b] = {"eigen": f"skipped: {n + 1} lifted coordinates exceed max_dense={max_dense}"}
             continue
         a, idx = dense_matrix(problem, mult, b)
-        kappa, factor = best_diagonal(a, layer_blocks(problem, idx), sweeps, deadline=deadline)
+        kappa, factor = best_diagonal(a, layer_blocks(problem, idx), sweeps, deadline=deadline, clock=clock)
         kappa[1:] = np.maximum(kappa[1:], 0.0)  # W_kk <= 1 needs kappa >= 0; P_00 = 1 takes any sign
         a[np.diag_indices(n + 1)] += kappa
         diag_err = mag.gamma * float(np.abs(np.diag(a)).max() + kappa.max())

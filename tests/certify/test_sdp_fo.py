@@ -337,6 +337,8 @@ def test_timeout_skipped_and_misclassified():
     res = SDPFO(timeout=1e-6)(model, x, y, threat)  # the SDP is needed here and gets no step
     assert res.status[2] == "not_certified" and not any(p["example"] == 2 for p in res.info["problems"])
     assert res.status[:2] == ["timeout", "timeout"] and not res.certified.any()
+    cpu = SDPFO(timeout=1e-6, clock="cpu")  # the budget counted in CPU seconds runs out the same way
+    assert cpu.config()["clock"] == "cpu" and cpu(model, x, y, threat).status[:2] == ["timeout", "timeout"]
     small = SDPFO(max_dense=3, steps=5, lp_steps=5)(model, x[:2], y[:2], threat)
     assert all(s.startswith("skipped: SDP of ") and s.endswith("max_dense=3") for s in small.status)
     pooled = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, K)).eval()
@@ -346,9 +348,24 @@ def test_timeout_skipped_and_misclassified():
     assert any(s.startswith("skipped") for s in res.status)
 
 
+def test_budget_is_read_on_the_chosen_clock(monkeypatch):
+    """Every deadline (LP phase, SDP phase, dense check) reads the certifier's clock: a clock that never
+    advances never runs out, however small the timeout."""
+    import certify.sdp_fo as sdp_fo_module
+    model, _ = net("mlp", 2)
+    x = torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(1))
+    y = model(x).argmax(1)
+    threat = ThreatModel("Linf", 0.8)
+    monkeypatch.setitem(sdp_fo_module.CLOCKS, "cpu", lambda: 0.0)
+    res = SDPFO(timeout=1e-6, clock="cpu", steps=6, lp_steps=5)(model, x, y, threat)
+    assert "timeout" not in res.status
+    solved = [p for p in res.info["problems"] if "sdp_steps" in p]
+    assert solved and all(p["lp_steps"] > 0 and p["sdp_steps"] > 0 for p in solved)
+
+
 @pytest.mark.parametrize("kw", [{"steps": -1}, {"lp_steps": 1.5}, {"lanczos_iters": -1}, {"block": 0}, {"lr": 0},
                                 {"decay": 1.5}, {"timeout": 0}, {"verify_share": 2.0}, {"max_dense": 1},
-                                {"stop_margin": -1.0}, {"seed": -1}, {"memory_mb": float("nan")}])
+                                {"stop_margin": -1.0}, {"seed": -1}, {"memory_mb": float("nan")}, {"clock": "gpu"}])
 def test_parameter_checks(kw):
     with pytest.raises(UserInputError):
         SDPFO(**kw)
