@@ -13,7 +13,7 @@ Only neurons whose interval bound leaves them unstable are bounded by CROWN when
 needs their values; the first layer keeps its exact interval bound under Linf. Work is batched over
 examples and chunked over bounded neurons so memory stays within ``memory_mb``.
 
-Speed (issue 4): convolutional nodes are bounded in patch mode (:mod:`certify.patches`), with all
+Speed: convolutional nodes are bounded in patch mode (:mod:`certify.patches`), with all
 channels of a position as the rows of one patch when most of them are selected; a ReLU followed by a
 max-pool over disjoint windows is ONE backward step (:class:`certify.layers.ReluPoolRelaxation`);
 everything runs without autograd unless the caller asks for gradients. ``Propagator(plain=True)`` is

@@ -1,6 +1,6 @@
 """The check every claimed adversarial point passes before it counts: an attack's ``x_adv`` or a
 complete verifier's counterexample must lie in the threat ball intersected with the box and be
-misclassified by the model on a fresh forward pass. No plug-in's word is taken (issue 13, item 4).
+misclassified by the model on a fresh forward pass. No plug-in's word is taken.
 
 :func:`check_points` checks points; :func:`verify_claims` is the evaluator's use of it: every claim
 of a batch in one forward pass; a rejected claim does not count, and the evaluation ends in a

@@ -17,7 +17,7 @@
   measured; a measured loss above the certificate plus phi's Frank-Wolfe gap adds the error flag
   ``wrm_certificate_violated`` to the record (recorded, not raised: the table shows it).
 
-- ``certification`` (records with certifiers; issue 11): the band from certified to robust accuracy
+- ``certification`` (records with certifiers): the band from certified to robust accuracy
   on the first ``n_examples`` examples that every certifier ran on (a complete verifier may run on a
   prefix of the table), and ``unresolved`` = robust - certified there: the true robust accuracy of those
   examples lies in the band.

@@ -92,7 +92,7 @@ def build(arch: str, **kwargs) -> nn.Module:
     return factory(**kwargs)
 
 
-# --- architectures for the defenses of issue 5 ---------------------------------------------------
+# --- architectures for the defenses (WRM, group DRO) ---------------------------------------------------
 def mnist_cnn_elu(num_classes: int = 10) -> nn.Sequential:
     """``mnist-cnn`` with ELU activations: the smooth network WRM's certificate needs (Sinha et al. 2018)."""
     return nn.Sequential(*[nn.ELU() if isinstance(layer, nn.ReLU) else layer for layer in mnist_cnn(num_classes)])
@@ -119,7 +119,7 @@ ARCHITECTURES["colored-cnn"] = colored_cnn
 ARCHITECTURES["colored-digits-mlp"] = colored_digits_mlp
 
 
-# --- RobustBench's standard CIFAR architectures (issue 17) -------------------------------------------
+# --- RobustBench's standard CIFAR architectures -------------------------------------------
 from .robustbench_archs import ARCHITECTURES as _ROBUSTBENCH  # noqa: E402 (needs Normalize above)
 
 ARCHITECTURES.update(_ROBUSTBENCH)
