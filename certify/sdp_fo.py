@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 import zlib
 from typing import Any
 
@@ -32,6 +31,7 @@ from robustbench_lite.errors import UnsupportedModelError, UserInputError
 from robustbench_lite.seeding import mix
 from robustbench_lite.threat import ThreatModel
 
+from .bab import CLOCKS  # what ``timeout`` counts: "wall" or "cpu" seconds, as bab
 from .base import CERTIFIED, NOT_CERTIFIED, SKIPPED, TIMEOUT, CertResult, Certifier, spec_matrix
 from .crown import bounds_and_margins
 from .graph import build_graph, check_supported
@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 #: an intermediate check runs only when the hardest class's estimate is above -CHECK_WITHIN (logits): the
 #: check's best diagonal added 0.1-0.7 to the estimate on the zoo CNN, so a lower one would not verify
 CHECK_WITHIN = 1.0
-#: what ``timeout`` counts (as :data:`certify.bab.CLOCKS`)
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _positive_int(name: str, v: Any, minimum: int = 1) -> int:
