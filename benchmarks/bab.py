@@ -87,23 +87,19 @@ def mip_verdict(res) -> str:
     return res.status[0] if res.status[0] != "not_certified" else "undecided"
 
 
-def ctx_relus(graph) -> list[int]:
-    return [n.index for n in graph.nodes if n.kind == "relu"]
-
-
 def instability(model, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> str:
     """Unstable neurons per ReLU layer at bab's root (sound CROWN bounds, then alpha-CROWN on the
-    intermediate bounds, as bab runs them), median over the examples: what branching has to split."""
-    frozen = frozen_copy(model)
+    intermediate bounds with bab's default settings, as bab runs them), median over the examples: what
+    branching has to split."""
+    frozen, bab = frozen_copy(model), BaB()
     shape = tuple(x.shape[1:])
     graph, graph64 = build_graph(frozen, shape), build_graph(float64_model(frozen), shape)
     counts: list[list[int]] = []
     for i in range(x.shape[0]):
-        ctx = make_context(graph, graph64, x[i:i + 1], int(y[i]), threat, 1024.0)
-        tighten_intermediate(ctx, 20, 0.5, 4096)
-        counts.append([int(((ctx.pre64[ctx.relu_input[r]][0] < 0) & (ctx.pre64[ctx.relu_input[r]][1] > 0)).sum())
-                       for r in ctx_relus(graph)])
-    sizes = [math.prod(graph.nodes[r].shape) for r in ctx_relus(graph)]
+        ctx = make_context(graph, graph64, x[i:i + 1], int(y[i]), threat, bab.memory_mb)
+        tighten_intermediate(ctx, bab.intermediate_iterations, bab.root_lr_alpha, bab.intermediate_rows)
+        counts.append([int(((lo < 0) & (hi > 0)).sum()) for lo, hi in (ctx.pre64[z] for z in ctx.relu_input.values())])
+    sizes = [math.prod(n.shape) for n in graph.nodes if n.kind == "relu"]
     med = [statistics.median(c[k] for c in counts) for k in range(len(sizes))] if counts else []
     return ", ".join(f"{m:.0f}/{s}" for m, s in zip(med, sizes))
 
