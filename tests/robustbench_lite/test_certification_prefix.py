@@ -65,7 +65,8 @@ def test_regenerate_runs_a_certifier_on_a_prefix_and_renders_the_band(tmp_path):
     assert table.rows and "certified % (first 12)" in table.columns and "unresolved % (first 12)" in table.columns
     cells = dict(zip(table.columns, row_cells(record, 1)))
     assert cells["unresolved % (first 12)"] == f"{100 * band['unresolved']:.1f}"
-    assert cells["certified % by certifier"].endswith(" of 12")
+    crown_cell = cells["certified % by certifier"].split(", ")[-1]
+    assert crown_cell.startswith("crown ") and " of 12" in crown_cell, crown_cell
     readme = (tmp_path / "README.md").read_text()
     assert "unresolved % (first 12)" in readme and "over the first 12 examples" in readme
     assert (tmp_path / "plots" / "certified_band_digits_Linf-0.05.png").is_file()

@@ -255,6 +255,12 @@ def test_adversarial_rows_list_each_certifiers_own_accuracy():
     cells = dict(zip(COLUMNS, row_cells(record, 1)))
     assert cells["certified %"] == "50.0" and cells["certified % by certifier"] == "ibp 25.0, crown 50.0"
     assert dict(zip(COLUMNS, row_cells({**record, "certifiers": []}, 1)))["certified % by certifier"] == "-"
+    # with per-example flags: the examples a certifier proved and no other did ("where it adds")
+    flags = {"ibp": [1, 0, 0, 0], "crown": [1, 1, 0, 0], "sdp-fo": [0, 1, 1, 1]}
+    record = {**record, "dataset": {"n_examples": 4}, "per_example": {"certified_by": flags},
+              "certifiers": [*record["certifiers"], {"name": "sdp-fo", "n_certified": 3, "n_examples": 3}]}
+    assert dict(zip(COLUMNS, row_cells(record, 1)))["certified % by certifier"] == \
+        "ibp 25.0, crown 50.0, sdp-fo 100.0 of 3 (+2 alone)"
 
 
 def test_selective_table_and_plot_for_datasets_with_groups(tmp_path):
