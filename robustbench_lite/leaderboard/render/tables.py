@@ -171,6 +171,8 @@ def _by_certifier(record: dict[str, Any]) -> str:
     the certified column is their union."""
     n = record.get("dataset", {}).get("n_examples")
     flags = (record.get("per_example") or {}).get("certified_by") or {}
+    # how many certifiers proved each example (only counted with two or more: one alone proves "alone")
+    provers = [sum(col) for col in zip(*flags.values())] if len(flags) > 1 else []
     parts = []
     for c in record.get("certifiers") or []:
         ran = c.get("n_examples", n)
@@ -178,18 +180,9 @@ def _by_certifier(record: dict[str, Any]) -> str:
             text = f"{c['name']} {_pct(c['n_certified'] / ran)} of {ran}"
         else:
             text = f"{c['name']} {_pct(c.get('certified_acc'))}"
-        alone = _certified_alone(flags, c["name"])
+        alone = sum(1 for f, k in zip(flags.get(c["name"], ()), provers) if f and k == 1)
         parts.append(f"{text} (+{alone} alone)" if alone else text)
     return ", ".join(parts) or "-"
-
-
-def _certified_alone(flags: dict[str, list[int]], name: str) -> int:
-    """Examples ``name`` certified and no other certifier of the record did (0 without per-example flags)."""
-    own = flags.get(name)
-    if not own or len(flags) < 2:
-        return 0
-    others = [v for k, v in flags.items() if k != name]
-    return sum(1 for i, f in enumerate(own) if f and not any(o[i] for o in others))
 
 
 def row_cells(record: dict[str, Any], rank: int) -> list[str]:
