@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import collections
 import json
 import math
 import statistics
@@ -218,3 +219,32 @@ def compare_targets(nets: list[tuple[str, nn.Module]], n: int, eps: float, gap_e
 
 def _open_mask(y: torch.Tensor, k: int) -> torch.Tensor:
     return torch.ones(len(y), k, dtype=torch.bool).scatter_(1, y[:, None], False)
+
+
+def records_targets(root: Path, cases: list[str], cap: int, start: int, timeout: float) -> None:
+    """[6] Where sdp-fo adds to the committed leaderboards: for each ``table/model`` of ``cases`` (e.g.
+    ``mnist5k/Linf-0.3/mnist5k-cnn-rst``), the record's examples from ``start`` on that no attack broke and
+    no certifier other than sdp-fo proved (at most ``cap``), and how many of them sdp-fo certifies with
+    ``timeout`` CPU seconds an example (the registry's budget), in CPU seconds per example."""
+    print(f"[6] sdp-fo (timeout {timeout:g} CPU s) on the records' examples no other certifier proved "
+          f"(index >= {start}, at most {cap} per record)")
+    print(f"    {'record':42s} {'open':>5s} {'sdp-fo':>6s} {'CPU s/ex':>8s}  statuses (certifying stage)")
+    for case in cases:
+        record = json.loads((root / f"{case}.json").read_text())
+        dataset_name, _, model_name = case.split("/")
+        per = record["per_example"]
+        others = [flags for name, flags in per["certified_by"].items() if name != "sdp-fo"]
+        idx = [i for i, robust in enumerate(per["robust"]) if i >= start and robust and not any(f[i] for f in others)][:cap]
+        if not idx:
+            print(f"    {case:42s} {0:5d}", flush=True)
+            continue
+        data = load_dataset(dataset_name, record["dataset"].get("split", "test"))
+        threat = ThreatModel(record["threat_model"]["norm"], float(record["threat_model"]["eps"]))
+        model = load_model(model_name).eval()
+        started = time.process_time()
+        res = SDPFO(timeout=timeout, clock="cpu")(model, data.x[idx], data.y[idx], threat)
+        cpu = (time.process_time() - started) / len(idx)
+        counts = collections.Counter(res.status)
+        stages = collections.Counter(s for s in res.info["certified_by"] if s)
+        print(f"    {case:42s} {len(idx):5d} {int(res.certified.sum()):6d} {cpu:8.1f}  {dict(counts)} {dict(stages)}",
+              flush=True)

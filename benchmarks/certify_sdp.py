@@ -16,6 +16,9 @@
 3.-5. ``--part sdp-fo``: the first-order SDP's targets, documented in ``benchmarks/_sdp_fo.py``; ``--part
    compare`` runs only [5]: sdp-fo against this SDP side by side (certified fraction, seconds per example,
    bound gap) on ``digits-mlp-standard`` and on a small digits CNN trained here, which sdp-fo was not tuned on.
+6. ``--part records``: where sdp-fo adds to the committed leaderboards (the registry's choice of tables):
+   on each named record's examples that no attack broke and no other certifier proved, how many it
+   certifies at the registry's budget (``benchmarks/_sdp_fo.records_targets``).
 
 Run (one core, as every check in this project)::
 
@@ -185,6 +188,10 @@ def certified_accuracy(n: int, eps_list: list[float]) -> None:
         assert not ((crown | lp) & ~sdp).any(), "SDP must certify what CROWN and the LP certify (its cascade starts there)"
 
 
+#: [6] the records whose open examples decided where the registry runs sdp-fo
+RECORDS = [f"mnist5k/Linf-0.1/mnist5k-cnn-{m}" for m in ("pgd-at", "trades", "trades-1k", "standard", "augmix")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=50, help="test images for certified accuracy")
@@ -192,7 +199,7 @@ def main() -> None:
     parser.add_argument("--eps-time", type=float, default=0.03)
     parser.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.08, 0.1])
     parser.add_argument("--skip", choices=["timing", "accuracy"], default=None)
-    parser.add_argument("--part", choices=["sdp", "sdp-fo", "compare", "all"], default="all")
+    parser.add_argument("--part", choices=["sdp", "sdp-fo", "compare", "records", "all"], default="all")
     parser.add_argument("--cnn-n", type=int, default=50, help="[3] images not certified by alpha-CROWN per eps")
     parser.add_argument("--cnn-eps", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     parser.add_argument("--lp-exact", type=int, default=3, help="[3] examples per eps the exact (cvxpy) LP runs on")
@@ -200,6 +207,10 @@ def main() -> None:
     parser.add_argument("--compare-n", type=int, default=30, help="[5] digits images, both certifiers' defaults")
     parser.add_argument("--compare-eps", type=float, default=0.08, help="[5] Linf eps")
     parser.add_argument("--digits-examples", type=int, default=2, help="[5] digits images, every class solved")
+    parser.add_argument("--records", nargs="+", default=RECORDS, help="[6] dataset/table/model records")
+    parser.add_argument("--records-cap", type=int, default=8, help="[6] open examples per record at most")
+    parser.add_argument("--records-start", type=int, default=0, help="[6] first example index (e.g. 15: after bab's prefix)")
+    parser.add_argument("--records-timeout", type=float, default=10.0, help="[6] sdp-fo CPU seconds per example")
     parser.add_argument("--memory-child", choices=["zoo", "wide"], help=argparse.SUPPRESS)
     parser.add_argument("--memory-eps", type=float, default=0.1)
     parser.add_argument("--memory-steps", type=int, default=50)
@@ -223,6 +234,9 @@ def main() -> None:
         nets = [("digits-mlp-standard (zoo; sdp-fo tuned on it)", load_model("digits-mlp-standard")),
                 ("digits CNN 8x4x4-32-10 trained here (not tuned on)", train_cnn())]
         _sdp_fo.compare_targets(nets, args.compare_n, args.compare_eps, args.digits_examples)
+    if args.part == "records":  # reads the committed records; not part of "all"
+        _sdp_fo.records_targets(Path(__file__).resolve().parent.parent / "leaderboards", args.records,
+                                args.records_cap, args.records_start, args.records_timeout)
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
